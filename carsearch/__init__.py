@@ -1,0 +1,1 @@
+"""carsearch: detect-then-embed car image retrieval."""

@@ -1,0 +1,148 @@
+"""``carsearch`` command line: parse, load config, call the pipeline, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from carsearch.errors import CarSearchError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="pipeline YAML (see configs/); defaults are used without it")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set detector.confidence=0.4 (repeatable)")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    parser.add_argument("--detector-weights", help="YOLO weights (.pt/.onnx/.tflite); default yolo11n.pt (downloads)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"runtime.device={args.device}")
+    if args.detector_weights:
+        overrides.append(f"detector.weights={args.detector_weights}")
+    for name, key in (("batch_size", "embedder.batch_size"), ("workers", "runtime.workers")):
+        if getattr(args, name, None) is not None:
+            overrides.append(f"{key}={getattr(args, name)}")
+    if getattr(args, "raw", False):
+        overrides.append("crop=false")
+    if getattr(args, "crop_source", None):
+        overrides.append(f"crop_source={args.crop_source}")
+    if getattr(args, "model", None):
+        overrides.append(f"embedder.checkpoint={args.model}")
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carsearch", description="Detect-then-embed car image retrieval.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="crop and index a folder / CSV / Stanford devkit / Kaggle dataset")
+    p.add_argument("source", help="folder tree (label = sub-folder), CSV (path,label[,x1,y1,x2,y2]) or dataset root")
+    p.add_argument("--out", required=True, help="index directory (created; re-running resumes)")
+    p.add_argument("--raw", action="store_true", help="no detector: embed whole images")
+    p.add_argument("--crop-source", choices=["detector", "gt"], help="gt: use CSV/devkit boxes when present")
+    p.add_argument("--split", choices=["train", "test", "all"], default="all", help="devkit/Kaggle split")
+    p.add_argument("--model", help="trained embedder checkpoint (carsearch export)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int, help="decode worker processes (0 = in the main process)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _common(p)
+
+    p = sub.add_parser("search", help="top-k gallery cars for a query image")
+    p.add_argument("index", help="index directory")
+    p.add_argument("image", help="query image")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--exclude-self", action="store_true", help="drop gallery items with the query's exact bytes")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="leave-one-out Recall@k, MAP@R, R-Precision of a labelled index")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    return parser
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from carsearch.pipeline import Pipeline
+
+    pipeline = Pipeline.from_config(args.config, _overrides(args))
+    report = pipeline.index(args.source, args.out, split=args.split, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(
+            f"indexed {report.processed} images ({report.items_added} items) in {report.seconds:.1f}s "
+            f"= {report.images_per_second:.1f} img/s; skipped {report.skipped} already indexed; "
+            f"{report.errors} errors (see {Path(args.out) / 'errors.jsonl'}); "
+            f"{report.no_detection} without a detected vehicle; index now holds {report.items_in_index} items"
+        )
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from carsearch.pipeline import Pipeline
+
+    pipeline = Pipeline.for_index(args.index, _overrides(args))
+    result = pipeline.search(args.index, args.image, k=args.k, exclude_self=args.exclude_self)
+    plan = result.query_plan
+    if args.json:
+        print(json.dumps({
+            "query": {"path": args.image, "box": plan.region.as_list() if plan.region else None, "flags": list(plan.flags),
+                      "det_score": plan.detection.score if plan.detection else None},
+            "hits": [{"rank": h.rank, "score": round(h.score, 5), "label": h.label, "path": h.path, "id": h.item_id}
+                     for h in result.hits],
+            "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
+        }, indent=2))
+        return 0
+    where = "whole image (no vehicle found)" if "no_detection" in plan.flags else (
+        "whole image (raw index)" if plan.region is None else f"box {plan.region.as_list()}")
+    print(f"query: {args.image} — embedded {where}")
+    print(f"{'rank':>4}  {'score':>7}  {'label':<40}  path")
+    for hit in result.hits:
+        print(f"{hit.rank:>4}  {hit.score:7.4f}  {str(hit.label)[:40]:<40}  {hit.path}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from carsearch.pipeline import evaluate_index
+    from carsearch.index import GalleryIndex
+
+    evaluation = evaluate_index(GalleryIndex.load(args.index))
+    if args.json:
+        print(json.dumps(evaluation.to_dict(), indent=2))
+        return 0
+    m = evaluation.metrics
+    print(f"items: {evaluation.items} (labelled {evaluation.labelled_items}, no_detection {evaluation.no_detection}); "
+          f"queries: {m.num_queries} (+{m.num_lone_queries} lone, left out)")
+    for k, value in m.recall_at.items():
+        print(f"Recall@{k:<2} {value:.4f}")
+    print(f"MAP@R     {m.map_at_r:.4f}\nR-Prec    {m.r_precision:.4f}")
+    return 0
+
+
+COMMANDS = {"index": _cmd_index, "search": _cmd_search, "evaluate": _cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except CarSearchError as exc:
+        print(f"carsearch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"carsearch {args.command}: interrupted; finished work is saved — re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Frozen, validated configuration. YAML files are serialised instances of :class:`PipelineConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from carsearch.errors import ConfigError
+
+SelectionPolicy = Literal["largest", "most_confident", "all"]
+CropSource = Literal["detector", "gt"]
+IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+
+DEFAULT_VEHICLE_CLASSES = ("car", "truck", "bus")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """YOLO detector settings. ``weights``: anything ultralytics loads (.pt, .onnx, .tflite)."""
+
+    weights: str = "yolo11n.pt"
+    classes: tuple[str, ...] = DEFAULT_VEHICLE_CLASSES
+    confidence: float = 0.25
+    iou: float = 0.5
+    image_size: int = 640
+    margin: float = 0.08
+    selection: SelectionPolicy = "largest"
+    min_box_size: int = 16
+    max_detections: int = 20
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.confidence <= 1.0, "detector.confidence must be in [0, 1]")
+        _check(0.0 <= self.iou <= 1.0, "detector.iou must be in [0, 1]")
+        _check(0.0 <= self.margin <= 1.0, "detector.margin must be in [0, 1]")
+        _check(self.image_size >= 32 and self.image_size % 32 == 0, "detector.image_size must be a multiple of 32")
+        _check(self.min_box_size >= 0, "detector.min_box_size must be >= 0")
+        _check(self.max_detections >= 1, "detector.max_detections must be >= 1")
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """Embedder settings: a timm backbone (+ optional head), or a trained checkpoint that overrides them."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    checkpoint: str | None = None
+    embedding_dim: int | None = None
+    image_size: int | None = None
+    batch_size: int = 32
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "embedder.batch_size must be >= 1")
+        _check(self.embedding_dim is None or self.embedding_dim >= 1, "embedder.embedding_dim must be >= 1")
+        _check(self.image_size is None or self.image_size >= 32, "embedder.image_size must be >= 32")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """faiss settings. ``kind='auto'`` picks flat below ``ivf_threshold`` items, IVF above."""
+
+    kind: IndexKind = "auto"
+    ivf_threshold: int = 100_000
+    nprobe: int = 16
+    hnsw_m: int = 32
+    use_gpu: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.ivf_threshold >= 1, "index.ivf_threshold must be >= 1")
+        _check(self.nprobe >= 1, "index.nprobe must be >= 1")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how fast: device ('auto', 'cpu', 'cuda', 'cuda:1'), decode workers, threads."""
+
+    device: str = "auto"
+    workers: int = 2
+    threads: int | None = None
+    max_image_side: int = 1600
+    checkpoint_every: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 0, "runtime.workers must be >= 0")
+        _check(self.max_image_side >= 64, "runtime.max_image_side must be >= 64")
+        _check(self.checkpoint_every >= 1, "runtime.checkpoint_every must be >= 1")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything the detect → crop → embed → index pipeline needs."""
+
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    crop: bool = True
+    crop_source: CropSource = "detector"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+    kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, f"{where}.")  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, str) or float(value) == int(value):
+                return int(value)
+        except (TypeError, ValueError):
+            pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain, YAML-serialisable dict of a config dataclass (tuples become lists)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(config))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict copy."""
+    result = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = result
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return result
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a :class:`PipelineConfig` from YAML (or defaults) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    data = apply_overrides(data, overrides or [])
+    return from_dict(PipelineConfig, data)
+
+
+def replace(config: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that re-runs validation (frozen configs)."""
+    return dataclasses.replace(config, **changes)  # type: ignore[type-var]

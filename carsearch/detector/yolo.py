@@ -1,0 +1,130 @@
+"""The vehicle detector: a thin wrapper over ``ultralytics.YOLO`` that returns :class:`Detection` lists.
+
+This is the only module that imports ultralytics (lazily, at construction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from carsearch.config import DetectorConfig
+from carsearch.errors import ModelLoadError
+from carsearch.types import BBox, Detection
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_HINT = (
+    "pass local weights with --detector-weights PATH (or detector.weights=PATH), "
+    "e.g. ../shared/models/yolov8n_coco_int8.tflite"
+)
+
+
+def resolve_vehicle_classes(names: dict[int, str], wanted: Sequence[str]) -> dict[int, str]:
+    """Model class ids whose names are in ``wanted`` (case-insensitive); a single-class model is used as is."""
+    if len(names) == 1:
+        return dict(names)
+    wanted_lower = {w.lower() for w in wanted}
+    found = {i: n for i, n in names.items() if str(n).lower() in wanted_lower}
+    if not found:
+        sample = ", ".join(str(n) for n in list(names.values())[:20])
+        raise ModelLoadError(
+            f"detector has none of the vehicle classes {sorted(wanted_lower)}; its classes are: {sample}"
+            f"{' …' if len(names) > 20 else ''}. Set detector.classes to the right names."
+        )
+    return found
+
+
+def _task_for(weights: str) -> str | None:
+    # Exported formats (.tflite, .onnx, saved models) do not always carry their task.
+    return None if weights.endswith((".pt", ".yaml", ".yml")) else "detect"
+
+
+class VehicleDetector:
+    """Detects vehicles with any YOLO model ultralytics loads.
+
+    ``device`` is a torch device string ('cpu', 'cuda:0'); exported formats pick their own runtime.
+    """
+
+    def __init__(self, config: DetectorConfig, device: str = "cpu", threads: int | None = None) -> None:
+        self.config = config
+        self.device = device
+        with _quiet_ultralytics():
+            self._model = _load_yolo(config.weights, threads or os.cpu_count() or 1)
+        names = {int(k): str(v) for k, v in dict(self._model.names).items()}
+        self.class_names = resolve_vehicle_classes(names, config.classes)
+        self.identity = f"{Path(config.weights).name}:{','.join(sorted(self.class_names.values()))}"
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[Detection]]:
+        """Vehicles in each RGB image, in that image's pixel coordinates, sorted by decreasing score."""
+        if not images:
+            return []
+        with _quiet_ultralytics():
+            results = self._model.predict(
+                list(images),
+                conf=self.config.confidence,
+                iou=self.config.iou,
+                imgsz=self.config.image_size,
+                classes=sorted(self.class_names),
+                max_det=self.config.max_detections,
+                device=self.device,
+                verbose=False,
+            )
+        return [self._to_detections(result) for result in results]
+
+    def _to_detections(self, result: Any) -> list[Detection]:
+        height, width = result.orig_shape
+        boxes = result.boxes
+        xyxy = boxes.xyxy.cpu().numpy().tolist()
+        scores = boxes.conf.cpu().numpy().tolist()
+        classes = boxes.cls.cpu().numpy().astype(int).tolist()
+        detections = []
+        for (x1, y1, x2, y2), score, cls in zip(xyxy, scores, classes, strict=True):
+            if cls not in self.class_names:
+                continue
+            box = BBox(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)).clip(width, height)
+            if box.area <= 0:
+                continue
+            detections.append(Detection(box=box, score=float(min(max(score, 0.0), 1.0)), class_name=self.class_names[cls]))
+        return sorted(detections, key=lambda d: d.score, reverse=True)
+
+
+@contextlib.contextmanager
+def _quiet_ultralytics() -> Iterator[None]:
+    """Keep ultralytics' INFO lines (printed to stdout) out of our output, e.g. ``--json``."""
+    log = logging.getLogger("ultralytics")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _load_yolo(weights: str, threads: int) -> Any:
+    try:
+        from ultralytics import YOLO
+    except ImportError as exc:  # pragma: no cover - ultralytics is a hard dependency
+        raise ModelLoadError(f"ultralytics is not installed: {exc}") from exc
+    try:
+        # ultralytics gives the LiteRT interpreter cpu_count - 1 threads (1 on a 2-core laptop: half speed).
+        import ultralytics.nn.backends.litert as litert
+
+        litert.NUM_THREADS = threads
+    except (ImportError, AttributeError):  # layout differs in other ultralytics versions: keep their default
+        pass
+    local = Path(weights).expanduser()
+    if local.suffix == "" and not local.exists():
+        raise ModelLoadError(f"detector weights {weights!r} not found; {OFFLINE_HINT}")
+    try:
+        task = _task_for(weights)
+        return YOLO(str(local) if local.exists() else weights, **({"task": task} if task else {}))
+    except Exception as exc:  # noqa: BLE001 - ultralytics raises many types; one clear error for users
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load detector weights {weights!r} ({reason}); {OFFLINE_HINT}") from exc

@@ -1,0 +1,107 @@
+"""The inference embedder: RGB crops in, (N, D) L2-normalised float32 vectors out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from carsearch.config import EmbedderConfig
+from carsearch.embedder.checkpoint import load_checkpoint, weights_fingerprint
+from carsearch.embedder.model import EmbeddingModel, default_spec
+from carsearch.embedder.preprocessing import Preprocessing, eval_transform
+from carsearch.errors import ModelLoadError
+
+
+class Embedder:
+    """Batched, no-grad embedding of PIL images with a fixed :class:`EmbeddingModel`."""
+
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        device: torch.device | str = "cpu",
+        batch_size: int = 32,
+        channels_last: bool = True,
+        source: str = "pretrained",
+    ) -> None:
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.model = model.eval().to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch_size = batch_size
+        self.source = source
+        self.transform = eval_transform(model.spec.preprocessing)
+        self.fingerprint = weights_fingerprint(model)
+
+    @classmethod
+    def from_config(cls, config: EmbedderConfig, device: torch.device | str = "cpu") -> Embedder:
+        """The pretrained backbone of ``config``, or its trained checkpoint (validated against it)."""
+        if config.checkpoint:
+            model = load_checkpoint(config.checkpoint)
+            spec = model.spec
+            if config.embedding_dim is not None and config.embedding_dim != model.dim:
+                raise ModelLoadError(
+                    f"checkpoint {config.checkpoint} embeds to {model.dim} dimensions, config asks for "
+                    f"{config.embedding_dim}; drop embedder.embedding_dim or use a matching checkpoint"
+                )
+            if config.image_size is not None and config.image_size != spec.preprocessing.image_size:
+                raise ModelLoadError(
+                    f"checkpoint {config.checkpoint} was trained at {spec.preprocessing.image_size} px, config "
+                    f"asks for {config.image_size}; drop embedder.image_size or use a matching checkpoint"
+                )
+            source = f"checkpoint:{config.checkpoint}"
+        else:
+            spec = default_spec(config.backbone, config.embedding_dim, config.image_size)
+            model = EmbeddingModel(spec, pretrained=config.pretrained)
+            source = "pretrained" if config.pretrained else "random"
+        return cls(model, device, config.batch_size, config.channels_last, source)
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.model.spec.preprocessing
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What must match between an index and the embedder that queries it."""
+        return {
+            "spec": self.model.spec.to_dict(),
+            "dim": self.dim,
+            "fingerprint": self.fingerprint,
+            "source": self.source,
+        }
+
+    def tensors(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocess to a (B, 3, S, S) tensor on the CPU."""
+        return torch.stack([self.transform(image) for image in images])
+
+    @torch.inference_mode()
+    def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """(B, 3, S, S) preprocessed tensor → (B, D) float32, L2-normalised."""
+        out = []
+        for start in range(0, len(batch), self.batch_size):
+            chunk = batch[start : start + self.batch_size].to(self.device, non_blocking=True)
+            if self.channels_last:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    vectors = self.model(chunk)
+            else:
+                vectors = self.model(chunk)
+            out.append(torch.nn.functional.normalize(vectors.float(), dim=1).cpu())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return torch.cat(out).numpy().astype(np.float32, copy=False)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, D) float32 L2-normalised embeddings of RGB images."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.embed_tensors(self.tensors(images))

@@ -1,0 +1,96 @@
+"""Backbone + pooling + optional linear head → L2-normalised embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carsearch.embedder.backbones import create_backbone, data_config
+from carsearch.embedder.preprocessing import Preprocessing
+
+Pooling = Literal["avg", "gem"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild an :class:`EmbeddingModel` (stored in checkpoints and manifests)."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    pooling: Pooling = "avg"
+    embedding_dim: int | None = None  # None: the pooled backbone features, no head
+    head_bn: bool = False
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "pooling": self.pooling,
+            "embedding_dim": self.embedding_dim,
+            "head_bn": self.head_bn,
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            backbone=str(data["backbone"]),
+            pooling=data.get("pooling", "avg"),
+            embedding_dim=data.get("embedding_dim"),
+            head_bn=bool(data.get("head_bn", False)),
+            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+        )
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenović et al.) with a learnable exponent ``p``."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(p))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+
+
+class EmbeddingModel(nn.Module):
+    """``forward(x)``: (B, 3, S, S) normalised images → (B, D) L2-normalised embeddings."""
+
+    def __init__(self, spec: ModelSpec, pretrained: bool = True) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backbone = create_backbone(spec.backbone, pretrained=pretrained)
+        self.pool: nn.Module = GeM() if spec.pooling == "gem" else nn.AdaptiveAvgPool2d(1)
+        features = int(self.backbone.num_features)
+        if spec.embedding_dim is None:
+            self.head: nn.Module = nn.Identity()
+            self.dim = features
+        else:
+            layers: list[nn.Module] = [nn.Linear(features, spec.embedding_dim)]
+            if spec.head_bn:
+                layers.append(nn.BatchNorm1d(spec.embedding_dim))
+            self.head = nn.Sequential(*layers)
+            self.dim = spec.embedding_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (B, C), before the head."""
+        return self.pool(self.backbone(x)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.features(x)), dim=1)
+
+
+def default_spec(
+    backbone: str = "tf_efficientnet_lite0",
+    embedding_dim: int | None = None,
+    image_size: int | None = None,
+    pooling: Pooling = "avg",
+) -> ModelSpec:
+    """A spec whose preprocessing comes from the backbone's timm data config."""
+    probe = create_backbone(backbone, pretrained=False)
+    pre = Preprocessing.from_timm(data_config(probe), image_size=image_size)
+    return ModelSpec(backbone=backbone, pooling=pooling, embedding_dim=embedding_dim, preprocessing=pre)

@@ -1,0 +1,74 @@
+"""Eval-time preprocessing, recorded in every checkpoint and index manifest so both sides match."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+ResizeMode = Literal["squash", "center_crop"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB crop becomes a tensor: resize to ``image_size`` (squash or centre crop), normalise."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    resize: ResizeMode = "squash"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(
+            image_size=int(data["image_size"]),
+            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            interpolation=str(data["interpolation"]),
+            resize=data.get("resize", "squash"),
+        )
+
+    @classmethod
+    def from_timm(cls, data_config: dict[str, Any], image_size: int | None = None, resize: ResizeMode = "squash") -> Preprocessing:
+        """From ``timm.data.resolve_model_data_config`` output (mean/std/interpolation, input size)."""
+        return cls(
+            image_size=image_size or int(data_config["input_size"][-1]),
+            mean=tuple(float(v) for v in data_config["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data_config["std"]),  # type: ignore[arg-type]
+            interpolation=str(data_config.get("interpolation", "bicubic")),
+            resize=resize,
+        )
+
+
+def _interpolation(name: str) -> v2.InterpolationMode:
+    try:
+        return v2.InterpolationMode(name)
+    except ValueError:
+        return v2.InterpolationMode.BICUBIC
+
+
+def eval_transform(pre: Preprocessing) -> v2.Compose:
+    """PIL RGB image → normalised float tensor (3, S, S)."""
+    mode = _interpolation(pre.interpolation)
+    if pre.resize == "squash":
+        resize: list[Any] = [v2.Resize((pre.image_size, pre.image_size), interpolation=mode, antialias=True)]
+    else:
+        resize = [v2.Resize(pre.image_size, interpolation=mode, antialias=True), v2.CenterCrop(pre.image_size)]
+    return v2.Compose(
+        [v2.PILToTensor(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
+    )
+
+
+def to_batch(images: list[Image.Image], pre: Preprocessing) -> torch.Tensor:
+    """Stack preprocessed images into a (B, 3, S, S) tensor."""
+    transform = eval_transform(pre)
+    return torch.stack([transform(image) for image in images])

@@ -1,0 +1,31 @@
+"""The carsearch error family: every error a user can fix says what was expected and how to fix it."""
+
+from __future__ import annotations
+
+
+class CarSearchError(Exception):
+    """Base class of all carsearch errors."""
+
+
+class ConfigError(CarSearchError, ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+class ModelLoadError(CarSearchError, RuntimeError):
+    """Weights or a checkpoint could not be loaded, or do not match what was asked for."""
+
+
+class IndexMismatchError(CarSearchError, ValueError):
+    """An index was opened or extended with an incompatible embedder, dimension or preprocessing."""
+
+
+class EmptyGalleryError(CarSearchError, ValueError):
+    """A search or evaluation was asked of an index that holds no items."""
+
+
+class ImageLoadError(CarSearchError, ValueError):
+    """An input file is not a usable image (corrupt, empty, too small, too large, not an image)."""
+
+
+class DataSourceError(CarSearchError, ValueError):
+    """A dataset source (folder, CSV, devkit) is missing or malformed."""

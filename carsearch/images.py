@@ -1,0 +1,103 @@
+"""Safe image decoding: any file in, an RGB ``PIL.Image`` out, or a clear :class:`ImageLoadError`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from carsearch.errors import ImageLoadError
+
+MIN_IMAGE_SIDE = 8
+MAX_IMAGE_PIXELS = 100_000_000  # 100 MP: larger files are refused as decompression bombs
+
+
+def content_hash(data: bytes) -> str:
+    """Hex digest identifying file content (BLAKE2b, 128 bits)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = MIN_IMAGE_SIDE) -> Image.Image:
+    """Decode bytes to an 8-bit RGB image with EXIF orientation applied.
+
+    Grayscale, palette, CMYK, alpha (composited on white) and 16-bit inputs are converted.
+    Raises :class:`ImageLoadError` for empty, corrupt, non-image, too small or too large input.
+    """
+    if not data:
+        raise ImageLoadError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageLoadError(
+                    f"image too large: {width}x{height} = {width * height} pixels > {max_pixels} "
+                    "(decompression-bomb guard)"
+                )
+            image.load()
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"image too large (decompression-bomb guard): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError("not an image file (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(f"corrupt or truncated image: {exc}") from None
+    if min(image.size) < min_side:
+        raise ImageLoadError(f"image too small: {image.size[0]}x{image.size[1]} (need >= {min_side} px a side)")
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - broken EXIF must not lose the image
+        pass
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha is composited on white, 16-bit is rescaled)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
+        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        gray = ((array - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(array)).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Read and decode an image file (see :func:`decode_image`)."""
+    try:
+        data = Path(path).read_bytes()
+    except IsADirectoryError:
+        raise ImageLoadError(f"{path} is a directory, not an image") from None
+    except OSError as exc:
+        raise ImageLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return decode_image(data, max_pixels=max_pixels)
+
+
+def limit_size(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    """Downscale so the longer side is at most ``max_side``; returns the image and the scale applied."""
+    longest = max(image.size)
+    if longest <= max_side:
+        return image, 1.0
+    scale = max_side / longest
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR), scale

@@ -1,0 +1,167 @@
+"""The gallery index: faiss vectors + per-item records + a manifest, persisted as one directory."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from carsearch.config import IndexConfig
+from carsearch.errors import EmptyGalleryError, IndexMismatchError
+from carsearch.index import backend
+from carsearch.index.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_jsonl
+from carsearch.index.records import ItemRecord
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "carsearch-index"
+VERSION = 1
+MANIFEST = "manifest.json"
+VECTORS = "vectors.npy"
+ITEMS = "items.jsonl"
+FAISS = "index.faiss"
+
+
+class GalleryIndex:
+    """Inner-product search over L2-normalised vectors, with the records they came from.
+
+    ``manifest`` describes how the vectors were made (embedder identity, detector, crop mode,
+    preprocessing); indexes with different embedders are refused at load and at ``check_embedder``.
+    """
+
+    def __init__(self, dim: int, manifest: dict[str, Any], config: IndexConfig | None = None) -> None:
+        if dim < 1:
+            raise ValueError(f"index dimension must be >= 1, got {dim}")
+        self.dim = dim
+        self.manifest = dict(manifest)
+        self.config = config or IndexConfig()
+        self._vectors = np.zeros((0, dim), dtype=np.float32)
+        self.records: list[ItemRecord] = []
+        self._faiss: Any = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(N, D) float32, L2-normalised; row i belongs to ``records[i]``."""
+        return self._vectors
+
+    def add(self, vectors: np.ndarray, records: Sequence[ItemRecord]) -> None:
+        """Append vectors (N, D) and their records."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise IndexMismatchError(f"expected vectors of shape (N, {self.dim}), got {vectors.shape}")
+        if len(vectors) != len(records):
+            raise ValueError(f"{len(vectors)} vectors but {len(records)} records")
+        self._vectors = np.concatenate([self._vectors, vectors]) if len(self._vectors) else vectors.copy()
+        self.records.extend(records)
+        self._faiss = None
+
+    def remove_keys(self, keys: set[str]) -> int:
+        """Drop every item whose source key is in ``keys``; returns how many were dropped."""
+        keep = [i for i, r in enumerate(self.records) if r.key not in keys]
+        dropped = len(self.records) - len(keep)
+        if dropped:
+            self._vectors = self._vectors[keep]
+            self.records = [self.records[i] for i in keep]
+            self._faiss = None
+        return dropped
+
+    def _search_index(self) -> Any:
+        if self._faiss is None:
+            cpu_index = backend.build_index(self._vectors, self.config)
+            self._faiss = backend.to_search_device(cpu_index, self.config.use_gpu)
+        return self._faiss
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (scores, ids), each (Q, k'), k' = min(k, N); ids index ``records``."""
+        if not len(self):
+            raise EmptyGalleryError("the index is empty: add images with `carsearch index` first")
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise IndexMismatchError(
+                f"query vectors have dimension {queries.shape[1]}, the index holds dimension {self.dim}"
+            )
+        k = max(1, min(int(k), len(self)))
+        scores, ids = self._search_index().search(queries, k)
+        return scores, ids
+
+    def check_embedder(self, identity: dict[str, Any]) -> None:
+        """Refuse an embedder whose identity (spec, dim, weights) differs from the index's."""
+        check_identity(self.manifest.get("embedder", {}), identity, where="this index")
+
+    def save(self, folder: str | Path) -> None:
+        """Write the index directory; each file atomically, the manifest (with counts) last."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, self._vectors)
+        atomic_write_bytes(folder / VECTORS, buffer.getvalue())
+        atomic_write_jsonl(folder / ITEMS, (r.to_dict() for r in self.records))
+        cpu_index = backend.build_index(self._vectors, self.config)
+        atomic_write_bytes(folder / FAISS, backend.serialize(cpu_index))
+        manifest = {
+            **self.manifest,
+            "format": FORMAT,
+            "version": VERSION,
+            "dim": self.dim,
+            "count": len(self),
+            "index_kind": backend.choose_kind(self.config, len(self)),
+        }
+        atomic_write_json(folder / MANIFEST, manifest)
+        self.manifest = manifest
+
+    @classmethod
+    def load(
+        cls, folder: str | Path, config: IndexConfig | None = None, embedder_identity: dict[str, Any] | None = None
+    ) -> GalleryIndex:
+        """Open a saved index; with ``embedder_identity``, refuse one built by another embedder."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        if embedder_identity is not None:
+            check_identity(manifest.get("embedder", {}), embedder_identity, where=str(folder))
+        index = cls(int(manifest["dim"]), manifest, config)
+        vectors = np.load(folder / VECTORS, allow_pickle=False)
+        records = [ItemRecord.from_dict(row) for row in read_jsonl(folder / ITEMS)]
+        if len(vectors) != manifest["count"] or len(records) != manifest["count"]:
+            raise IndexMismatchError(
+                f"{folder} is inconsistent: manifest says {manifest['count']} items, found {len(vectors)} "
+                f"vectors and {len(records)} records (interrupted write?); re-run `carsearch index`"
+            )
+        if len(vectors):
+            index.add(vectors, records)
+        faiss_file = folder / FAISS
+        if faiss_file.exists():
+            cpu_index = backend.deserialize(faiss_file.read_bytes())
+            if cpu_index.ntotal == len(index) and cpu_index.d == index.dim:
+                index._faiss = backend.to_search_device(cpu_index, index.config.use_gpu)
+        return index
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise IndexMismatchError(f"{folder} is not a carsearch index (no {MANIFEST}); build one with `carsearch index`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise IndexMismatchError(f"{folder}/{MANIFEST} is not a carsearch index manifest")
+    if int(manifest.get("version", -1)) > VERSION:
+        raise IndexMismatchError(f"{folder} has index version {manifest['version']}; this carsearch reads <= {VERSION}")
+    return manifest
+
+
+def check_identity(stored: dict[str, Any], actual: dict[str, Any], where: str) -> None:
+    """Raise :class:`IndexMismatchError` naming the first field where two embedder identities differ."""
+    for key in ("dim", "spec", "fingerprint"):
+        if stored.get(key) != actual.get(key):
+            raise IndexMismatchError(
+                f"{where} was built with a different embedder ({key}: index has {stored.get(key)!r}, "
+                f"embedder has {actual.get(key)!r}; index source {stored.get('source')!r}, embedder source "
+                f"{actual.get('source')!r}). Use the same embedder/checkpoint, or rebuild the index."
+            )

@@ -1,0 +1,233 @@
+"""The batch crop-and-index job: decode in worker processes, detect and embed in batches, resume safely."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from carsearch.errors import IndexMismatchError
+from carsearch.index.atomic import atomic_write_jsonl, read_jsonl
+from carsearch.index.gallery import MANIFEST, GalleryIndex, read_manifest
+from carsearch.index.records import ItemRecord
+from carsearch.pipeline.chunks import Chunk, ChunkStore
+from carsearch.pipeline.cropping import apply_plan, needs_detector, plan_image
+from carsearch.pipeline.decode import DecodeDataset, Decoded, decode_loader
+from carsearch.pipeline.sources import SourceItem
+from carsearch.types import FLAG_DOWNSCALED, BBox
+
+if TYPE_CHECKING:
+    from carsearch.pipeline.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+ERRORS = "errors.jsonl"
+WORK = "work"
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    """What a batch job did. ``skipped``: already indexed with the same content."""
+
+    out: str
+    total: int
+    processed: int
+    skipped: int
+    errors: int
+    items_added: int
+    items_in_index: int
+    no_detection: int
+    seconds: float
+    images_per_second: float
+    detect_seconds: float
+    embed_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _merge(index: GalleryIndex | None, chunks: list[Chunk], dim: int) -> tuple[list[ItemRecord], np.ndarray]:
+    """Existing items, then chunk items in order; a newer result for a source key replaces older ones."""
+    groups: OrderedDict[str, list[tuple[ItemRecord, np.ndarray]]] = OrderedDict()
+    sources: list[list[tuple[ItemRecord, np.ndarray]]] = []
+    if index is not None:
+        sources.append(list(zip(index.records, index.vectors, strict=True)))
+    sources.extend(list(zip(c.records, c.vectors, strict=True)) for c in chunks)
+    for source in sources:
+        fresh: OrderedDict[str, list[tuple[ItemRecord, np.ndarray]]] = OrderedDict()
+        for record, vector in source:
+            fresh.setdefault(record.key, []).append((record, vector))
+        for key, group in fresh.items():
+            groups.pop(key, None)
+            groups[key] = group
+    pairs = [pair for group in groups.values() for pair in group]
+    records = [r for r, _ in pairs]
+    vectors = np.stack([v for _, v in pairs]).astype(np.float32) if pairs else np.zeros((0, dim), np.float32)
+    return records, vectors
+
+
+def _merge_errors(old: list[dict[str, Any]], chunks: list[Chunk], indexed: set[str]) -> list[dict[str, Any]]:
+    errors: OrderedDict[str, dict[str, Any]] = OrderedDict((e["path"], e) for e in old)
+    for chunk in chunks:
+        for error in chunk.errors:
+            errors.pop(error["path"], None)
+            errors[error["path"]] = error
+    return [e for path, e in errors.items() if path not in indexed]
+
+
+def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
+    """Refuse to continue an index in ``out`` that was built with other settings."""
+    if not (out / MANIFEST).exists():
+        return
+    stored = read_manifest(out)
+    for key in ("embedder", "processing"):
+        if stored.get(key) != manifest.get(key):
+            raise IndexMismatchError(
+                f"{out} holds an index built with different {key} settings; choose another --out, or delete "
+                f"{out} to rebuild (stored: {stored.get(key)}, now: {manifest.get(key)})"
+            )
+
+
+def run_index_job(pipeline: Pipeline, items: list[SourceItem], out: str | Path, progress: bool = False) -> IndexReport:
+    """Index ``items`` into the directory ``out``; re-running continues where a killed run stopped."""
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = pipeline.config
+    embedder = pipeline.embedder
+    manifest = pipeline.manifest()
+    check_resumable(out, manifest)
+    existing = GalleryIndex.load(out, config.index) if (out / MANIFEST).exists() else None
+    store = ChunkStore(out / WORK)
+    earlier = store.read_all()
+    done: dict[str, str] = {}
+    for record in (existing.records if existing else []):
+        done[record.key] = record.content_hash
+    for chunk in earlier:
+        for record in chunk.records:
+            done[record.key] = record.content_hash
+
+    seen: set[str] = set()
+    unique: list[SourceItem] = []
+    for item in items:
+        if str(item.path) not in seen:
+            seen.add(str(item.path))
+            unique.append(item)
+    if len(unique) < len(items):
+        logger.warning("%d duplicate paths in the source were ignored", len(items) - len(unique))
+
+    batch_size = config.embedder.batch_size
+    loader = decode_loader(DecodeDataset(unique, done, config.runtime.max_image_side), batch_size, config.runtime.workers)
+    bar = _progress(len(unique), progress)
+    counts = {"processed": 0, "skipped": 0, "errors": 0, "added": 0, "no_detection": 0}
+    timings = {"detect": 0.0, "embed": 0.0}
+    chunk = Chunk()
+    try:
+        for batch in loader:
+            _process_batch(pipeline, batch, chunk, counts, timings)
+            if chunk.images >= config.runtime.checkpoint_every:
+                store.write(chunk, embedder.dim)
+                chunk = Chunk()
+            if bar is not None:
+                bar.update(len(batch))
+                bar.set_postfix(errors=counts["errors"], skipped=counts["skipped"], refresh=False)
+    finally:
+        if chunk:
+            store.write(chunk, embedder.dim)  # keep finished work even when interrupted
+        if bar is not None:
+            bar.close()
+
+    chunks = store.read_all()
+    records, vectors = _merge(existing, chunks, embedder.dim)
+    index = GalleryIndex(embedder.dim, manifest, config.index)
+    if len(records):
+        index.add(vectors, records)
+    errors = _merge_errors(read_jsonl(out / ERRORS), chunks, {r.key for r in records})
+    atomic_write_jsonl(out / ERRORS, errors)
+    index.save(out)
+    store.clear()
+    seconds = time.perf_counter() - start
+    return IndexReport(
+        out=str(out),
+        total=len(unique),
+        processed=counts["processed"],
+        skipped=counts["skipped"],
+        errors=counts["errors"],
+        items_added=counts["added"],
+        items_in_index=len(index),
+        no_detection=counts["no_detection"],
+        seconds=round(seconds, 3),
+        images_per_second=round(counts["processed"] / seconds, 2) if seconds > 0 else 0.0,
+        detect_seconds=round(timings["detect"], 3),
+        embed_seconds=round(timings["embed"], 3),
+    )
+
+
+def _process_batch(
+    pipeline: Pipeline, batch: list[Decoded], chunk: Chunk, counts: dict[str, int], timings: dict[str, float]
+) -> None:
+    config = pipeline.config
+    good: list[tuple[Decoded, Image.Image, BBox | None]] = []
+    for entry in batch:
+        if entry.status == "skip":
+            counts["skipped"] += 1
+        elif entry.status == "error":
+            counts["errors"] += 1
+            chunk.images += 1
+            chunk.errors.append({"path": str(entry.item.path), "reason": entry.reason, "content_hash": entry.content_hash})
+        else:
+            gt = entry.item.box.scale(entry.scale) if entry.item.box is not None else None
+            good.append((entry, Image.fromarray(entry.image), gt))
+    if not good:
+        return
+    to_detect = [i for i, (_, _, gt) in enumerate(good) if needs_detector(config, gt)]
+    detections: dict[int, list] = {}
+    if to_detect:
+        tic = time.perf_counter()
+        found = pipeline.detector.detect([good[i][1] for i in to_detect])
+        timings["detect"] += time.perf_counter() - tic
+        detections = dict(zip(to_detect, found, strict=True))
+    crops: list[Image.Image] = []
+    pending: list[ItemRecord] = []
+    for i, (entry, image, gt) in enumerate(good):
+        plans = plan_image(config, image.width, image.height, detections.get(i), gt)
+        for crop_index, plan in enumerate(plans):
+            crops.append(apply_plan(image, plan))
+            flags = list(plan.flags) + ([FLAG_DOWNSCALED] if entry.scale < 1.0 else [])
+            box = plan.region.scale(1.0 / entry.scale).as_list() if plan.region is not None else None
+            pending.append(
+                ItemRecord(
+                    path=str(entry.item.path),
+                    label=entry.item.label,
+                    content_hash=entry.content_hash or "",
+                    box=box,
+                    det_score=round(plan.detection.score, 4) if plan.detection else None,
+                    det_class=plan.detection.class_name if plan.detection else None,
+                    flags=flags,
+                    image_size=list(entry.original_size) if entry.original_size else None,
+                    crop_index=crop_index,
+                )
+            )
+            counts["no_detection"] += "no_detection" in plan.flags
+    tic = time.perf_counter()
+    vectors = pipeline.embedder.embed(crops)
+    timings["embed"] += time.perf_counter() - tic
+    chunk.records.extend(pending)
+    chunk.vectors.extend(vectors)
+    chunk.images += len(good)
+    counts["processed"] += len(good)
+    counts["added"] += len(pending)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,75 @@
+"""Parallel decoding for batch jobs: a torch ``Dataset`` whose workers read, hash and decode files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from carsearch.errors import ImageLoadError
+from carsearch.images import content_hash, decode_image, limit_size
+from carsearch.pipeline.sources import SourceItem
+
+
+@dataclass
+class Decoded:
+    """A decoded input: ``image`` (H, W, 3) uint8 RGB at ``scale`` × original size, or a skip/error."""
+
+    position: int
+    item: SourceItem
+    content_hash: str | None
+    status: str  # "ok" | "skip" | "error"
+    reason: str = ""
+    image: np.ndarray | None = None
+    scale: float = 1.0
+    original_size: tuple[int, int] | None = None  # (width, height)
+
+
+class DecodeDataset(Dataset):
+    """Reads item ``i``; skips it when ``done[path] == content hash`` (already indexed)."""
+
+    def __init__(self, items: list[SourceItem], done: dict[str, str], max_side: int) -> None:
+        self.items = items
+        self.done = done
+        self.max_side = max_side
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, position: int) -> Decoded:
+        item = self.items[position]
+        try:
+            data = Path(item.path).read_bytes()
+        except OSError as exc:
+            return Decoded(position, item, None, "error", f"cannot read file: {exc.strerror or exc}")
+        digest = content_hash(data)
+        if self.done.get(str(item.path)) == digest:
+            return Decoded(position, item, digest, "skip")
+        try:
+            image = decode_image(data)
+        except ImageLoadError as exc:
+            return Decoded(position, item, digest, "error", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the batch
+            return Decoded(position, item, digest, "error", f"decoder failed: {type(exc).__name__}: {exc}")
+        original = image.size
+        image, scale = limit_size(image, self.max_side)
+        return Decoded(position, item, digest, "ok", image=np.asarray(image), scale=scale, original_size=original)
+
+
+def _as_list(batch: list[Decoded]) -> list[Decoded]:
+    return batch
+
+
+def decode_loader(dataset: DecodeDataset, batch_size: int, workers: int) -> DataLoader:
+    """Batches of :class:`Decoded` in input order, decoded by ``workers`` processes (0 = in-process)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_as_list,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )

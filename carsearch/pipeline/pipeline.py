@@ -1,0 +1,202 @@
+"""The front door: ``Pipeline.from_config(...)`` then ``.index(...)``, ``.search(...)``, ``.evaluate(...)``.
+
+It composes the stages (detector → crop → embedder → index) and holds no model logic of its own.
+
+Example::
+
+    pipe = Pipeline.from_config(overrides=["detector.weights=../shared/models/yolov8n_coco_int8.tflite"])
+    report = pipe.index("photos/", "my_index")
+    result = Pipeline.for_index("my_index").search("my_index", "query.jpg", k=5)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from carsearch.config import PipelineConfig, from_dict, load_config, to_dict
+from carsearch.detector import VehicleDetector
+from carsearch.embedder import Embedder
+from carsearch.errors import EmptyGalleryError
+from carsearch.images import content_hash, load_image
+from carsearch.index import GalleryIndex, read_manifest
+from carsearch.metrics import RetrievalMetrics, evaluate_embeddings
+from carsearch.pipeline.batch import IndexReport, run_index_job
+from carsearch.pipeline.cropping import apply_plan, needs_detector, plan_image
+from carsearch.pipeline.sources import Split, read_source
+from carsearch.runtime import configure_threads, resolve_device
+from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, SearchHit, SearchResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Leave-one-out retrieval metrics of a labelled index, with item counts."""
+
+    metrics: RetrievalMetrics
+    items: int
+    labelled_items: int
+    no_detection: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.metrics.to_dict(), "items": self.items, "labelled_items": self.labelled_items,
+                "no_detection": self.no_detection}
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("carsearch", "torch", "timm", "faiss-cpu", "faiss-gpu", "ultralytics"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+class Pipeline:
+    """Detect → crop → embed → index/search, configured by one :class:`PipelineConfig`.
+
+    Models load lazily on first use and once per pipeline; the detector loads only when cropping needs it.
+    """
+
+    def __init__(
+        self, config: PipelineConfig, detector: VehicleDetector | None = None, embedder: Embedder | None = None
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(config.runtime.device)
+        configure_threads(config.runtime.threads)
+        self._detector = detector
+        self._embedder = embedder
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig | str | Path | None = None, overrides: list[str] | None = None) -> Pipeline:
+        """From a config object, a YAML path, or defaults, plus ``section.key=value`` overrides."""
+        if isinstance(config, PipelineConfig):
+            if overrides:
+                from carsearch.config import apply_overrides
+
+                config = from_dict(PipelineConfig, apply_overrides(to_dict(config), overrides))
+            return cls(config)
+        return cls(load_config(config, overrides))
+
+    @classmethod
+    def for_index(cls, index_dir: str | Path, overrides: list[str] | None = None) -> Pipeline:
+        """A pipeline that processes queries exactly as the index at ``index_dir`` was built."""
+        manifest = read_manifest(index_dir)
+        from carsearch.config import apply_overrides
+
+        return cls(from_dict(PipelineConfig, apply_overrides(manifest["config"], overrides or [])))
+
+    @property
+    def detector(self) -> VehicleDetector:
+        if self._detector is None:
+            threads = configure_threads(self.config.runtime.threads)
+            self._detector = VehicleDetector(self.config.detector, device=str(self.device), threads=threads)
+            configure_threads(self.config.runtime.threads)  # importing ultralytics pins OMP to one thread
+        return self._detector
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder.from_config(self.config.embedder, self.device)
+        return self._embedder
+
+    def manifest(self) -> dict[str, Any]:
+        """How this pipeline makes vectors; stored with every index it builds."""
+        det = self.config.detector
+        detector = None
+        if self.config.crop:
+            detector = {
+                "weights": Path(det.weights).name,
+                "classes": sorted(det.classes),
+                "confidence": det.confidence,
+                "iou": det.iou,
+                "image_size": det.image_size,
+                "margin": det.margin,
+                "selection": det.selection,
+                "min_box_size": det.min_box_size,
+            }
+        return {
+            "embedder": self.embedder.identity,
+            "processing": {"crop": self.config.crop, "crop_source": self.config.crop_source, "detector": detector},
+            "config": to_dict(self.config),
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    # -- single images -------------------------------------------------------------------------------
+
+    def plan(self, image: Image.Image, gt_box: BBox | None = None, single: bool = True) -> list[CropPlan]:
+        """Crop plans for one RGB image (detector runs only when needed)."""
+        detections = self.detector.detect([image])[0] if needs_detector(self.config, gt_box) else None
+        return plan_image(self.config, image.width, image.height, detections, gt_box, single=single)
+
+    def embed_image(self, image: Image.Image, gt_box: BBox | None = None) -> tuple[CropPlan, Image.Image, np.ndarray]:
+        """(plan, crop, vector (D,)) for the one car of a query image."""
+        plan = self.plan(image, gt_box, single=True)[0]
+        crop = apply_plan(image, plan)
+        return plan, crop, self.embedder.embed([crop])[0]
+
+    # -- jobs ----------------------------------------------------------------------------------------
+
+    def index(self, source: str | Path, out: str | Path, split: Split = "all", progress: bool = False) -> IndexReport:
+        """Crop-and-index a folder / CSV / devkit / Kaggle dataset into the index directory ``out``."""
+        return run_index_job(self, read_source(source, split), out, progress=progress)
+
+    def open_index(self, index_dir: str | Path) -> GalleryIndex:
+        """Load an index, refusing one built with a different embedder."""
+        return GalleryIndex.load(index_dir, self.config.index, embedder_identity=self.embedder.identity)
+
+    def search(
+        self, index: GalleryIndex | str | Path, query: Image.Image | str | Path, k: int = 10, exclude_self: bool = False
+    ) -> SearchResult:
+        """Top-``k`` gallery items for the car in ``query`` (an image or a file path)."""
+        tic = time.perf_counter()
+        gallery = index if isinstance(index, GalleryIndex) else self.open_index(index)
+        if not len(gallery):
+            raise EmptyGalleryError("the index is empty: add images with `carsearch index` first")
+        query_hash = None
+        if isinstance(query, (str, Path)):
+            query_hash = content_hash(Path(query).read_bytes()) if exclude_self else None
+            query = load_image(query)
+        timings = {"load": (time.perf_counter() - tic) * 1000}
+        tic = time.perf_counter()
+        plan, _, vector = self.embed_image(query)
+        timings["detect_embed"] = (time.perf_counter() - tic) * 1000
+        tic = time.perf_counter()
+        excluded = {i for i, r in enumerate(gallery.records) if query_hash and r.content_hash == query_hash}
+        scores, ids = gallery.search(vector[None], k + len(excluded))
+        timings["search"] = (time.perf_counter() - tic) * 1000
+        hits = []
+        for score, item_id in zip(scores[0], ids[0], strict=True):
+            if item_id < 0 or int(item_id) in excluded or len(hits) >= k:
+                continue
+            record = gallery.records[int(item_id)]
+            hits.append(SearchHit(len(hits) + 1, int(item_id), float(score), record.label, record.path, record.to_dict()))
+        return SearchResult(query_plan=plan, hits=tuple(hits), timings_ms=timings)
+
+    def evaluate(self, index: GalleryIndex | str | Path) -> Evaluation:
+        """Leave-one-out Recall@1/2/4/8, MAP@R and R-Precision over the labelled items of an index."""
+        gallery = index if isinstance(index, GalleryIndex) else GalleryIndex.load(index, self.config.index)
+        return evaluate_index(gallery)
+
+
+def evaluate_index(gallery: GalleryIndex) -> Evaluation:
+    """Leave-one-out metrics over the labelled items of ``gallery`` (unlabelled items are left out)."""
+    labelled = [i for i, r in enumerate(gallery.records) if r.label is not None]
+    if len(labelled) < 2:
+        raise EmptyGalleryError(f"evaluation needs at least 2 labelled items, the index has {len(labelled)}")
+    sub = GalleryIndex(gallery.dim, gallery.manifest, gallery.config)
+    sub.add(gallery.vectors[labelled], [gallery.records[i] for i in labelled])
+    labels = [r.label for r in sub.records]
+    metrics = evaluate_embeddings(lambda k: sub.search(sub.vectors, k)[1], labels)
+    no_detection = sum(FLAG_NO_DETECTION in r.flags for r in gallery.records)
+    return Evaluation(metrics, len(gallery), len(labelled), no_detection)

@@ -1,0 +1,169 @@
+"""Dataset sources → a flat list of :class:`SourceItem` (path, label, optional ground-truth box).
+
+Supported: a folder tree (label = first sub-folder), a CSV (``path,label[,x1,y1,x2,y2]``), the Stanford
+Cars devkit (``.mat`` annotations) and the Kaggle class-folder layout (``anno_train.csv``/``anno_test.csv``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from carsearch.errors import DataSourceError
+from carsearch.types import BBox
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".jfif"})
+Split = Literal["train", "test", "all"]
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input image; ``box`` is a ground-truth vehicle box in its pixels (x2/y2 exclusive)."""
+
+    path: Path
+    label: str | None = None
+    box: BBox | None = None
+
+
+def read_source(source: str | Path, split: Split = "all") -> list[SourceItem]:
+    """Items of a folder tree, CSV, Stanford devkit or Kaggle layout (detected from what is there)."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DataSourceError(f"source {source} does not exist")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DataSourceError(f"source file {source} must be a .csv (path,label[,x1,y1,x2,y2]) or a folder")
+        return read_csv(source)
+    if (source / "devkit").is_dir() or (source / "cars_annos.mat").exists():
+        return read_stanford_devkit(source, split)
+    if any(source.glob("anno_*.csv")) or any(source.glob("*/anno_*.csv")):
+        return read_kaggle(source, split)
+    return read_folder(source)
+
+
+def read_folder(root: str | Path) -> list[SourceItem]:
+    """Every image file below ``root``, sorted; label = its first sub-folder (None at the top level)."""
+    root = Path(root)
+    items = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        parts = path.relative_to(root).parts
+        items.append(SourceItem(path=path, label=parts[0] if len(parts) > 1 else None))
+    if not items:
+        raise DataSourceError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
+    return items
+
+
+def _parse_box(row: dict[str, str], where: str) -> BBox | None:
+    values = [row.get(c, "") for c in ("x1", "y1", "x2", "y2")]
+    if all(v in ("", None) for v in values):
+        return None
+    try:
+        return BBox(*(float(v) for v in values))
+    except (TypeError, ValueError) as exc:
+        raise DataSourceError(f"{where}: bad box {values}: {exc}") from None
+
+
+def read_csv(path: str | Path) -> list[SourceItem]:
+    """A CSV with header ``path,label[,x1,y1,x2,y2]`` (extra columns ignored); paths relative to the CSV."""
+    path = Path(path)
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or [])
+        if "path" not in columns:
+            raise DataSourceError(f"{path}: needs a header with a 'path' column (got {sorted(columns)})")
+        items = []
+        for line, row in enumerate(reader, start=2):
+            if not row.get("path"):
+                raise DataSourceError(f"{path}:{line}: empty path")
+            label = row.get("label") or None
+            items.append(SourceItem(path=path.parent / row["path"], label=label, box=_parse_box(row, f"{path}:{line}")))
+    if not items:
+        raise DataSourceError(f"{path} lists no images")
+    return items
+
+
+def _devkit_box(x1: float, y1: float, x2: float, y2: float) -> BBox:
+    # Devkit boxes are 1-based and inclusive; ours are 0-based with exclusive ends.
+    return BBox(float(x1) - 1.0, float(y1) - 1.0, float(x2), float(y2))
+
+
+def _mat_str(value: object) -> str:
+    import numpy as np
+
+    while isinstance(value, np.ndarray):
+        value = value.flat[0] if value.size else ""
+    return str(value)
+
+
+def _mat_num(value: object) -> float:
+    import numpy as np
+
+    return float(np.asarray(value).reshape(-1)[0])
+
+
+def read_stanford_devkit(root: str | Path, split: Split = "all") -> list[SourceItem]:
+    """Stanford Cars: ``cars_annos.mat`` (all images) or ``devkit/cars_{train,test}_annos.mat`` + image folders."""
+    from scipy.io import loadmat
+
+    root = Path(root)
+    combined = root / "cars_annos.mat"
+    if combined.exists():
+        mat = loadmat(combined)
+        names = [_mat_str(n) for n in mat["class_names"].reshape(-1)]
+        items = []
+        for a in mat["annotations"].reshape(-1):
+            is_test = bool(_mat_num(a["test"]))
+            if split != "all" and is_test != (split == "test"):
+                continue
+            label = names[int(_mat_num(a["class"])) - 1]
+            box = _devkit_box(*(_mat_num(a[f"bbox_{c}"]) for c in ("x1", "y1", "x2", "y2")))
+            items.append(SourceItem(root / _mat_str(a["relative_im_path"]), label, box))
+        return items
+    devkit = root / "devkit"
+    meta = devkit / "cars_meta.mat"
+    if not meta.exists():
+        raise DataSourceError(f"{root}: devkit layout needs devkit/cars_meta.mat")
+    names = [_mat_str(n) for n in loadmat(meta)["class_names"].reshape(-1)]
+    items = []
+    for part in ("train", "test") if split == "all" else (split,):
+        annos = devkit / f"cars_{part}_annos.mat"
+        if not annos.exists():
+            annos = root / f"cars_{part}_annos_withlabels.mat"
+        if not annos.exists():
+            raise DataSourceError(f"{root}: missing devkit/cars_{part}_annos.mat")
+        for a in loadmat(annos)["annotations"].reshape(-1):
+            if "class" not in (a.dtype.names or ()):
+                raise DataSourceError(f"{annos} has no class labels (use cars_test_annos_withlabels.mat)")
+            label = names[int(_mat_num(a["class"])) - 1]
+            box = _devkit_box(*(_mat_num(a[f"bbox_{c}"]) for c in ("x1", "y1", "x2", "y2")))
+            items.append(SourceItem(root / f"cars_{part}" / _mat_str(a["fname"]), label, box))
+    return items
+
+
+def read_kaggle(root: str | Path, split: Split = "all") -> list[SourceItem]:
+    """Kaggle "stanford-car-dataset-by-classes-folder": ``{train,test}/<class>/<file>`` + ``anno_{split}.csv``."""
+    root = Path(root)
+    items = []
+    for part in ("train", "test") if split == "all" else (split,):
+        anno = next(iter(sorted(root.glob(f"anno_{part}.csv")) + sorted(root.glob(f"*/anno_{part}.csv"))), None)
+        folder = next((p for p in (root / part, *root.glob(f"*/{part}"), *root.glob(f"*/*/{part}")) if p.is_dir()), None)
+        if anno is None or folder is None:
+            raise DataSourceError(f"{root}: Kaggle layout needs anno_{part}.csv and a {part}/ class-folder tree")
+        boxes: dict[str, BBox] = {}
+        with anno.open(newline="") as handle:
+            for row in csv.reader(handle):
+                if len(row) >= 5 and row[0]:
+                    try:
+                        boxes[row[0]] = _devkit_box(*(float(v) for v in row[1:5]))
+                    except ValueError:
+                        continue  # header or malformed line
+        for item in read_folder(folder):
+            items.append(SourceItem(item.path, item.label, boxes.get(item.path.name)))
+    return items
