@@ -13,8 +13,14 @@ from carsearch.errors import CarSearchError
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="pipeline YAML (see configs/); defaults are used without it")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set detector.confidence=0.4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set detector.confidence=0.4 (repeatable)",
+    )
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
     parser.add_argument("--detector-weights", help="YOLO weights (.pt/.onnx/.tflite); default yolo11n.pt (downloads)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -94,16 +100,30 @@ def _cmd_search(args: argparse.Namespace) -> int:
     result = pipeline.search(args.index, args.image, k=args.k, exclude_self=args.exclude_self)
     plan = result.query_plan
     if args.json:
-        print(json.dumps({
-            "query": {"path": args.image, "box": plan.region.as_list() if plan.region else None, "flags": list(plan.flags),
-                      "det_score": plan.detection.score if plan.detection else None},
-            "hits": [{"rank": h.rank, "score": round(h.score, 5), "label": h.label, "path": h.path, "id": h.item_id}
-                     for h in result.hits],
-            "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "query": {
+                        "path": args.image,
+                        "box": plan.region.as_list() if plan.region else None,
+                        "flags": list(plan.flags),
+                        "det_score": plan.detection.score if plan.detection else None,
+                    },
+                    "hits": [
+                        {"rank": h.rank, "score": round(h.score, 5), "label": h.label, "path": h.path, "id": h.item_id}
+                        for h in result.hits
+                    ],
+                    "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
+                },
+                indent=2,
+            )
+        )
         return 0
-    where = "whole image (no vehicle found)" if "no_detection" in plan.flags else (
-        "whole image (raw index)" if plan.region is None else f"box {plan.region.as_list()}")
+    where = (
+        "whole image (no vehicle found)"
+        if "no_detection" in plan.flags
+        else ("whole image (raw index)" if plan.region is None else f"box {plan.region.as_list()}")
+    )
     print(f"query: {args.image} — embedded {where}")
     print(f"{'rank':>4}  {'score':>7}  {'label':<40}  path")
     for hit in result.hits:
@@ -112,16 +132,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from carsearch.pipeline import evaluate_index
     from carsearch.index import GalleryIndex
+    from carsearch.pipeline import evaluate_index
 
     evaluation = evaluate_index(GalleryIndex.load(args.index))
     if args.json:
         print(json.dumps(evaluation.to_dict(), indent=2))
         return 0
     m = evaluation.metrics
-    print(f"items: {evaluation.items} (labelled {evaluation.labelled_items}, no_detection {evaluation.no_detection}); "
-          f"queries: {m.num_queries} (+{m.num_lone_queries} lone, left out)")
+    print(
+        f"items: {evaluation.items} (labelled {evaluation.labelled_items}, no_detection {evaluation.no_detection}); "
+        f"queries: {m.num_queries} (+{m.num_lone_queries} lone, left out)"
+    )
     for k, value in m.recall_at.items():
         print(f"Recall@{k:<2} {value:.4f}")
     print(f"MAP@R     {m.map_at_r:.4f}\nR-Prec    {m.r_precision:.4f}")
@@ -133,7 +155,9 @@ COMMANDS = {"index": _cmd_index, "search": _cmd_search, "evaluate": _cmd_evaluat
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return COMMANDS[args.command](args)
     except CarSearchError as exc:

@@ -41,6 +41,7 @@ class DetectorConfig:
         _check(self.image_size >= 32 and self.image_size % 32 == 0, "detector.image_size must be a multiple of 32")
         _check(self.min_box_size >= 0, "detector.min_box_size must be >= 0")
         _check(self.max_detections >= 1, "detector.max_detections must be >= 1")
+        _check(len(self.classes) >= 1, "detector.classes must name at least one class")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class EmbedderConfig:
     checkpoint: str | None = None
     embedding_dim: int | None = None
     image_size: int | None = None
+    resize: Literal["squash", "center_crop"] = "squash"
     batch_size: int = 32
     channels_last: bool = True
 
@@ -120,7 +122,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
     kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
     return cls(**kwargs)
 
@@ -162,7 +164,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         try:
             if isinstance(value, str) or float(value) == int(value):
                 return int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             pass
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if hint is float:
@@ -195,6 +197,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict copy."""
     result = yaml.safe_load(yaml.safe_dump(data)) or {}
+    if not isinstance(result, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(result).__name__}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -217,6 +221,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     data = apply_overrides(data, overrides or [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,14 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def _pil_open(fp: io.BytesIO) -> Image.Image:
+    """``PIL.Image.open``, bypassing ultralytics' patch of it (which pip-installs pi-heif on unknown files)."""
+    opener = Image.open
+    module = sys.modules.get(getattr(opener, "__module__", "") or "")
+    original = getattr(module, "_image_open", None) if opener.__module__.startswith("ultralytics") else None
+    return (original or opener)(fp)
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = MIN_IMAGE_SIDE) -> Image.Image:
     """Decode bytes to an 8-bit RGB image with EXIF orientation applied.
 
@@ -31,8 +40,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int 
         raise ImageLoadError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # Our own pixel limit below is the guard; PIL's warning threshold (89 MP) would contradict it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = _pil_open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageLoadError(
@@ -42,7 +52,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int 
             image.load()
     except ImageLoadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"image too large (decompression-bomb guard): {exc}") from None
     except UnidentifiedImageError:
         raise ImageLoadError("not an image file (format not recognised)") from None

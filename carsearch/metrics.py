@@ -88,7 +88,9 @@ def leave_one_out_neighbours(ids: np.ndarray, k: int) -> np.ndarray:
 
 
 def evaluate_embeddings(
-    search_fn, labels: Sequence[object], ks: Sequence[int] = RECALL_KS  # noqa: ANN001 - (k) -> ids (N, k)
+    search_fn,
+    labels: Sequence[object],
+    ks: Sequence[int] = RECALL_KS,  # noqa: ANN001 - (k) -> ids (N, k)
 ) -> RetrievalMetrics:
     """Leave-one-out metrics for a gallery; ``search_fn(k)`` returns ranked ids (N, k) of every item."""
     labels = list(labels)

@@ -3,4 +3,11 @@
 from carsearch.detector.selection import crop_region, filter_small, plan_crops, select_detections
 from carsearch.detector.yolo import VehicleDetector, resolve_vehicle_classes
 
-__all__ = ["VehicleDetector", "crop_region", "filter_small", "plan_crops", "resolve_vehicle_classes", "select_detections"]
+__all__ = [
+    "VehicleDetector",
+    "crop_region",
+    "filter_small",
+    "plan_crops",
+    "resolve_vehicle_classes",
+    "select_detections",
+]

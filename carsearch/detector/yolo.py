@@ -91,7 +91,9 @@ class VehicleDetector:
             box = BBox(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)).clip(width, height)
             if box.area <= 0:
                 continue
-            detections.append(Detection(box=box, score=float(min(max(score, 0.0), 1.0)), class_name=self.class_names[cls]))
+            detections.append(
+                Detection(box=box, score=float(min(max(score, 0.0), 1.0)), class_name=self.class_names[cls])
+            )
         return sorted(detections, key=lambda d: d.score, reverse=True)
 
 

@@ -5,4 +5,12 @@ from carsearch.embedder.inference import Embedder
 from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec
 from carsearch.embedder.preprocessing import Preprocessing
 
-__all__ = ["Embedder", "EmbeddingModel", "ModelSpec", "Preprocessing", "default_spec", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Embedder",
+    "EmbeddingModel",
+    "ModelSpec",
+    "Preprocessing",
+    "default_spec",
+    "load_checkpoint",
+    "save_checkpoint",
+]

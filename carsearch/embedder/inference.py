@@ -55,7 +55,7 @@ class Embedder:
                 )
             source = f"checkpoint:{config.checkpoint}"
         else:
-            spec = default_spec(config.backbone, config.embedding_dim, config.image_size)
+            spec = default_spec(config.backbone, config.embedding_dim, config.image_size, resize=config.resize)
             model = EmbeddingModel(spec, pretrained=config.pretrained)
             source = "pretrained" if config.pretrained else "random"
         return cls(model, device, config.batch_size, config.channels_last, source)

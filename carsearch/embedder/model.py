@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carsearch.embedder.backbones import create_backbone, data_config
-from carsearch.embedder.preprocessing import Preprocessing
+from carsearch.embedder.preprocessing import Preprocessing, ResizeMode
 
 Pooling = Literal["avg", "gem"]
 
@@ -89,8 +89,9 @@ def default_spec(
     embedding_dim: int | None = None,
     image_size: int | None = None,
     pooling: Pooling = "avg",
+    resize: ResizeMode = "squash",
 ) -> ModelSpec:
     """A spec whose preprocessing comes from the backbone's timm data config."""
     probe = create_backbone(backbone, pretrained=False)
-    pre = Preprocessing.from_timm(data_config(probe), image_size=image_size)
+    pre = Preprocessing.from_timm(data_config(probe), image_size=image_size, resize=resize)
     return ModelSpec(backbone=backbone, pooling=pooling, embedding_dim=embedding_dim, preprocessing=pre)

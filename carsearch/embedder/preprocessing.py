@@ -38,7 +38,9 @@ class Preprocessing:
         )
 
     @classmethod
-    def from_timm(cls, data_config: dict[str, Any], image_size: int | None = None, resize: ResizeMode = "squash") -> Preprocessing:
+    def from_timm(
+        cls, data_config: dict[str, Any], image_size: int | None = None, resize: ResizeMode = "squash"
+    ) -> Preprocessing:
         """From ``timm.data.resolve_model_data_config`` output (mean/std/interpolation, input size)."""
         return cls(
             image_size=image_size or int(data_config["input_size"][-1]),

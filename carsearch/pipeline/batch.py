@@ -18,7 +18,7 @@ from carsearch.index.gallery import MANIFEST, GalleryIndex, read_manifest
 from carsearch.index.records import ItemRecord
 from carsearch.pipeline.chunks import Chunk, ChunkStore
 from carsearch.pipeline.cropping import apply_plan, needs_detector, plan_image
-from carsearch.pipeline.decode import DecodeDataset, Decoded, decode_loader
+from carsearch.pipeline.decode import Decoded, DecodeDataset, decode_loader
 from carsearch.pipeline.sources import SourceItem
 from carsearch.types import FLAG_DOWNSCALED, BBox
 
@@ -107,7 +107,7 @@ def run_index_job(pipeline: Pipeline, items: list[SourceItem], out: str | Path, 
     store = ChunkStore(out / WORK)
     earlier = store.read_all()
     done: dict[str, str] = {}
-    for record in (existing.records if existing else []):
+    for record in existing.records if existing else []:
         done[record.key] = record.content_hash
     for chunk in earlier:
         for record in chunk.records:
@@ -123,7 +123,9 @@ def run_index_job(pipeline: Pipeline, items: list[SourceItem], out: str | Path, 
         logger.warning("%d duplicate paths in the source were ignored", len(items) - len(unique))
 
     batch_size = config.embedder.batch_size
-    loader = decode_loader(DecodeDataset(unique, done, config.runtime.max_image_side), batch_size, config.runtime.workers)
+    loader = decode_loader(
+        DecodeDataset(unique, done, config.runtime.max_image_side), batch_size, config.runtime.workers
+    )
     bar = _progress(len(unique), progress)
     counts = {"processed": 0, "skipped": 0, "errors": 0, "added": 0, "no_detection": 0}
     timings = {"detect": 0.0, "embed": 0.0}
@@ -180,7 +182,9 @@ def _process_batch(
         elif entry.status == "error":
             counts["errors"] += 1
             chunk.images += 1
-            chunk.errors.append({"path": str(entry.item.path), "reason": entry.reason, "content_hash": entry.content_hash})
+            chunk.errors.append(
+                {"path": str(entry.item.path), "reason": entry.reason, "content_hash": entry.content_hash}
+            )
         else:
             gt = entry.item.box.scale(entry.scale) if entry.item.box is not None else None
             good.append((entry, Image.fromarray(entry.image), gt))

@@ -35,9 +35,7 @@ def plan_image(
         region = crop_region(gt_box.clip(width, height), width, height, det.margin)
         return [CropPlan(region=region, detection=None, flags=(FLAG_GT_BOX,))]
     policy = "largest" if single and det.selection == "all" else det.selection
-    return plan_crops(
-        detections or [], width, height, policy=policy, margin=det.margin, min_box_size=det.min_box_size
-    )
+    return plan_crops(detections or [], width, height, policy=policy, margin=det.margin, min_box_size=det.min_box_size)
 
 
 def apply_plan(image: Image.Image, plan: CropPlan) -> Image.Image:

@@ -47,8 +47,12 @@ class Evaluation:
     no_detection: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.metrics.to_dict(), "items": self.items, "labelled_items": self.labelled_items,
-                "no_detection": self.no_detection}
+        return {
+            **self.metrics.to_dict(),
+            "items": self.items,
+            "labelled_items": self.labelled_items,
+            "no_detection": self.no_detection,
+        }
 
 
 def _versions() -> dict[str, str]:
@@ -77,7 +81,9 @@ class Pipeline:
         self._embedder = embedder
 
     @classmethod
-    def from_config(cls, config: PipelineConfig | str | Path | None = None, overrides: list[str] | None = None) -> Pipeline:
+    def from_config(
+        cls, config: PipelineConfig | str | Path | None = None, overrides: list[str] | None = None
+    ) -> Pipeline:
         """From a config object, a YAML path, or defaults, plus ``section.key=value`` overrides."""
         if isinstance(config, PipelineConfig):
             if overrides:
@@ -180,7 +186,9 @@ class Pipeline:
             if item_id < 0 or int(item_id) in excluded or len(hits) >= k:
                 continue
             record = gallery.records[int(item_id)]
-            hits.append(SearchHit(len(hits) + 1, int(item_id), float(score), record.label, record.path, record.to_dict()))
+            hits.append(
+                SearchHit(len(hits) + 1, int(item_id), float(score), record.label, record.path, record.to_dict())
+            )
         return SearchResult(query_plan=plan, hits=tuple(hits), timings_ms=timings)
 
     def evaluate(self, index: GalleryIndex | str | Path) -> Evaluation:

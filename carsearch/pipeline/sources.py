@@ -50,10 +50,10 @@ def read_folder(root: str | Path) -> list[SourceItem]:
     """Every image file below ``root``, sorted; label = its first sub-folder (None at the top level)."""
     root = Path(root)
     items = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
         parts = path.relative_to(root).parts
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or any(part.startswith(".") for part in parts):
+            continue  # hidden files and folders (.thumbnails, .ipynb_checkpoints) are not data
         items.append(SourceItem(path=path, label=parts[0] if len(parts) > 1 else None))
     if not items:
         raise DataSourceError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
@@ -73,7 +73,7 @@ def _parse_box(row: dict[str, str], where: str) -> BBox | None:
 def read_csv(path: str | Path) -> list[SourceItem]:
     """A CSV with header ``path,label[,x1,y1,x2,y2]`` (extra columns ignored); paths relative to the CSV."""
     path = Path(path)
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" BOM
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
         if "path" not in columns:
@@ -133,10 +133,14 @@ def read_stanford_devkit(root: str | Path, split: Split = "all") -> list[SourceI
     names = [_mat_str(n) for n in loadmat(meta)["class_names"].reshape(-1)]
     items = []
     for part in ("train", "test") if split == "all" else (split,):
-        annos = devkit / f"cars_{part}_annos.mat"
-        if not annos.exists():
-            annos = root / f"cars_{part}_annos_withlabels.mat"
-        if not annos.exists():
+        # The devkit's cars_test_annos.mat has no labels: prefer the *_withlabels file wherever it is.
+        candidates = [
+            root / f"cars_{part}_annos_withlabels.mat",
+            devkit / f"cars_{part}_annos_withlabels.mat",
+            devkit / f"cars_{part}_annos.mat",
+        ]
+        annos = next((c for c in candidates if c.exists()), None)
+        if annos is None:
             raise DataSourceError(f"{root}: missing devkit/cars_{part}_annos.mat")
         for a in loadmat(annos)["annotations"].reshape(-1):
             if "class" not in (a.dtype.names or ()):
@@ -153,7 +157,9 @@ def read_kaggle(root: str | Path, split: Split = "all") -> list[SourceItem]:
     items = []
     for part in ("train", "test") if split == "all" else (split,):
         anno = next(iter(sorted(root.glob(f"anno_{part}.csv")) + sorted(root.glob(f"*/anno_{part}.csv"))), None)
-        folder = next((p for p in (root / part, *root.glob(f"*/{part}"), *root.glob(f"*/*/{part}")) if p.is_dir()), None)
+        folder = next(
+            (p for p in (root / part, *root.glob(f"*/{part}"), *root.glob(f"*/*/{part}")) if p.is_dir()), None
+        )
         if anno is None or folder is None:
             raise DataSourceError(f"{root}: Kaggle layout needs anno_{part}.csv and a {part}/ class-folder tree")
         boxes: dict[str, BBox] = {}

@@ -20,7 +20,6 @@ from carsearch.images import (
     load_image,
     to_rgb,
 )
-
 from tests.conftest import make_car_image
 
 
@@ -31,7 +30,7 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 
 def _png_claiming_size(width: int, height: int) -> bytes:
-    """A tiny 1-bit PNG whose IHDR is rewritten to claim ``width`` × ``height`` (a cheap decompression bomb)."""
+    """A tiny 1-bit PNG whose IHDR claims ``width`` × ``height``: a decompression bomb of a few bytes."""
     data = bytearray(_encode(Image.new("1", (16, 16)), "PNG"))
     assert data[12:16] == b"IHDR"
     body = struct.pack(">II", width, height) + bytes(data[24:29])
@@ -119,12 +118,6 @@ def test_max_pixels_parameter(tmp_path):
         load_image(path, max_pixels=7999)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PIL's own DecompressionBombWarning (> Image.MAX_IMAGE_PIXELS = 89.5 MP) is turned into an "
-    "error, so images between 89.5 MP and the documented MAX_IMAGE_PIXELS = 100 MP (or a larger max_pixels) "
-    "are refused as 'too large'",
-)
 def test_images_below_max_pixels_are_not_refused_as_too_large():
     width, height = 10000, 9500  # 95 MP <= MAX_IMAGE_PIXELS, but > PIL's 89.5 MP warning threshold
     assert width * height <= MAX_IMAGE_PIXELS
@@ -329,3 +322,16 @@ def test_content_hash():
     assert content_hash(b"abc") == digest
     assert content_hash(b"abd") != digest
     assert content_hash(b"") != digest
+
+
+def test_non_image_is_refused_cleanly_after_ultralytics_patched_pil() -> None:
+    # ultralytics replaces PIL.Image.open with a wrapper that pip-installs pi-heif on unknown files.
+    import ultralytics  # noqa: F401
+    from PIL import Image as PILImage
+
+    from carsearch.errors import ImageLoadError
+    from carsearch.images import decode_image
+
+    assert PILImage.open.__module__.startswith("ultralytics")
+    with pytest.raises(ImageLoadError, match="not an image"):
+        decode_image(b"plain text, not pixels")

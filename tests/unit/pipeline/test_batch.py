@@ -51,7 +51,9 @@ class FlakyEmbedder:
         return self.inner.embed(images)  # type: ignore[attr-defined]
 
 
-def test_raw_index_holds_every_image_once_with_labels(shared_models: Pipeline, tiny_gallery: Path, tmp_path: Path) -> None:
+def test_raw_index_holds_every_image_once_with_labels(
+    shared_models: Pipeline, tiny_gallery: Path, tmp_path: Path
+) -> None:
     report = pipeline_with(shared_models, "crop=false").index(tiny_gallery, tmp_path / "idx")
     assert (report.processed, report.errors, report.items_in_index) == (12, 0, 12)
     items = read_items(tmp_path / "idx")
@@ -117,7 +119,7 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(shared_models: Pipeline, tm
     good.convert("L").save(root / "gray.png")
     good.convert("CMYK").save(root / "cmyk.jpg")
     good.convert("RGBA").save(root / "alpha.png")
-    Image.fromarray((np.asarray(good.convert("L")).astype(np.uint16) * 257)).save(root / "sixteen.png")
+    Image.fromarray(np.asarray(good.convert("L")).astype(np.uint16) * 257).save(root / "sixteen.png")
     (root / "empty.jpg").write_bytes(b"")
     (root / "text.jpg").write_text("definitely not a jpeg")
     buffer = io.BytesIO()
@@ -127,7 +129,10 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(shared_models: Pipeline, tm
     report = pipeline_with(shared_models, "crop=false").index(tmp_path / "mixed", tmp_path / "idx")
     assert report.items_in_index == 5
     assert report.errors == 4
-    errors = {Path(e["path"]).name: e["reason"] for e in map(json.loads, (tmp_path / "idx" / "errors.jsonl").read_text().splitlines())}
+    errors = {
+        Path(e["path"]).name: e["reason"]
+        for e in map(json.loads, (tmp_path / "idx" / "errors.jsonl").read_text().splitlines())
+    }
     assert set(errors) == {"empty.jpg", "text.jpg", "truncated.jpg", "dot.png"}
     assert "empty" in errors["empty.jpg"] and "not an image" in errors["text.jpg"]
     assert "too small" in errors["dot.png"] and "truncated" in errors["truncated.jpg"]
@@ -169,8 +174,12 @@ def test_gt_boxes_are_cropped_and_recorded_in_original_pixels(shared_models: Pip
     assert items["0.jpg"]["image_size"] == [400, 300]
 
 
-def test_detector_mode_with_tiny_yolo(shared_models: Pipeline, tiny_gallery: Path, tiny_yolo: Path, tmp_path: Path) -> None:
-    pipe = pipeline_with(shared_models, f"detector.weights={tiny_yolo}", "detector.image_size=160", "detector.selection=all")
+def test_detector_mode_with_tiny_yolo(
+    shared_models: Pipeline, tiny_gallery: Path, tiny_yolo: Path, tmp_path: Path
+) -> None:
+    pipe = pipeline_with(
+        shared_models, f"detector.weights={tiny_yolo}", "detector.image_size=160", "detector.selection=all"
+    )
     report = pipe.index(tiny_gallery, tmp_path / "idx")
     items = read_items(tmp_path / "idx")
     assert report.processed == 12 and report.items_in_index == len(items) > 12  # several cars per image
@@ -196,9 +205,24 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path: Path) 
     for i in range(48):
         make_car_image(i, CLASS_COLOURS[i % 4]).save(root / f"{i:03d}.jpg")
     out = tmp_path / "idx"
-    args = [sys.executable, "-m", "carsearch.cli", "index", str(tmp_path / "many"), "--out", str(out), "--raw",
-            "--no-progress", "--batch-size", "4", "--workers", "0", "--device", "cpu",
-            *sum((["--set", o] for o in TEST_OVERRIDES + ["runtime.checkpoint_every=1"]), [])]
+    args = [
+        sys.executable,
+        "-m",
+        "carsearch.cli",
+        "index",
+        str(tmp_path / "many"),
+        "--out",
+        str(out),
+        "--raw",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        *sum((["--set", o] for o in TEST_OVERRIDES + ["runtime.checkpoint_every=1"]), []),
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
