@@ -223,7 +223,8 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path: Path) 
         "cpu",
         *sum((["--set", o] for o in TEST_OVERRIDES + ["runtime.checkpoint_every=1"]), []),
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    repo = str(Path(__file__).resolve().parents[3])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "work").glob("chunk-*.npz"))) < 2:
