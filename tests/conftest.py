@@ -61,16 +61,20 @@ def car_image() -> Image.Image:
     return make_car_image(0, CLASS_COLOURS[0])
 
 
+def build_gallery(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    """A folder tree ``root/class_C/img_I.jpg``: one car colour per class (label = sub-folder)."""
+    for c, colour in enumerate(CLASS_COLOURS[:classes]):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            make_car_image(100 * c + i, colour).save(folder / f"img_{i}.jpg", quality=92)
+    return root
+
+
 @pytest.fixture
 def tiny_gallery(tmp_path: Path) -> Path:
     """A folder tree: 3 colour classes × 4 images (label = sub-folder)."""
-    root = tmp_path / "gallery"
-    for c, colour in enumerate(CLASS_COLOURS[:3]):
-        folder = root / f"class_{c}"
-        folder.mkdir(parents=True)
-        for i in range(4):
-            make_car_image(100 * c + i, colour).save(folder / f"img_{i}.jpg", quality=92)
-    return root
+    return build_gallery(tmp_path / "gallery")
 
 
 def _tiny_yolo(path: Path, car_logit: float) -> Path:

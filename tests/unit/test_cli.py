@@ -8,20 +8,14 @@ from pathlib import Path
 import pytest
 
 from carsearch.cli import main
-from tests.conftest import TEST_OVERRIDES
+from tests.conftest import TEST_OVERRIDES, build_gallery
 
 SETS = sum((["--set", o] for o in TEST_OVERRIDES), [])
 
 
 @pytest.fixture(scope="module")
 def cli_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from tests.conftest import CLASS_COLOURS, make_car_image
-
-    root = tmp_path_factory.mktemp("cli") / "gallery"
-    for c, colour in enumerate(CLASS_COLOURS[:2]):
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(3):
-            make_car_image(10 * c + i, colour).save(root / f"c{c}" / f"{i}.jpg")
+    root = build_gallery(tmp_path_factory.mktemp("cli") / "gallery", classes=2, per_class=3)
     out = root.parent / "idx"
     assert main(["index", str(root), "--out", str(out), "--raw", "--no-progress", *SETS]) == 0
     return root, out
@@ -36,10 +30,10 @@ def test_index_prints_a_summary(cli_index: tuple[Path, Path], capsys: pytest.Cap
 
 def test_search_table_and_json(cli_index: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     root, out = cli_index
-    query = root / "c1" / "2.jpg"
+    query = root / "class_1" / "img_2.jpg"
     assert main(["search", str(out), str(query), "-k", "3"]) == 0
     table = capsys.readouterr().out
-    assert "rank" in table and "c1" in table and str(query) in table
+    assert "rank" in table and "class_1" in table and str(query) in table
     assert main(["search", str(out), str(query), "-k", "3", "--json", "--exclude-self"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [h["rank"] for h in data["hits"]] == [1, 2, 3]

@@ -10,16 +10,12 @@ import pytest
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
 from carsearch.index import GalleryIndex
 from carsearch.pipeline import Pipeline
-from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, make_car_image
+from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, build_gallery, make_car_image
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pipeline, Path, Path]:
-    root = tmp_path_factory.mktemp("g") / "gallery"
-    for c, colour in enumerate(CLASS_COLOURS[:3]):
-        (root / f"class_{c}").mkdir(parents=True)
-        for i in range(4):
-            make_car_image(100 * c + i, colour).save(root / f"class_{c}" / f"img_{i}.jpg")
+    root = build_gallery(tmp_path_factory.mktemp("g") / "gallery")
     out = root.parent / "idx"
     pipe = Pipeline.from_config(overrides=TEST_OVERRIDES + ["crop=false"])
     pipe.index(root, out)
