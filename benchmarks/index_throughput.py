@@ -145,7 +145,7 @@ def main() -> None:
     overrides = [
         f"detector.weights={weights}",
         f"runtime.device={args.device}",
-        f"embedder.batch_size={args.batch_size}",
+        f"runtime.batch_size={args.batch_size}",
         f"runtime.workers={args.workers}",
     ]
     pipe = Pipeline.from_config(overrides=overrides)

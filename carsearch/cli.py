@@ -32,7 +32,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"runtime.device={args.device}")
     if args.detector_weights:
         overrides.append(f"detector.weights={args.detector_weights}")
-    for name, key in (("batch_size", "embedder.batch_size"), ("workers", "runtime.workers")):
+    for name, key in (("batch_size", "runtime.batch_size"), ("workers", "runtime.workers")):
         if getattr(args, name, None) is not None:
             overrides.append(f"{key}={getattr(args, name)}")
     if getattr(args, "raw", False):
@@ -73,7 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="index directory")
     p.add_argument("--json", action="store_true")
     _common(p)
+
+    # Listed for --help; main() hands their arguments to the training package's own parsers.
+    sub.add_parser("train", help="fine-tune an embedder: train [--config configs/train/X.yaml] [KEY=VALUE ...]")
+    sub.add_parser("export", help="write a training run's best model as an inference checkpoint: export RUN OUT.pt")
     return parser
+
+
+def _cmd_train_argv(argv: list[str]) -> int:
+    from carsearch.embedder.training import train_main
+
+    return train_main(argv)
+
+
+def _cmd_export_argv(argv: list[str]) -> int:
+    from carsearch.embedder.training import export_main
+
+    return export_main(argv)
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -150,10 +166,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"index": _cmd_index, "search": _cmd_search, "evaluate": _cmd_evaluate}
+COMMANDS = {
+    "index": _cmd_index,
+    "search": _cmd_search,
+    "evaluate": _cmd_evaluate,
+}
+
+
+def _forwarded(command: str, argv: list[str]) -> int:
+    """``train`` and ``export`` own their argument parsing (training config overrides)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("carsearch").setLevel(logging.INFO)
+    try:
+        return _cmd_train_argv(argv) if command == "train" else _cmd_export_argv(argv)
+    except CarSearchError as exc:
+        print(f"carsearch {command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "export"):
+        return _forwarded(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

@@ -54,11 +54,11 @@ class EmbedderConfig:
     embedding_dim: int | None = None
     image_size: int | None = None
     resize: Literal["squash", "center_crop"] = "squash"
-    batch_size: int = 32
+    batch_size: int | None = None  # images per forward pass; None: 4 on CPU (fastest there), 64 on CUDA
     channels_last: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "embedder.batch_size must be >= 1")
+        _check(self.batch_size is None or self.batch_size >= 1, "embedder.batch_size must be >= 1")
         _check(self.embedding_dim is None or self.embedding_dim >= 1, "embedder.embedding_dim must be >= 1")
         _check(self.image_size is None or self.image_size >= 32, "embedder.image_size must be >= 32")
 
@@ -83,12 +83,14 @@ class RuntimeConfig:
     """Where and how fast: device ('auto', 'cpu', 'cuda', 'cuda:1'), decode workers, threads."""
 
     device: str = "auto"
+    batch_size: int = 32  # images decoded and detected together by batch jobs
     workers: int = 2
     threads: int | None = None
     max_image_side: int = 1600
     checkpoint_every: int = 256
 
     def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "runtime.batch_size must be >= 1")
         _check(self.workers >= 0, "runtime.workers must be >= 0")
         _check(self.max_image_side >= 64, "runtime.max_image_side must be >= 64")
         _check(self.checkpoint_every >= 1, "runtime.checkpoint_every must be >= 1")

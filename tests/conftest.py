@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DETECTOR = SHARED / "models" / "yolov8n_coco_int8.tflite"
 CLASS_COLOURS = [(200, 30, 30), (30, 160, 40), (40, 60, 210), (220, 200, 30)]
-TEST_OVERRIDES = ["embedder.image_size=64", "embedder.batch_size=8", "runtime.workers=0", "index.use_gpu=false"]
+TEST_OVERRIDES = ["embedder.image_size=64", "runtime.batch_size=8", "runtime.workers=0", "index.use_gpu=false"]
 
 
 def make_car_image(seed: int, colour: tuple[int, int, int], size: tuple[int, int] = (160, 120)) -> Image.Image:

@@ -122,7 +122,7 @@ def run_index_job(pipeline: Pipeline, items: list[SourceItem], out: str | Path, 
     if len(unique) < len(items):
         logger.warning("%d duplicate paths in the source were ignored", len(items) - len(unique))
 
-    batch_size = config.embedder.batch_size
+    batch_size = config.runtime.batch_size
     loader = decode_loader(
         DecodeDataset(unique, done, config.runtime.max_image_side), batch_size, config.runtime.workers
     )

@@ -24,7 +24,7 @@ from carsearch.config import (
 from carsearch.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-CONFIG_FILES = sorted([*CONFIG_DIR.glob("**/*.yaml"), *CONFIG_DIR.glob("**/*.yml")])
+CONFIG_FILES = sorted([*CONFIG_DIR.glob("*.yaml"), *CONFIG_DIR.glob("*.yml")])
 
 
 def _write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:

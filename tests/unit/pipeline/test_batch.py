@@ -83,7 +83,7 @@ def test_new_and_changed_files_are_picked_up(shared_models: Pipeline, tiny_galle
 def test_interrupted_run_keeps_finished_batches_and_resumes(
     shared_models: Pipeline, tiny_gallery: Path, tmp_path: Path
 ) -> None:
-    config = load_config(None, TEST_OVERRIDES + ["crop=false", "embedder.batch_size=4", "runtime.checkpoint_every=1"])
+    config = load_config(None, TEST_OVERRIDES + ["crop=false", "runtime.batch_size=4", "runtime.checkpoint_every=1"])
     flaky = FlakyEmbedder(shared_models.embedder, fail_on=3)
     with pytest.raises(KeyboardInterrupt):
         Pipeline(config, embedder=flaky).index(tiny_gallery, tmp_path / "idx")  # type: ignore[arg-type]
@@ -98,7 +98,7 @@ def test_interrupted_run_keeps_finished_batches_and_resumes(
 def test_crash_after_save_before_chunk_cleanup_does_not_duplicate(
     shared_models: Pipeline, tiny_gallery: Path, tmp_path: Path
 ) -> None:
-    pipe = pipeline_with(shared_models, "crop=false", "runtime.checkpoint_every=1", "embedder.batch_size=4")
+    pipe = pipeline_with(shared_models, "crop=false", "runtime.checkpoint_every=1", "runtime.batch_size=4")
     pipe.index(tiny_gallery, tmp_path / "idx")
     # Simulate a kill between writing the index and deleting the work chunks: put chunks back.
     from carsearch.pipeline.chunks import Chunk, ChunkStore

@@ -1,0 +1,212 @@
+"""Frozen, validated training configuration. YAML files under ``configs/train/`` are serialised :class:`TrainConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from carsearch.config import DetectorConfig, apply_overrides, from_dict
+from carsearch.errors import ConfigError
+
+InputMode = Literal["raw", "gt", "detector"]
+ClassSplit = Literal["half", "list"]
+LossName = Literal["triplet", "arcface", "subcenter_arcface", "proxy_anchor", "multi_similarity", "contrastive"]
+MinerName = Literal["none", "hard", "semihard", "all", "multi_similarity"]
+Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to train on and how batches are drawn.
+
+    ``source``: folder tree / CSV (``path,label[,x1,y1,x2,y2]``) / Stanford devkit / Kaggle layout.
+    Classes are split disjointly: ``half`` = first half of the sorted classes trains, the rest validates
+    (CARS196 protocol); ``list`` = ``train_classes`` (and ``val_classes``, default: all the others).
+    Batches hold ``classes_per_batch`` (P) classes × ``images_per_class`` (K) images.
+    """
+
+    source: str = ""
+    split: Literal["train", "test", "all"] = "all"  # devkit / Kaggle split to read
+    class_split: ClassSplit = "half"
+    train_classes: tuple[str, ...] = ()
+    val_classes: tuple[str, ...] = ()
+    input: InputMode = "raw"
+    detector: DetectorConfig = field(default_factory=DetectorConfig)  # gt/detector crops use its margin
+    cache_dir: str | None = None  # detector box cache; default <out.dir>/cache
+    image_size: int = 224
+    resize: Literal["squash", "center_crop"] = "squash"
+    crop_scale: float = 0.5  # RandomResizedCrop scale = (crop_scale, 1)
+    hflip: bool = True
+    jitter: float = 0.2  # ColorJitter brightness/contrast/saturation (hue = jitter / 4); 0 disables
+    classes_per_batch: int = 16
+    images_per_class: int = 4
+    min_per_class: int = 0  # drop training classes with fewer images (0: keep; short classes repeat images)
+    batches_per_epoch: int | None = None  # None: about one pass over the training images
+    eval_batch_size: int = 64
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 16, "data.image_size must be >= 16")
+        _check(0.0 < self.crop_scale <= 1.0, "data.crop_scale must be in (0, 1]")
+        _check(0.0 <= self.jitter <= 1.0, "data.jitter must be in [0, 1]")
+        _check(self.classes_per_batch >= 2, "data.classes_per_batch (P) must be >= 2 (negatives need two classes)")
+        _check(self.images_per_class >= 1, "data.images_per_class (K) must be >= 1")
+        _check(self.min_per_class >= 0, "data.min_per_class must be >= 0")
+        _check(self.batches_per_epoch is None or self.batches_per_epoch >= 1, "data.batches_per_epoch must be >= 1")
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
+        _check(self.workers >= 0, "data.workers must be >= 0")
+        if self.class_split == "list":
+            _check(bool(self.train_classes), "data.class_split=list needs data.train_classes")
+        else:
+            _check(
+                not self.train_classes and not self.val_classes,
+                "data.train_classes/val_classes are only used with data.class_split=list",
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.images_per_class
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The embedder: timm backbone (offline ImageNet weights for ``tf_efficientnet_lite0``) + pooling + head.
+
+    ``freeze_blocks``: 0 trains everything; N > 0 freezes the stem and the first N blocks (their
+    BatchNorm statistics too); -1 freezes the whole backbone (only the head and loss train).
+    """
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    pooling: Literal["avg", "gem"] = "avg"
+    embedding_dim: int | None = 512  # None: the pooled backbone features, no head
+    head_bn: bool = False
+    freeze_blocks: int = 0
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.embedding_dim is None or self.embedding_dim >= 1, "model.embedding_dim must be >= 1 or null")
+        _check(self.freeze_blocks >= -1, "model.freeze_blocks must be >= -1 (-1 = whole backbone)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A pytorch-metric-learning loss and miner by name.
+
+    ``margin``: the loss's margin (triplet: cosine-distance margin, also the triplet miner's; arcface /
+    subcenter_arcface: degrees; proxy_anchor: cosine margin); null keeps PML's default. ``params`` and
+    ``miner_params`` are passed to the PML constructors as keyword arguments (e.g. ``alpha``, ``scale``).
+    """
+
+    name: LossName = "triplet"
+    miner: MinerName | None = None  # None: semihard for triplet, multi_similarity for it, none otherwise
+    margin: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    miner_params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.params, dict), "loss.params must be a mapping of keyword arguments")
+        _check(isinstance(self.miner_params, dict), "loss.miner_params must be a mapping of keyword arguments")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule: linear warm-up for ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` × lr.
+
+    Loss parameters (proxies, class weights) form their own group with ``loss_lr`` and no weight decay.
+    """
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    loss_lr: float = 1e-2
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0 and self.loss_lr > 0, "optim.lr and optim.loss_lr must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Lightning Trainer settings. ``precision='auto'``: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU.
+
+    ``patience``: epochs without a better ``val/recall_at_1`` before stopping (null: never stop early).
+    """
+
+    max_epochs: int = 20
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    precision: Precision = "auto"
+    seed: int = 0
+    patience: int | None = 5
+    limit_train_batches: int | None = None  # batches per epoch cap (debugging); None: the sampler's length
+    val_every: int = 1
+    log_every_n_steps: int = 10
+    threads: int | None = None  # CPU threads for torch (None: all cores)
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.max_epochs >= 1, "trainer.max_epochs must be >= 1")
+        _check(self.val_every >= 1, "trainer.val_every must be >= 1")
+        _check(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1 or null")
+        _check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps must be >= 1")
+        _check(
+            self.limit_train_batches is None or self.limit_train_batches >= 1,
+            "trainer.limit_train_batches must be >= 1",
+        )
+        if isinstance(self.devices, str):
+            _check(
+                self.devices == "auto" or self.devices.lstrip("-").isdigit() or "," in self.devices,
+                "trainer.devices must be 'auto', a count or a comma-separated list of ids",
+            )
+
+
+@dataclass(frozen=True)
+class OutConfig:
+    """Where runs go: ``<dir>/<name>`` (name default: a timestamp and the loss name)."""
+
+    dir: str = "runs/embedder"
+    name: str | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything :func:`carsearch.embedder.training.run.train` needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    out: OutConfig = field(default_factory=OutConfig)
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from YAML (or defaults) with ``section.key=value`` overrides applied."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"training config file not found: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read training config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"training config {path} is not valid YAML: {exc}") from None
+    data = apply_overrides(data, overrides or [])
+    return from_dict(TrainConfig, data)

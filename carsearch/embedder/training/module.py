@@ -1,0 +1,234 @@
+"""The Lightning module: an EmbeddingModel trained with a PML loss, validated by retrieval on unseen classes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import faiss
+import lightning as L
+import numpy as np
+import torch
+from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
+from timm.models import group_modules
+from torch import nn
+
+from carsearch.config import to_dict
+from carsearch.embedder.model import EmbeddingModel, ModelSpec
+from carsearch.embedder.training.config import LossConfig, ModelConfig, OptimConfig
+from carsearch.embedder.training.losses import build_criterion, mined_count
+from carsearch.errors import ConfigError
+from carsearch.metrics import RetrievalMetrics, evaluate_embeddings
+
+logger = logging.getLogger(__name__)
+
+MONITOR = "val/recall_at_1"
+
+
+def freeze_backbone(backbone: nn.Module, blocks: int) -> list[nn.Module]:
+    """Freeze the stem and the first ``blocks`` blocks (timm's coarse parameter groups); -1: everything.
+
+    Returns the frozen modules, which must also stay in eval mode (BatchNorm statistics).
+    """
+    if blocks == 0:
+        return []
+    if blocks < 0:
+        modules = [backbone]
+    else:
+        matcher = getattr(backbone, "group_matcher", None)
+        if matcher is None:
+            raise ConfigError(f"{type(backbone).__name__} has no timm group_matcher; use model.freeze_blocks=0 or -1")
+        groups = group_modules(backbone, matcher(coarse=True))
+        ordered = [groups[key] for key in sorted(groups)]  # [stem, block 0, block 1, ...]
+        if blocks >= len(ordered):
+            raise ConfigError(
+                f"model.freeze_blocks={blocks} but the backbone has {len(ordered) - 1} blocks; "
+                f"use at most {len(ordered) - 2}, or -1 to freeze the whole backbone"
+            )
+        lookup = dict(backbone.named_modules())
+        modules = [lookup[name] for group in ordered[: blocks + 1] for name in group]
+    for module in modules:
+        module.requires_grad_(False)
+    return modules
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def retrieval_metrics(embeddings: np.ndarray, labels: Sequence[object]) -> RetrievalMetrics:
+    """Leave-one-out retrieval metrics of (N, D) L2-normalised embeddings, exact inner-product search."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(embeddings)
+    return evaluate_embeddings(lambda k: index.search(embeddings, k)[1], labels)
+
+
+def metrics_dict(metrics: RetrievalMetrics) -> dict[str, float]:
+    """Flat ``{"recall_at_1": ..., "map_at_r": ..., "r_precision": ...}`` for logging."""
+    flat = {f"recall_at_{k}": float(v) for k, v in metrics.recall_at.items()}
+    flat.update(map_at_r=float(metrics.map_at_r), r_precision=float(metrics.r_precision))
+    return flat
+
+
+class EmbedderModule(L.LightningModule):
+    """Trains ``self.model`` (an :class:`EmbeddingModel`) with a PML loss; logs ``val/recall_at_1`` etc.
+
+    Batches: ``(images (B, 3, S, S), class indices (B,), item indices (B,))``. Under DDP the loss and miner
+    are wrapped with PML's distributed wrappers (the loss sees every rank's embeddings) and validation
+    embeddings are gathered from all ranks.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        num_classes: int,
+        model: ModelConfig | None = None,
+        loss: LossConfig | None = None,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_config = model or ModelConfig()
+        self.loss_config = loss or LossConfig()
+        self.optim_config = optim or OptimConfig()
+        # Plain data only: checkpoints stay loadable with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "spec": spec.to_dict(),
+                "num_classes": num_classes,
+                "model": to_dict(self.model_config),
+                "loss": to_dict(self.loss_config),
+                "optim": to_dict(self.optim_config),
+            }
+        )
+        self.model = EmbeddingModel(spec, pretrained=self.model_config.pretrained)
+        self._frozen = tuple(freeze_backbone(self.model.backbone, self.model_config.freeze_blocks))
+        if self.model_config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        criterion = build_criterion(self.loss_config, num_classes, self.model.dim)
+        self.criterion = criterion.loss
+        self.miner = criterion.miner
+        self._fns: tuple[nn.Module, nn.Module | None] = (self.criterion, self.miner)  # a tuple: not registered
+        self._world_size = 1
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.val_history: list[dict[str, float]] = []
+        self.train()  # Lightning keeps the modes it finds: frozen blocks start (and stay) in eval mode
+
+    # ------------------------------------------------------------------ model
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → (B, D) L2-normalised embeddings."""
+        if self.model_config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def train(self, mode: bool = True) -> EmbedderModule:
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()  # frozen blocks keep their BatchNorm statistics
+        return self
+
+    # ------------------------------------------------------------------ loss
+    def distribute(self, world_size: int) -> None:
+        """Wrap loss and miner with PML's distributed wrappers (call inside an initialised process group).
+
+        The wrapped loss is ``world_size`` × the loss of the gathered batch, so that DDP's gradient average
+        gives the single-process gradient for the model; loss parameters (proxies), which see the whole
+        batch on every rank, get their gradient divided by ``world_size`` to match too.
+        """
+        if world_size <= 1 or self._world_size == world_size:
+            return
+        if self._world_size != 1:
+            raise RuntimeError(f"module already distributed over {self._world_size} processes")
+        loss = DistributedLossWrapper(self.criterion)
+        miner = DistributedMinerWrapper(self.miner) if self.miner is not None else None
+        self._fns = (loss, miner)
+        for parameter in self.criterion.parameters():
+            parameter.register_hook(lambda grad, w=world_size: grad / w)
+        self._world_size = world_size
+
+    def compute_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """Loss of (B, D) embeddings with (B,) class indices (float32, outside autocast), and the mined count."""
+        loss_fn, miner_fn = self._fns
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            embeddings = embeddings.float()
+            indices = miner_fn(embeddings, labels) if miner_fn is not None else None
+            loss = loss_fn(embeddings, labels, indices)
+        return loss, mined_count(self.miner)
+
+    def setup(self, stage: str) -> None:
+        self.distribute(self.trainer.world_size)
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
+        loss, mined = self.compute_loss(self(images), labels)
+        # Under DDP every rank holds the same gathered-batch loss × world size: log the loss itself.
+        size, sync = len(labels), self._world_size > 1
+        log = {"on_step": True, "on_epoch": True, "batch_size": size, "sync_dist": sync}
+        self.log("train/loss", loss.detach() / self._world_size, prog_bar=True, **log)
+        if mined is not None:
+            self.log("train/mined", float(mined), **log)
+        for group in self.optimizers().param_groups:
+            self.log(f"train/lr_{group.get('name', 'model')}", group["lr"], on_step=True, batch_size=size)
+        return loss
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        images, labels, index = batch
+        self._val_outputs.append((self(images).float(), labels, index))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        embeddings, labels, index = (torch.cat(parts) for parts in zip(*self._val_outputs, strict=True))
+        self._val_outputs = []
+        if self.trainer.world_size > 1:
+            # Ranks hold equal-length shards (DistributedSampler pads with repeats): gather, drop the repeats.
+            embeddings, labels, index = (t.flatten(0, 1) for t in self.all_gather((embeddings, labels, index)))
+            index, first = np.unique(index.cpu().numpy(), return_index=True)
+            embeddings, labels = embeddings[first], labels[first]
+        metrics = metrics_dict(retrieval_metrics(embeddings.cpu().numpy(), labels.cpu().tolist()))
+        self.val_history.append({"epoch": int(self.current_epoch), **metrics})
+        self.log_dict(
+            {f"val/{name}": value for name, value in metrics.items()},
+            prog_bar=False,
+            sync_dist=self.trainer.world_size > 1,  # identical on every rank; avoids Lightning's warning
+        )
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_config
+        groups: list[dict[str, Any]] = [
+            {
+                "params": [p for p in self.model.parameters() if p.requires_grad],
+                "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
+                "name": "model",
+            }
+        ]
+        loss_params = list(self.criterion.parameters())
+        if not groups[0]["params"] and not loss_params:
+            raise ConfigError("nothing to train: the backbone is frozen and there is no head (set model.embedding_dim)")
+        if loss_params:
+            groups.append({"params": loss_params, "lr": cfg.loss_lr, "weight_decay": 0.0, "name": "loss"})
+        if cfg.name == "adamw":
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups)
+        elif cfg.name == "sgd":
+            optimizer = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        else:
+            raise ConfigError(f"unknown optimiser {cfg.name!r}; valid: adamw, sgd")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = round(cfg.warmup_epochs * per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, cfg.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,277 @@
+"""Train an embedder into a run directory, and export its best checkpoint for inference.
+
+A run directory holds ``config.yaml`` (resolved), ``classes.json`` (the class split), ``checkpoints/``
+(Lightning, best by ``val/recall_at_1``), logs, and ``metrics.json`` (zero-shot, best and final validation
+metrics, wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+
+from carsearch.config import to_dict
+from carsearch.embedder.checkpoint import save_checkpoint
+from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec
+from carsearch.embedder.training.config import TrainConfig, TrainerConfig, load_train_config
+from carsearch.embedder.training.datamodule import EmbedderDataModule
+from carsearch.embedder.training.module import MONITOR, EmbedderModule
+from carsearch.errors import ConfigError, ModelLoadError
+from carsearch.index.atomic import atomic_write_bytes, atomic_write_json
+from carsearch.runtime import configure_threads
+
+logger = logging.getLogger(__name__)
+
+RUN_NAME_ENV = "CARSEARCH_RUN_NAME"
+
+
+def resolve_trainer(config: TrainerConfig) -> tuple[str, str]:
+    """(accelerator, precision) for this machine: mixed precision only on GPU, 32-true on CPU."""
+    gpu = torch.cuda.is_available()
+    accelerator = config.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if gpu else "cpu"
+    if accelerator in ("gpu", "cuda") and not gpu:
+        raise ConfigError("trainer.accelerator=gpu but CUDA is not available; use trainer.accelerator=cpu")
+    precision = config.precision
+    if "spawn" in config.strategy:
+        raise ConfigError(f"trainer.strategy={config.strategy} is not supported; use ddp (one process per device)")
+    if precision == "auto":
+        precision = (
+            ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if accelerator != "cpu" else "32-true"
+        )
+    elif accelerator == "cpu" and precision != "32-true":
+        raise ConfigError(f"trainer.precision={precision} is for GPUs; on CPU use 32-true (or auto)")
+    return accelerator, precision
+
+
+def _is_ddp_child() -> bool:
+    """Whether this process was started by Lightning's DDP launcher for a rank other than 0 (single node)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) > 0
+
+
+def run_directory(config: TrainConfig) -> Path:
+    """``out.dir/out.name`` (a timestamped name by default); refuses a finished run unless ``out.overwrite``.
+
+    DDP ranks started by Lightning re-run the command; they inherit rank 0's name through the environment
+    (on several nodes, set ``out.name``). Overwriting removes the old run's checkpoints.
+    """
+    name = config.out.name
+    if not name:
+        inherited = os.environ.get(RUN_NAME_ENV)
+        name = inherited if inherited and _is_ddp_child() else f"{datetime.now():%Y%m%d-%H%M%S}-{config.loss.name}"
+        os.environ[RUN_NAME_ENV] = name
+    run_dir = Path(config.out.dir).expanduser() / name
+    if (run_dir / "metrics.json").exists() or (run_dir / "checkpoints").exists():
+        if not config.out.overwrite and not _is_ddp_child():
+            raise ConfigError(
+                f"run directory {run_dir} already holds a run; pick another out.name or out.overwrite=true"
+            )
+        if not _is_ddp_child():
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            (run_dir / "metrics.json").unlink(missing_ok=True)
+    return run_dir
+
+
+def model_spec(config: TrainConfig) -> ModelSpec:
+    """The spec of the model to train: backbone data config, the training image size and head."""
+    spec = default_spec(
+        config.model.backbone,
+        config.model.embedding_dim,
+        config.data.image_size,
+        pooling=config.model.pooling,
+        resize=config.data.resize,
+    )
+    return dataclasses.replace(spec, head_bn=config.model.head_bn)
+
+
+def _logger(run_dir: Path) -> Any:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
+
+    if _TENSORBOARD_AVAILABLE:
+        return TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
+    logger.info("tensorboard is not installed: logging to %s/logs/metrics.csv", run_dir)
+    return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+
+
+def train(config: TrainConfig) -> Path:
+    """Train, validate each epoch on held-out classes, keep the best checkpoint; returns the run directory."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    started = time.perf_counter()
+    accelerator, precision = resolve_trainer(config.trainer)
+    run_dir = run_directory(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator == "cpu":
+        configure_threads(config.trainer.threads)
+    L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+
+    spec = model_spec(config)
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else Path(config.out.dir).expanduser() / "cache"
+    data = EmbedderDataModule(
+        config.data,
+        spec.preprocessing,
+        cache_dir=cache_dir,
+        seed=config.trainer.seed,
+        detector_device="cuda" if accelerator != "cpu" else "cpu",
+    )
+    if not _is_ddp_child():
+        data.prepare_data()  # detector boxes, before Lightning starts other ranks
+    data.setup("fit")
+    module = EmbedderModule(spec, data.num_train_classes, config.model, config.loss, config.optim)
+
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+    atomic_write_json(run_dir / "classes.json", {"train": data.train_classes, "val": data.val_classes})
+
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best-epoch{epoch:03d}",
+        monitor=MONITOR,
+        mode="max",
+        save_top_k=1,
+        auto_insert_metric_name=False,
+    )
+    callbacks: list[Any] = [checkpoint]
+    if config.trainer.patience is not None:
+        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=config.trainer.patience))
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=config.trainer.devices,
+        strategy=config.trainer.strategy,
+        precision=precision,
+        max_epochs=config.trainer.max_epochs,
+        limit_train_batches=config.trainer.limit_train_batches,
+        check_val_every_n_epoch=config.trainer.val_every,
+        log_every_n_steps=config.trainer.log_every_n_steps,
+        num_sanity_val_steps=0,  # the zero-shot validation below covers it
+        use_distributed_sampler=False,  # PK batches come from PKSampler, one stream per rank
+        enable_progress_bar=config.trainer.progress_bar,
+        logger=_logger(run_dir),
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+    )
+    trainer.validate(module, datamodule=data, verbose=False)
+    zero_shot = module.val_history[-1] if module.val_history else {}
+    module.val_history.clear()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the frozen blocks, on purpose
+        trainer.fit(module, datamodule=data)
+
+    if trainer.global_rank == 0:
+        history = module.val_history
+        best = max(history, key=lambda m: m["recall_at_1"]) if history else {}
+        metrics = {
+            "zero_shot": zero_shot,
+            "best": best,
+            "final": history[-1] if history else {},
+            "history": history,
+            "best_checkpoint": str(Path(checkpoint.best_model_path).resolve()) if checkpoint.best_model_path else None,
+            "epochs": int(trainer.current_epoch),
+            "global_steps": int(trainer.global_step),
+            "train_images": len(data.train_set or []),
+            "val_images": len(data.val_set or []),
+            "train_classes": len(data.train_classes),
+            "val_classes": len(data.val_classes),
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            "resolved": {"accelerator": accelerator, "precision": precision, "world_size": trainer.world_size},
+        }
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        logger.info(
+            "run %s: val R@1 %.4f at start, best %.4f (epoch %s)",
+            run_dir,
+            zero_shot.get("recall_at_1", float("nan")),
+            best.get("recall_at_1", float("nan")),
+            best.get("epoch"),
+        )
+    return run_dir
+
+
+def best_checkpoint(run_dir: str | Path) -> Path:
+    """The run's best Lightning checkpoint (from ``metrics.json``, else the newest in ``checkpoints/``)."""
+    run_dir = Path(run_dir)
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.exists():
+        recorded = json.loads(metrics_file.read_text()).get("best_checkpoint")
+        if recorded and Path(recorded).exists():
+            return Path(recorded)
+    candidates = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ModelLoadError(f"no Lightning checkpoint in {run_dir}/checkpoints; is {run_dir} a training run?")
+    return candidates[-1]
+
+
+def load_trained_model(checkpoint: str | Path) -> EmbeddingModel:
+    """The :class:`EmbeddingModel` of a Lightning checkpoint written by :func:`train` (no pretrained download)."""
+    try:
+        payload = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
+        raise ModelLoadError(f"cannot read Lightning checkpoint {checkpoint}: {exc}") from exc
+    hparams = payload.get("hyper_parameters", {})
+    if "spec" not in hparams:
+        raise ModelLoadError(f"{checkpoint} is not a carsearch training checkpoint (no model spec)")
+    model = EmbeddingModel(ModelSpec.from_dict(hparams["spec"]), pretrained=False)
+    state = {k.removeprefix("model."): v for k, v in payload["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{checkpoint} does not match its own model spec: {exc}") from exc
+    return model.eval()
+
+
+def export(run_dir: str | Path, out_path: str | Path) -> Path:
+    """Write the run's best model as an inference checkpoint (``EmbedderConfig(checkpoint=out_path)`` loads it)."""
+    run_dir = Path(run_dir)
+    source = best_checkpoint(run_dir)
+    model = load_trained_model(source)
+    extra: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "lightning_checkpoint": source.name}
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.exists():
+        recorded = json.loads(metrics_file.read_text())
+        extra["val_metrics"] = {k: v for k, v in recorded.get("best", {}).items() if isinstance(v, (int, float))}
+    save_checkpoint(model, out_path, extra=extra)
+    logger.info("exported %s → %s", source, out_path)
+    return Path(out_path)
+
+
+# ---------------------------------------------------------------------- command-line entry points
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. trainer.max_epochs=5")
+    parser.add_argument("--set", dest="more", action="append", default=[], metavar="KEY=VALUE", help="same, repeatable")
+    return parser
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``carsearch train --config configs/train/cpu_quick.yaml [KEY=VALUE ...]``: prints the run directory."""
+    parser = _parser("carsearch train", "Fine-tune an embedder on class-disjoint splits (see configs/train/).")
+    parser.add_argument("--config", help="training YAML (a serialised TrainConfig); defaults without it")
+    args = parser.parse_args(argv)
+    config = load_train_config(args.config, [*args.overrides, *args.more])
+    run_dir = train(config)
+    if not _is_ddp_child():
+        print(run_dir)  # noqa: T201 - command-line output
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``carsearch export RUN_DIR OUT.pt``: the run's best model as an inference checkpoint."""
+    parser = argparse.ArgumentParser(prog="carsearch export", description="Export a training run's best model.")
+    parser.add_argument("run_dir", help="a run directory written by carsearch train")
+    parser.add_argument("out", help="inference checkpoint to write (load with embedder.checkpoint=OUT)")
+    args = parser.parse_args(argv)
+    print(export(args.run_dir, args.out))  # noqa: T201 - command-line output
+    return 0

@@ -1,0 +1,519 @@
+"""carsearch.embedder.training: losses, PK sampler, data, config, a short real run, export, DDP loss wrappers.
+
+Everything runs on the CPU and offline, with timm's tiny ``test_efficientnet`` (random init) on 32–48 px images.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from carsearch.config import DetectorConfig, EmbedderConfig, to_dict
+from carsearch.embedder import Embedder, load_checkpoint
+from carsearch.embedder.preprocessing import eval_transform
+from carsearch.embedder.training import (
+    EmbedderModule,
+    TrainConfig,
+    boxcache,
+    export,
+    export_main,
+    load_train_config,
+    load_trained_model,
+    train,
+    train_main,
+)
+from carsearch.embedder.training.config import LossConfig, ModelConfig, OptimConfig
+from carsearch.embedder.training.data import CropDataset, sort_classes, split_classes, train_transform
+from carsearch.embedder.training.datamodule import EmbedderDataModule
+from carsearch.embedder.training.losses import LOSSES, build_criterion
+from carsearch.embedder.training.module import freeze_backbone, warmup_cosine
+from carsearch.embedder.training.run import model_spec, resolve_trainer
+from carsearch.embedder.training.sampler import PKSampler, check_pk
+from carsearch.errors import ConfigError, DataSourceError
+from carsearch.pipeline.sources import SourceItem
+from carsearch.types import BBox
+from tests.conftest import CLASS_COLOURS, make_car_image
+
+TRAIN_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "train"
+TINY = [
+    "model.backbone=test_efficientnet",
+    "model.pretrained=false",
+    "model.embedding_dim=64",
+    "data.image_size=48",
+    "data.classes_per_batch=4",
+    "data.images_per_class=4",
+    "data.workers=0",
+    "data.jitter=0",
+    "trainer.progress_bar=false",
+    "trainer.accelerator=cpu",
+    "trainer.threads=1",
+]
+
+
+# --------------------------------------------------------------------------- synthetic data
+def hue_image(seed: int, hue: float, size: int = 48) -> Image.Image:
+    """A small disc/square/triangle of ``hue`` on a random-colour noisy background (the class is the hue)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-30, 30, size=(size, size, 3))
+    image = Image.fromarray(np.clip(rng.integers(0, 256, size=3) + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    r = rng.uniform(0.18, 0.3) * size
+    cx, cy = rng.uniform(0.35, 0.65, size=2) * size
+    colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.8, 1), rng.uniform(0.8, 1)))
+    box = [cx - r, cy - r, cx + r, cy + r]
+    kind = int(rng.integers(3))
+    if kind == 0:
+        draw.ellipse(box, fill=colour)
+    elif kind == 1:
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return image
+
+
+def make_hue_gallery(root: Path, classes: int = 20, per_class: int = 8) -> Path:
+    """Folder tree of ``classes`` hues; names sort so that even hues train and odd hues validate (class_split=half).
+
+    A random-init network embeds these by background colour (poor retrieval); training on the even hues
+    teaches it to look at the object's colour, which carries over to the unseen odd hues.
+    """
+    for c in range(classes):
+        folder = root / f"{'tv'[c % 2]}{c:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            hue_image(1000 * c + i, c / classes).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def hue_gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_hue_gallery(tmp_path_factory.mktemp("hues"))
+
+
+def tiny_module(loss: LossConfig, num_classes: int = 4, **model: object) -> EmbedderModule:
+    config = load_train_config(None, TINY)
+    spec = model_spec(config)
+    model_config = ModelConfig(**{**to_dict(config.model), **model})
+    return EmbedderModule(spec, num_classes, model_config, loss, OptimConfig(lr=1e-3, loss_lr=1e-2))
+
+
+def pk_batch(classes: int = 4, per_class: int = 4, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    images = torch.randn(len(labels), 3, size, size, generator=generator) + labels[:, None, None, None].float()
+    return images, labels
+
+
+# --------------------------------------------------------------------------- losses
+LOSS_CASES = [
+    LossConfig(name="triplet", miner="hard", margin=0.2),
+    LossConfig(name="triplet", miner="semihard", margin=0.2),
+    LossConfig(name="triplet", miner="all", margin=0.2),
+    LossConfig(name="arcface", miner="none"),
+    LossConfig(name="subcenter_arcface", miner="none"),
+    LossConfig(name="proxy_anchor", miner="none", params={"alpha": 32}),
+    LossConfig(name="multi_similarity"),
+    LossConfig(name="contrastive", miner="multi_similarity", params={"neg_margin": 0.5}),
+]
+
+
+@pytest.mark.parametrize("loss", LOSS_CASES, ids=[f"{c.name}-{c.miner}" for c in LOSS_CASES])
+def test_each_loss_runs_a_training_step(loss):
+    torch.manual_seed(0)
+    module = tiny_module(loss).train()
+    images, labels = pk_batch()
+    value, mined = module.compute_loss(module(images), labels)
+    assert value.ndim == 0 and torch.isfinite(value) and value.item() > 0
+    value.backward()
+    head = module.model.head[0].weight.grad
+    assert head is not None and torch.isfinite(head).all() and head.abs().sum() > 0
+    for parameter in module.criterion.parameters():  # proxies / class weights learn too
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    if module.miner is None:
+        assert mined is None
+    else:
+        assert mined is not None and mined > 0
+
+
+def test_loss_factory_errors_list_the_valid_names():
+    with pytest.raises(ConfigError) as err:
+        build_criterion(LossConfig(name="nope"), 4, 8)  # type: ignore[arg-type]
+    assert all(name in str(err.value) for name in LOSSES)
+    with pytest.raises(ConfigError, match="semihard"):
+        build_criterion(LossConfig(name="triplet", miner="bogus"), 4, 8)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="loss.miner=none"):
+        build_criterion(LossConfig(name="proxy_anchor", miner="hard"), 4, 8)
+    with pytest.raises(ConfigError, match="loss.params"):
+        build_criterion(LossConfig(name="multi_similarity", margin=0.1), 4, 8)
+    with pytest.raises(ConfigError, match="bad parameters"):
+        build_criterion(LossConfig(name="triplet", params={"no_such_argument": 1}), 4, 8)
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_train_config(None, ["loss.name=nope"])
+
+
+def test_proxy_losses_get_their_own_parameter_group():
+    module = tiny_module(LossConfig(name="proxy_anchor", miner="none"), freeze_blocks=2)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=20, max_epochs=2)  # what the optimiser reads
+    optimiser = module.configure_optimizers()["optimizer"]
+    model_group, loss_group = optimiser.param_groups
+    assert (model_group["lr"], loss_group["lr"]) == pytest.approx((1e-3 / 11, 1e-2 / 11))  # warm-up step 0 of 10
+    assert {id(p) for p in loss_group["params"]} == {id(p) for p in module.criterion.parameters()}
+    assert loss_group["weight_decay"] == 0.0
+    frozen = {id(p) for p in module.model.backbone.conv_stem.parameters()}
+    assert not frozen & {id(p) for p in model_group["params"]}
+    triplet = tiny_module(LossConfig(name="triplet"))
+    triplet._trainer = SimpleNamespace(estimated_stepping_batches=20, max_epochs=2)
+    assert len(triplet.configure_optimizers()["optimizer"].param_groups) == 1
+
+
+def test_warmup_then_cosine_schedule():
+    values = [warmup_cosine(step, warmup=4, total=20) for step in range(21)]
+    assert values[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert values[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
+    assert values[20] == pytest.approx(0.0)
+    assert warmup_cosine(20, 0, 20, floor=0.1) == pytest.approx(0.1)
+
+
+def test_freeze_blocks_freezes_stem_and_first_blocks_and_keeps_their_batchnorm_in_eval():
+    module = tiny_module(LossConfig(name="triplet"), freeze_blocks=2)
+    backbone = module.model.backbone
+    assert not any(p.requires_grad for p in backbone.conv_stem.parameters())
+    assert not any(p.requires_grad for p in backbone.blocks[1].parameters())
+    assert all(p.requires_grad for p in backbone.blocks[2].parameters())
+    assert not backbone.bn1.training and not backbone.blocks[1][0].bn1.training  # from construction on
+    module.eval().train()
+    assert not backbone.bn1.training and not backbone.blocks[1][0].bn1.training
+    assert backbone.blocks[2][0].bn1.training
+    with pytest.raises(ConfigError, match="blocks"):
+        freeze_backbone(backbone, 99)
+    whole = tiny_module(LossConfig(name="triplet"), freeze_blocks=-1)
+    assert not any(p.requires_grad for p in whole.model.backbone.parameters())
+    assert all(p.requires_grad for p in whole.model.head.parameters())
+
+
+# --------------------------------------------------------------------------- sampler
+def test_pk_sampler_yields_k_images_of_p_classes_per_batch():
+    labels = [c for c in range(10) for _ in range(6)]
+    sampler = PKSampler(labels, classes_per_batch=4, images_per_class=3, batches_per_epoch=5, seed=1)
+    indices = list(sampler)
+    assert len(indices) == len(sampler) == 5 * 12
+    for start in range(0, len(indices), 12):
+        counts = Counter(labels[i] for i in indices[start : start + 12])
+        assert len(counts) == 4 and set(counts.values()) == {3}
+    assert list(sampler) == indices  # same seed, rank, epoch: same batches
+    sampler.set_epoch(1)
+    assert list(sampler) != indices
+    other_rank = PKSampler(labels, 4, 3, 5, seed=1, rank=1)
+    assert list(other_rank) != indices
+
+
+def test_pk_sampler_validation(caplog):
+    labels = [c for c in range(3) for _ in range(4)]
+    with pytest.raises(ConfigError, match="not a multiple"):
+        check_pk(labels, classes_per_batch=2, images_per_class=3, batch_size=8)
+    with pytest.raises(ConfigError, match="only 3"):
+        PKSampler(labels, classes_per_batch=4, images_per_class=2, batches_per_epoch=2)
+    short = [*labels, 3]  # class 3 has one image: drawn with replacement
+    with caplog.at_level(logging.WARNING):
+        sampler = PKSampler(short, classes_per_batch=4, images_per_class=2, batches_per_epoch=3)
+    assert "fewer than K=2" in caplog.text and "min_per_class" in caplog.text
+    indices = list(sampler)
+    for start in range(0, len(indices), 8):
+        assert set(Counter(short[i] for i in indices[start : start + 8]).values()) == {2}
+
+
+def test_min_per_class_drops_short_training_classes(tmp_path):
+    root = make_hue_gallery(tmp_path / "g", classes=8, per_class=4)
+    (root / "t00" / "0.png").unlink()
+    config = load_train_config(None, [*TINY, f"data.source={root}", "data.min_per_class=4"]).data
+    data = EmbedderDataModule(config, model_spec(load_train_config(None, TINY)).preprocessing)
+    data.setup()
+    assert "t00" not in data.train_classes and data.num_train_classes == 3
+
+
+# --------------------------------------------------------------------------- data
+def test_split_classes():
+    assert split_classes(["b", "a", "d", "c", "a"]) == (["a", "b"], ["c", "d"])
+    numeric = [str(i) for i in range(1, 11)]
+    assert split_classes(numeric) == (["1", "2", "3", "4", "5"], ["6", "7", "8", "9", "10"])
+    assert sort_classes(["10", "9", "100"]) == ["9", "10", "100"]
+    assert split_classes(list("abcde")) == (["a", "b", "c"], ["d", "e"])
+    assert split_classes(list("abcde"), "list", ["e", "a"]) == (["a", "e"], ["b", "c", "d"])
+    assert split_classes(list("abcde"), "list", ["a", "b"], ["d", "e"]) == (["a", "b"], ["d", "e"])
+    with pytest.raises(ConfigError, match="disjoint"):
+        split_classes(list("abcde"), "list", ["a", "b"], ["b", "c"])
+    with pytest.raises(ConfigError, match="not in the data"):
+        split_classes(list("abcde"), "list", ["a", "z"])
+    with pytest.raises(ConfigError, match="at least 4"):
+        split_classes(list("abc"))
+
+
+def _identity(image: Image.Image) -> Image.Image:
+    return image
+
+
+def test_crop_dataset_raw_and_gt_modes(tmp_path):
+    path = tmp_path / "car.png"
+    make_car_image(0, CLASS_COLOURS[0], size=(160, 120)).save(path)
+    items = [SourceItem(path, "a", BBox(40, 30, 120, 90)), SourceItem(path, "b", BBox(0, 0, 160, 120))]
+    raw = CropDataset(items, ["a", "b"], _identity, mode="raw")
+    image, label, index = raw[0]
+    assert image.size == (160, 120) and (label, index) == (0, 0)
+    gt = CropDataset(items, ["b", "a"], _identity, mode="gt", detector=DetectorConfig(margin=0.1))
+    image, label, _ = gt[0]
+    assert image.size == (96, 72) and label == 1  # 80×60 box + 10% a side
+    with pytest.raises(DataSourceError, match="needs a box"):
+        CropDataset([SourceItem(path, "a")], ["a"], _identity, mode="gt")
+    only_b = CropDataset(items, ["b"], _identity)
+    assert len(only_b) == 1 and only_b.labels == [0]
+
+
+def test_train_and_eval_transforms_match_the_model_preprocessing(tmp_path):
+    pre = model_spec(load_train_config(None, TINY)).preprocessing
+    image = make_car_image(1, CLASS_COLOURS[1])
+    augmented = train_transform(pre, crop_scale=0.5, jitter=0.2)(image)
+    assert augmented.shape == (3, 48, 48) and augmented.dtype == torch.float32
+    identity = train_transform(pre, crop_scale=1.0, hflip=False, jitter=0.0)
+    assert identity(image).shape == eval_transform(pre)(image).shape
+
+
+def test_detector_boxes_are_cached_by_path_and_content(tmp_path, tiny_yolo, monkeypatch):
+    paths = []
+    for i, colour in enumerate(CLASS_COLOURS[:3]):
+        paths.append(tmp_path / f"{i}.jpg")
+        make_car_image(i, colour).save(paths[-1])
+    items = [SourceItem(p, "x") for p in paths]
+    config = DetectorConfig(weights=str(tiny_yolo), confidence=0.01)
+    cache = boxcache.cache_path(tmp_path / "cache", config)
+    first = boxcache.detect_cached(items, config, cache)
+    assert cache.exists() and len(first) == 3 and any(first)
+
+    import carsearch.detector as detector_package
+
+    def no_detector(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the detector ran although every box was cached")
+
+    monkeypatch.setattr(detector_package, "VehicleDetector", no_detector)
+    assert boxcache.detect_cached(items, config, cache) == first
+    make_car_image(7, CLASS_COLOURS[3]).save(paths[0])  # new content under the same path: detected again
+    with pytest.raises(AssertionError, match="detector ran"):
+        boxcache.detect_cached(items, config, cache)
+    dataset = CropDataset(items, ["x"], _identity, mode="detector", detector=config, detections=first)
+    assert dataset[1][0].size != Image.open(paths[1]).size or not first[1]
+
+
+# --------------------------------------------------------------------------- config
+def test_config_overrides_and_errors():
+    config = load_train_config(None, ["trainer.max_epochs=5", "data.source=/x", "loss.params={alpha: 16}"])
+    assert config.trainer.max_epochs == 5 and config.data.source == "/x" and config.loss.params == {"alpha": 16}
+    assert load_train_config() == TrainConfig()
+    with pytest.raises(ConfigError, match="unknown key.*valid keys"):
+        load_train_config(None, ["data.bogus=1"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_train_config(None, ["bogus.key=1"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_train_config(None, ["trainer.max_epochs=many"])
+    with pytest.raises(ConfigError, match="class_split=list"):
+        load_train_config(None, ["data.train_classes=[a, b]"])
+    with pytest.raises(ConfigError, match=r"\(P\)"):
+        load_train_config(None, ["data.classes_per_batch=1"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_train_config("/no/such/train.yaml")
+
+
+def test_precision_is_32_on_cpu():
+    cpu = load_train_config(None, ["trainer.accelerator=cpu"]).trainer
+    assert resolve_trainer(cpu) == ("cpu", "32-true")
+    with pytest.raises(ConfigError, match="GPU"):
+        resolve_trainer(load_train_config(None, ["trainer.accelerator=cpu", "trainer.precision=bf16-mixed"]).trainer)
+    with pytest.raises(ConfigError, match="ddp"):
+        resolve_trainer(load_train_config(None, ["trainer.strategy=ddp_spawn"]).trainer)
+
+
+TRAIN_CONFIGS = sorted(TRAIN_CONFIG_DIR.glob("*.yaml"))
+
+
+def test_training_recipes_are_shipped():
+    names = {p.stem for p in TRAIN_CONFIGS}
+    assert {"triplet_hard", "triplet_semihard", "arcface", "proxy_anchor", "cpu_quick"} <= names
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=[p.stem for p in TRAIN_CONFIGS])
+def test_shipped_training_configs_load_and_build(path):
+    config = load_train_config(path)
+    assert to_dict(config) == yaml.safe_load(path.read_text())  # files are complete serialised instances
+    build_criterion(config.loss, num_classes=49, embedding_size=config.model.embedding_dim or 1280)
+
+
+# --------------------------------------------------------------------------- a real (short) run and export
+@pytest.fixture(scope="module")
+def trained_run(hue_gallery: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    overrides = [
+        *TINY,
+        f"data.source={hue_gallery}",
+        "data.batches_per_epoch=25",
+        "loss.name=multi_similarity",
+        "optim.lr=2e-3",
+        "optim.warmup_epochs=0.2",
+        "trainer.max_epochs=4",
+        "trainer.patience=null",
+        f"out.dir={out}",
+        "out.name=hues",
+    ]
+    return train(load_train_config(None, overrides))
+
+
+def test_training_raises_validation_recall_on_unseen_classes(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    zero_shot, best = metrics["zero_shot"]["recall_at_1"], metrics["best"]["recall_at_1"]
+    assert best >= zero_shot + 0.15, metrics["history"]
+    assert metrics["final"] == metrics["history"][-1] and len(metrics["history"]) == 4
+    assert set(metrics["best"]) >= {
+        "recall_at_1",
+        "recall_at_2",
+        "recall_at_4",
+        "recall_at_8",
+        "map_at_r",
+        "r_precision",
+    }
+    assert metrics["train_classes"] == metrics["val_classes"] == 10 and metrics["wall_time_s"] > 0
+    assert Path(metrics["best_checkpoint"]).exists()
+    classes = json.loads((trained_run / "classes.json").read_text())
+    assert not set(classes["train"]) & set(classes["val"])
+    assert all(name.startswith("t") for name in classes["train"])
+    saved = load_train_config(trained_run / "config.yaml")
+    assert saved.loss.name == "multi_similarity" and saved.trainer.max_epochs == 4
+    logs = list((trained_run / "logs").rglob("*"))
+    assert any(p.name == "metrics.csv" or p.name.startswith("events.out") for p in logs)
+
+
+def test_a_finished_run_directory_is_not_overwritten(trained_run):
+    config = load_train_config(trained_run / "config.yaml")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config)
+
+
+def test_export_gives_an_inference_checkpoint_with_identical_embeddings(trained_run, hue_gallery, tmp_path):
+    out = export(trained_run, tmp_path / "embedder.pt")
+    embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(out)))
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    best = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    module = tiny_module(LossConfig(name="multi_similarity"), num_classes=10)
+    module.load_state_dict(best["state_dict"])
+    module.eval()
+    images = [Image.open(p).convert("RGB") for p in sorted(hue_gallery.rglob("*.png"))[:12]]
+    with torch.no_grad():
+        expected = module(torch.stack([eval_transform(embedder.preprocessing)(im) for im in images])).numpy()
+    np.testing.assert_allclose(embedder.embed(images), expected, atol=1e-5)
+    assert embedder.preprocessing.image_size == 48 and embedder.dim == 64
+    assert torch.equal(load_trained_model(metrics["best_checkpoint"]).head[0].weight, embedder.model.head[0].weight)
+
+
+def test_command_line_entry_points_and_frozen_batchnorm(hue_gallery, tmp_path, capsys):
+    args = [*TINY, f"data.source={hue_gallery}", "data.batches_per_epoch=3", "trainer.max_epochs=1"]
+    args += ["model.freeze_blocks=1", f"out.dir={tmp_path}", "out.name=cli"]
+    assert train_main(["--set", "loss.name=triplet", *args]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert run_dir == tmp_path / "cli" and (run_dir / "metrics.json").exists()
+    assert load_train_config(run_dir / "config.yaml").model.freeze_blocks == 1
+    assert export_main([str(run_dir), str(tmp_path / "out.pt")]) == 0
+    model = load_checkpoint(tmp_path / "out.pt")
+    # The stem was frozen, BatchNorm statistics included: still the fresh-init values after training.
+    assert torch.equal(model.backbone.bn1.running_mean, torch.zeros_like(model.backbone.bn1.running_mean))
+    assert not torch.equal(model.backbone.blocks[1][0].bn1.running_mean, torch.zeros(1))
+
+
+# --------------------------------------------------------------------------- distributed (2 CPU processes, gloo)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _loss_and_grads(module: EmbedderModule, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict]:
+    loss, _ = module.compute_loss(module(images), labels)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+DDP_CASES = [LossConfig(name="triplet", miner="hard", margin=0.2), LossConfig(name="proxy_anchor", miner="none")]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        for case, loss in enumerate(DDP_CASES):
+            torch.manual_seed(0)  # same initial weights and proxies on every rank, as DDP's broadcast ensures
+            module = tiny_module(loss).eval()  # eval: BatchNorm uses running statistics, per sample
+            module.distribute(world_size)
+            images, labels = pk_batch()
+            value, grads = _loss_and_grads(module, images[rank::world_size], labels[rank::world_size])
+            for grad in grads.values():  # what DDP does to gradients
+                torch.distributed.all_reduce(grad)
+                grad /= world_size
+            torch.save({"loss": value, "grads": grads}, Path(out) / f"case{case}_rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_loss_matches_the_single_process_loss(tmp_path):
+    """Two gloo processes, each with half of a PK batch and PML's distributed wrappers, get the loss and
+    (after DDP's gradient average) the gradients of one process with the whole batch, proxies included."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for case, loss in enumerate(DDP_CASES):
+        torch.manual_seed(0)
+        single = tiny_module(loss).eval()
+        images, labels = pk_batch()
+        expected_loss, expected_grads = _loss_and_grads(single, images, labels)
+        assert any("criterion" in name for name in expected_grads) == (loss.name == "proxy_anchor")
+        for rank in range(2):
+            result = torch.load(tmp_path / f"case{case}_rank{rank}.pt", weights_only=True)
+            assert result["loss"] == pytest.approx(2 * expected_loss, rel=1e-4)  # PML: world size × gathered loss
+            assert result["grads"].keys() == expected_grads.keys()
+            for name, grad in expected_grads.items():
+                torch.testing.assert_close(
+                    result["grads"][name], grad, rtol=1e-3, atol=1e-6, msg=f"{loss.name}: {name}"
+                )
+
+
+def test_lightning_ddp_run_on_two_cpu_processes(hue_gallery, trained_run, tmp_path):
+    """``strategy=ddp devices=2``: Lightning's launcher, a PK sampler per rank, validation gathered from both
+    ranks (DistributedSampler repeats removed): the zero-shot metrics equal the single-process ones."""
+    root = Path(__file__).resolve().parents[3]
+    args = [*TINY, f"data.source={hue_gallery}", "data.batches_per_epoch=3", "trainer.max_epochs=1"]
+    args += ["loss.name=multi_similarity", "trainer.strategy=ddp", "trainer.devices=2", f"out.dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "carsearch.embedder.training", "train", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs  # both ranks wrote into rank 0's run directory
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    single = json.loads((trained_run / "metrics.json").read_text())["zero_shot"]
+    assert metrics["zero_shot"] == pytest.approx(single, abs=1e-6)
+    assert metrics["global_steps"] == 3 and Path(metrics["best_checkpoint"]).exists()
