@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
 ResizeMode = Literal["squash", "center_crop"]
@@ -58,19 +57,16 @@ def _interpolation(name: str) -> v2.InterpolationMode:
         return v2.InterpolationMode.BICUBIC
 
 
-def eval_transform(pre: Preprocessing) -> v2.Compose:
-    """PIL RGB image → normalised float tensor (3, S, S)."""
+def tensor_transform(pre: Preprocessing) -> v2.Compose:
+    """uint8 (3, H, W) tensor, on any device → normalised float tensor (3, S, S) on that device."""
     mode = _interpolation(pre.interpolation)
     if pre.resize == "squash":
         resize: list[Any] = [v2.Resize((pre.image_size, pre.image_size), interpolation=mode, antialias=True)]
     else:
         resize = [v2.Resize(pre.image_size, interpolation=mode, antialias=True), v2.CenterCrop(pre.image_size)]
-    return v2.Compose(
-        [v2.PILToTensor(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
-    )
+    return v2.Compose([*resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))])
 
 
-def to_batch(images: list[Image.Image], pre: Preprocessing) -> torch.Tensor:
-    """Stack preprocessed images into a (B, 3, S, S) tensor."""
-    transform = eval_transform(pre)
-    return torch.stack([transform(image) for image in images])
+def eval_transform(pre: Preprocessing) -> v2.Compose:
+    """PIL RGB image → normalised float tensor (3, S, S): ``PILToTensor`` then :func:`tensor_transform`."""
+    return v2.Compose([v2.PILToTensor(), *tensor_transform(pre).transforms])

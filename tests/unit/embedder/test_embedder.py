@@ -120,3 +120,15 @@ def test_identity_changes_with_weights(checkpoint: Path, embedder: Embedder) -> 
     other = Embedder(load_checkpoint(checkpoint))
     assert other.identity["fingerprint"] != embedder.identity["fingerprint"]
     assert other.identity["dim"] == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_preprocessing_and_fp16_match_the_cpu_path() -> None:
+    images = [make_car_image(i, CLASS_COLOURS[i % 3], size=(320, 200)) for i in range(4)]
+    cpu = Embedder.from_config(EmbedderConfig(image_size=96))
+    gpu = Embedder.from_config(EmbedderConfig(image_size=96), device="cuda")
+    assert gpu.tensors(images).device.type == "cuda"
+    assert torch.allclose(gpu.tensors(images).cpu(), cpu.tensors(images), atol=2e-2)
+    a, b = cpu.embed(images), gpu.embed(images)
+    assert np.allclose((a * b).sum(1), 1.0, atol=2e-3)  # cosine between CPU fp32 and GPU fp16 embeddings
