@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from carsearch.config import DetectorConfig
@@ -65,6 +66,7 @@ class VehicleDetector:
         """Vehicles in each RGB image, in that image's pixel coordinates, sorted by decreasing score."""
         if not images:
             return []
+        threads = torch.get_num_threads()
         with _quiet_ultralytics():
             results = self._model.predict(
                 list(images),
@@ -76,6 +78,8 @@ class VehicleDetector:
                 device=self.device,
                 verbose=False,
             )
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # ultralytics' select_device resets it to cpu_count - 1
         return [self._to_detections(result) for result in results]
 
     def _to_detections(self, result: Any) -> list[Detection]:

@@ -69,3 +69,16 @@ def test_corrupt_weights_give_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelLoadError, match="bad.pt"):
         VehicleDetector(DetectorConfig(weights=str(bad)))
+
+
+def test_detection_keeps_the_callers_torch_thread_count(tiny_yolo: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        detector = VehicleDetector(DetectorConfig(weights=str(tiny_yolo), image_size=160), device="cpu")
+        detector.detect([make_car_image(1, (200, 0, 0))])
+        assert torch.get_num_threads() == 2  # ultralytics alone would leave cpu_count - 1 (1 on 2 cores)
+    finally:
+        torch.set_num_threads(before)
