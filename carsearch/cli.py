@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _common(p)
 
+    p = sub.add_parser("audit", help="relabelling candidates: neighbours disagree, duplicates labelled differently")
+    p.add_argument("index", help="index directory")
+    p.add_argument("-k", type=int, default=10, help="neighbours considered per item")
+    p.add_argument(
+        "--max-agree", type=float, default=0.2, help="flag items with at most this share of agreeing neighbours"
+    )
+    p.add_argument("--near", type=float, default=0.995, help="cosine similarity that counts as a near duplicate")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+
     # Listed for --help; main() hands their arguments to the training package's own parsers.
     sub.add_parser("train", help="fine-tune an embedder: train [--config configs/train/X.yaml] [KEY=VALUE ...]")
     sub.add_parser("export", help="write a training run's best model as an inference checkpoint: export RUN OUT.pt")
@@ -166,10 +176,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from carsearch.index import GalleryIndex
+    from carsearch.pipeline.audit import audit_index
+
+    report = audit_index(GalleryIndex.load(args.index), k=args.k, max_agree=args.max_agree, near=args.near)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    print(f"{len(report.duplicates)} duplicate pairs with different labels:")
+    for d in report.duplicates:
+        print(f"  [{d.kind} {d.similarity:.4f}] {d.path_a} ({d.label_a})  <->  {d.path_b} ({d.label_b})")
+    print(f"{len(report.disagreements)} items whose {report.k} nearest neighbours mostly carry another label:")
+    for d in report.disagreements[:50]:
+        print(f"  {d.path}  label {d.label!r}, {d.agree:.0%} agree; {d.majority_share:.0%} say {d.majority_label!r}")
+    if len(report.disagreements) > 50:
+        print(f"  … {len(report.disagreements) - 50} more (use --json for all)")
+    return 0
+
+
 COMMANDS = {
     "index": _cmd_index,
     "search": _cmd_search,
     "evaluate": _cmd_evaluate,
+    "audit": _cmd_audit,
 }
 
 

@@ -68,3 +68,22 @@ def test_index_200_shared_crops_and_search_same_class(shared_dir: Path, shared_d
         result = pipe.search(tmp_path / "idx", row["path"], k=5, exclude_self=True)
         same[row["label"]] = sum(hit.label == row["label"] for hit in result.hits)
     assert sum(same.values()) / (5 * len(same)) > 2 * chance, same
+
+
+def test_audit_reports_every_known_duplicate_pair(shared_dir: Path, tmp_path: Path) -> None:
+    root = shared_dir / "data" / "stanford_cars"
+    pairs = list(csv.DictReader((root / "duplicates.csv").open()))
+    labels = {row["path"]: row["label"] for row in csv.DictReader((root / "crops.csv").open())}
+    paths = sorted({p for row in pairs for p in (row["path_a"], row["path_b"])})
+    extra = [p for p in list(labels)[:40] if p not in paths]
+    source = tmp_path / "dups.csv"
+    source.write_text("path,label\n" + "".join(f"{root / p},{labels[p]}\n" for p in paths + extra))
+    pipe = Pipeline.from_config(overrides=["crop=false", "embedder.image_size=64", "runtime.workers=0"])
+    pipe.index(source, tmp_path / "idx")
+    from carsearch.index import GalleryIndex
+    from carsearch.pipeline.audit import audit_index
+
+    report = audit_index(GalleryIndex.load(tmp_path / "idx"))
+    found = {frozenset((Path(d.path_a).name, Path(d.path_b).name)) for d in report.duplicates if d.kind == "exact"}
+    expected = {frozenset((Path(r["path_a"]).name, Path(r["path_b"]).name)) for r in pairs}
+    assert len(expected) == 9 and expected <= found
