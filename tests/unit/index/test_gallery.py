@@ -132,3 +132,31 @@ def test_explicit_kinds_save_and_reload(tmp_path: Path, kind: str) -> None:
     assert loaded.manifest["index_kind"] == kind
     _, ids = loaded.search(loaded.vectors[:10], 1)
     assert (ids[:, 0] == np.arange(10)).mean() >= 0.8
+
+
+def test_gpu_transfer_is_used_when_faiss_sees_a_gpu_and_falls_back_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring of faiss-gpu (no GPU build here): moved when available, CPU on failure, HNSW stays."""
+    import faiss
+
+    from carsearch.index import backend
+
+    moved = []
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+
+    def fake_to_gpu(resources: object, device: int, index: object) -> object:
+        moved.append(device)
+        return faiss.IndexFlatIP(index.d)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fake_to_gpu, raising=False)
+    flat = build_index(unit_vectors(10), IndexConfig(kind="flat"))
+    assert backend.to_search_device(flat, use_gpu=True) is not flat and moved == [0]
+    assert backend.to_search_device(flat, use_gpu=False) is flat
+    hnsw = build_index(unit_vectors(10), IndexConfig(kind="hnsw"))
+    assert backend.to_search_device(hnsw, use_gpu=True) is hnsw
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("out of GPU memory")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", broken, raising=False)
+    assert backend.to_search_device(flat, use_gpu=True) is flat
