@@ -49,15 +49,18 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+_GPU_RESOURCES = None
+
+
 def to_search_device(index: faiss.Index, use_gpu: bool) -> faiss.Index:
     """Move a flat/IVF index to GPU 0 when asked and possible (HNSW stays on CPU)."""
     if not use_gpu or not gpu_available() or isinstance(index, faiss.IndexHNSWFlat):
         return index
+    global _GPU_RESOURCES
     try:
-        resources = faiss.StandardGpuResources()
-        gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
-        gpu_index.referenced_resources = resources  # keep alive
-        return gpu_index
+        if _GPU_RESOURCES is None:  # one set of GPU resources per process, kept alive for every index
+            _GPU_RESOURCES = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
     except Exception as exc:  # noqa: BLE001 - GPU is an optimisation; CPU search still works
         logger.warning("faiss GPU transfer failed (%s); searching on CPU", exc)
         return index

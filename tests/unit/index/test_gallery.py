@@ -143,6 +143,7 @@ def test_gpu_transfer_is_used_when_faiss_sees_a_gpu_and_falls_back_otherwise(mon
     moved = []
     monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(backend, "_GPU_RESOURCES", None)
 
     def fake_to_gpu(resources: object, device: int, index: object) -> object:
         moved.append(device)
