@@ -217,6 +217,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a :class:`PipelineConfig` from YAML (or defaults) and apply ``key=value`` overrides."""
+    return load_dataclass(PipelineConfig, path, overrides)
+
+
+def load_dataclass(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Config dataclass ``cls`` from a YAML file (or defaults) with ``section.key=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -228,7 +233,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     data = apply_overrides(data, overrides or [])
-    return from_dict(PipelineConfig, data)
+    return from_dict(cls, data)
 
 
 def replace(config: T, **changes: Any) -> T:

@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from carsearch.config import DetectorConfig, apply_overrides, from_dict
+from carsearch.config import DetectorConfig, load_dataclass
 from carsearch.errors import ConfigError
 
 InputMode = Literal["raw", "gt", "detector"]
@@ -198,15 +196,4 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """A :class:`TrainConfig` from YAML (or defaults) with ``section.key=value`` overrides applied."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"training config file not found: {path}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read training config {path}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"training config {path} is not valid YAML: {exc}") from None
-    data = apply_overrides(data, overrides or [])
-    return from_dict(TrainConfig, data)
+    return load_dataclass(TrainConfig, path, overrides)
