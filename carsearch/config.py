@@ -234,8 +234,3 @@ def load_dataclass(cls: type[T], path: str | Path | None = None, overrides: list
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data)
-
-
-def replace(config: T, **changes: Any) -> T:
-    """``dataclasses.replace`` that re-runs validation (frozen configs)."""
-    return dataclasses.replace(config, **changes)  # type: ignore[type-var]

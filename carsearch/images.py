@@ -92,15 +92,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Read and decode an image file (see :func:`decode_image`)."""
+def read_bytes(path: str | Path) -> bytes:
+    """A file's bytes, or :class:`ImageLoadError` saying why it cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except IsADirectoryError:
         raise ImageLoadError(f"{path} is a directory, not an image") from None
     except OSError as exc:
         raise ImageLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return decode_image(data, max_pixels=max_pixels)
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Read and decode an image file (see :func:`decode_image`)."""
+    return decode_image(read_bytes(path), max_pixels=max_pixels)
 
 
 def limit_size(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:

@@ -57,13 +57,6 @@ class BBox:
         """Integer pixel box that contains this one (floor of the start, ceil of the end)."""
         return (math.floor(self.x1), math.floor(self.y1), math.ceil(self.x2), math.ceil(self.y2))
 
-    def iou(self, other: BBox) -> float:
-        ix = max(0.0, min(self.x2, other.x2) - max(self.x1, other.x1))
-        iy = max(0.0, min(self.y2, other.y2) - max(self.y1, other.y1))
-        inter = ix * iy
-        union = self.area + other.area - inter
-        return inter / union if union > 0 else 0.0
-
     def as_list(self) -> list[float]:
         return [round(self.x1, 2), round(self.y1, 2), round(self.x2, 2), round(self.y2, 2)]
 

@@ -63,16 +63,6 @@ class GalleryIndex:
         self.records.extend(records)
         self._faiss = None
 
-    def remove_keys(self, keys: set[str]) -> int:
-        """Drop every item whose source key is in ``keys``; returns how many were dropped."""
-        keep = [i for i, r in enumerate(self.records) if r.key not in keys]
-        dropped = len(self.records) - len(keep)
-        if dropped:
-            self._vectors = self._vectors[keep]
-            self.records = [self.records[i] for i in keep]
-            self._faiss = None
-        return dropped
-
     def _search_index(self) -> Any:
         if self._faiss is None:
             cpu_index = backend.build_index(self._vectors, self.config)

@@ -25,7 +25,7 @@ from carsearch.config import PipelineConfig, from_dict, load_config, to_dict
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder
 from carsearch.errors import EmptyGalleryError
-from carsearch.images import content_hash, load_image
+from carsearch.images import content_hash, decode_image, read_bytes
 from carsearch.index import GalleryIndex, read_manifest
 from carsearch.metrics import RetrievalMetrics, evaluate_embeddings
 from carsearch.pipeline.batch import IndexReport, run_index_job
@@ -171,8 +171,9 @@ class Pipeline:
             raise EmptyGalleryError("the index is empty: add images with `carsearch index` first")
         query_hash = None
         if isinstance(query, (str, Path)):
-            query_hash = content_hash(Path(query).read_bytes()) if exclude_self else None
-            query = load_image(query)
+            data = read_bytes(query)  # read once: hashed for exclude_self and decoded
+            query_hash = content_hash(data) if exclude_self else None
+            query = decode_image(data)
         timings = {"load": (time.perf_counter() - tic) * 1000}
         tic = time.perf_counter()
         plan, _, vector = self.embed_image(query)

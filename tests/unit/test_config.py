@@ -18,7 +18,6 @@ from carsearch.config import (
     apply_overrides,
     from_dict,
     load_config,
-    replace,
     to_dict,
 )
 from carsearch.errors import ConfigError
@@ -319,10 +318,10 @@ def test_direct_construction_validates():
 
 def test_replace_revalidates_and_configs_are_frozen():
     config = PipelineConfig()
-    changed = replace(config.detector, confidence=0.9)
+    changed = dataclasses.replace(config.detector, confidence=0.9)
     assert changed.confidence == 0.9 and config.detector.confidence == 0.25
     with pytest.raises(ConfigError, match="confidence"):
-        replace(config.detector, confidence=1.5)
+        dataclasses.replace(config.detector, confidence=1.5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.crop = False  # type: ignore[misc]
 

@@ -105,13 +105,6 @@ def test_save_leaves_no_temp_files(tmp_path: Path) -> None:
     assert names == ["index.faiss", "items.jsonl", "manifest.json", "vectors.npy"]
 
 
-def test_remove_keys() -> None:
-    index = make_index(6)
-    assert index.remove_keys({"img_1.jpg", "img_4.jpg"}) == 2
-    assert [r.path for r in index.records] == ["img_0.jpg", "img_2.jpg", "img_3.jpg", "img_5.jpg"]
-    assert len(index.vectors) == 4
-
-
 def test_auto_kind_switches_to_ivf_for_big_galleries() -> None:
     config = IndexConfig(ivf_threshold=1000, use_gpu=False)
     assert choose_kind(config, 999) == "flat"
