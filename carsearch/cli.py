@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from carsearch.errors import CarSearchError
+from carsearch.errors import CarSearchError, ConfigError
+from carsearch.types import BBox
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,30 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _cam_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=["gradcam", "gradcam++", "eigencam"], default="gradcam")
+    parser.add_argument("--layer", help="CAM target layer, e.g. backbone.bn2 (default: automatic for the backbone)")
+
+
+def _box(text: str | None) -> BBox | None:
+    if not text:
+        return None
+    try:
+        return BBox(*(float(v) for v in text.split(",")))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--box must be x1,y1,x2,y2 with x1 <= x2 and y1 <= y2, got {text!r}") from exc
+
+
+def _where(pairs: list[str]) -> dict[str, str] | None:
+    where = {}
+    for pair in pairs:
+        column, sep, value = pair.partition("=")
+        if not sep or not column:
+            raise ConfigError(f"--where needs COLUMN=VALUE, got {pair!r}")
+        where[column] = value
+    return where or None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carsearch", description="Detect-then-embed car image retrieval.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="no detector: embed whole images")
     p.add_argument("--crop-source", choices=["detector", "gt"], help="gt: use CSV/devkit boxes when present")
     p.add_argument("--split", choices=["train", "test", "all"], default="all", help="devkit/Kaggle split")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
     p.add_argument("--model", help="trained embedder checkpoint (carsearch export)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="decode worker processes (0 = in the main process)")
@@ -85,6 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     # Listed for --help; main() hands their arguments to the training package's own parsers.
+    p = sub.add_parser("explain", help="GradCAM overlays for a query's top results (and its attention-in-box)")
+    p.add_argument("index", help="index directory")
+    p.add_argument("image", help="query image")
+    p.add_argument("--top", type=int, default=3, help="results to explain (default 3)")
+    p.add_argument("--out", required=True, help="folder for query.png, pair_NN.png, topk.png, explain.json")
+    p.add_argument("--box", help="the car's box in the query, x1,y1,x2,y2 (default: the detector's)")
+    p.add_argument("--exclude-self", action="store_true", help="skip gallery items with the query's exact bytes")
+    p.add_argument("--redact", action="store_true", help="draw the CAMs on grey, not on the photos (shareable)")
+    _cam_options(p)
+    _common(p)
+
+    p = sub.add_parser("attention", help="attention-in-box over a dataset: how much CAM energy falls on the car")
+    p.add_argument("source", help="CSV with boxes (path,label,x1,y1,x2,y2), folder, devkit or Kaggle root")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--raw", action="store_true", help="only whole photos (default: raw and crop)")
+    mode.add_argument("--crop", action="store_true", help="only crops (pasted back into the photo)")
+    p.add_argument("--crop-source", choices=["detector", "gt"], help="crops from the detector (default) or gt boxes")
+    p.add_argument("--model", help="trained embedder checkpoint (carsearch export); default: pretrained backbone")
+    p.add_argument("--split", choices=["train", "test", "all"], default="all", help="devkit/Kaggle split")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
+    p.add_argument("--limit", type=int, help="first N images only")
+    p.add_argument("--out", help="folder for attention.json and attention.png")
+    p.add_argument("--batch-size", type=int, default=8, help="images per CAM forward/backward (default 8)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    _cam_options(p)
+    _common(p)
+
     sub.add_parser("train", help="fine-tune an embedder: train [--config configs/train/X.yaml] [KEY=VALUE ...]")
     sub.add_parser("export", help="write a training run's best model as an inference checkpoint: export RUN OUT.pt")
     return parser
@@ -106,7 +160,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from carsearch.pipeline import Pipeline
 
     pipeline = Pipeline.from_config(args.config, _overrides(args))
-    report = pipeline.index(args.source, args.out, split=args.split, progress=not args.no_progress)
+    report = pipeline.index(
+        args.source, args.out, split=args.split, progress=not args.no_progress, where=_where(args.where)
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -195,7 +251,66 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from carsearch.pipeline import Pipeline
+    from carsearch.pipeline.explaining import explain_query, save_explanation
+
+    pipeline = Pipeline.for_index(args.index, _overrides(args))
+    explanation = explain_query(
+        pipeline, args.index, args.image, args.top, args.method, args.layer, _box(args.box), args.exclude_self
+    )
+    summary = save_explanation(explanation, args.out, redact=args.redact)
+    print(f"query: {args.image}; overlays in {args.out}")
+    for hit in summary["hits"]:
+        print(f"  #{hit['rank']}  {hit['score']:.4f}  {hit['label']}")
+    if summary["attention_in_box"] is None:
+        print("attention-in-box: no car box known (no detection; pass --box x1,y1,x2,y2)")
+    else:
+        print(f"attention-in-box: {summary['attention_in_box']:.3f} of the query's CAM energy is on the car box")
+    return 0
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from carsearch.explain.render import attention_plot
+    from carsearch.index.atomic import atomic_write_json
+    from carsearch.pipeline import Pipeline, read_source
+    from carsearch.pipeline.explaining import attention_dataset
+
+    pipeline = Pipeline.from_config(args.config, _overrides(args))
+    items = read_source(args.source, args.split, _where(args.where))[: args.limit]
+    modes = [False] if args.raw else [True] if args.crop else [False, True]
+    reports = [
+        attention_dataset(pipeline, items, crop, args.method, args.layer, args.batch_size, not args.no_progress)
+        for crop in modes
+    ]
+    result = {
+        "source": str(args.source),
+        "model": pipeline.embedder.source,
+        "images": len(items),
+        "modes": {r.mode: r.to_dict(with_items=False) for r in reports},
+    }
+    if args.out:
+        out = Path(args.out)
+        atomic_write_json(out / "attention.json", {**result, "items": {r.mode: r.items for r in reports}})
+        attention_plot({r.mode: r.summary for r in reports}, out / "attention.png", f"attention-in-box ({args.method})")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'mode':<5} {'images':>6} {'mean':>6} {'median':>6} {'<0.5':>6} {'chance':>6} {'skipped':>7}")
+    for r in reports:
+        d = r.to_dict(with_items=False)
+        print(
+            f"{r.mode:<5} {d['count']:>6} {d['mean']:6.3f} {d['median']:6.3f} {d['share_mostly_outside']:6.1%} "
+            f"{d['chance']:6.3f} {d['skipped']:>7}"
+        )
+    if args.out:
+        print(f"written: {Path(args.out) / 'attention.json'}, {Path(args.out) / 'attention.png'}")
+    return 0
+
+
 COMMANDS = {
+    "explain": _cmd_explain,
+    "attention": _cmd_attention,
     "index": _cmd_index,
     "search": _cmd_search,
     "evaluate": _cmd_evaluate,

@@ -29,3 +29,7 @@ class ImageLoadError(CarSearchError, ValueError):
 
 class DataSourceError(CarSearchError, ValueError):
     """A dataset source (folder, CSV, devkit) is missing or malformed."""
+
+
+class ExplainError(CarSearchError, ValueError):
+    """A CAM cannot be computed as asked (unknown method, no usable target layer)."""

@@ -153,9 +153,19 @@ class Pipeline:
 
     # -- jobs ----------------------------------------------------------------------------------------
 
-    def index(self, source: str | Path, out: str | Path, split: Split = "all", progress: bool = False) -> IndexReport:
-        """Crop-and-index a folder / CSV / devkit / Kaggle dataset into the index directory ``out``."""
-        return run_index_job(self, read_source(source, split), out, progress=progress)
+    def index(
+        self,
+        source: str | Path,
+        out: str | Path,
+        split: Split = "all",
+        progress: bool = False,
+        where: dict[str, str] | None = None,
+    ) -> IndexReport:
+        """Crop-and-index a folder / CSV / devkit / Kaggle dataset into the index directory ``out``.
+
+        ``where`` keeps only CSV rows with these column values (e.g. ``{"box_fully_visible": "1"}``).
+        """
+        return run_index_job(self, read_source(source, split, where), out, progress=progress)
 
     def open_index(self, index_dir: str | Path) -> GalleryIndex:
         """Load an index, refusing one built with a different embedder."""

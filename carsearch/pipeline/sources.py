@@ -30,15 +30,20 @@ class SourceItem:
     box: BBox | None = None
 
 
-def read_source(source: str | Path, split: Split = "all") -> list[SourceItem]:
-    """Items of a folder tree, CSV, Stanford devkit or Kaggle layout (detected from what is there)."""
+def read_source(source: str | Path, split: Split = "all", where: dict[str, str] | None = None) -> list[SourceItem]:
+    """Items of a folder tree, CSV, Stanford devkit or Kaggle layout (detected from what is there).
+
+    ``where`` (CSV only): keep rows whose columns equal these values, e.g. ``{"box_fully_visible": "1"}``.
+    """
     source = Path(source).expanduser()
     if not source.exists():
         raise DataSourceError(f"source {source} does not exist")
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise DataSourceError(f"source file {source} must be a .csv (path,label[,x1,y1,x2,y2]) or a folder")
-        return read_csv(source)
+        return read_csv(source, where)
+    if where:
+        raise DataSourceError(f"row filters ({', '.join(where)}) apply to CSV sources only, not to {source}")
     if (source / "devkit").is_dir() or (source / "cars_annos.mat").exists():
         return read_stanford_devkit(source, split)
     if any(source.glob("anno_*.csv")) or any(source.glob("*/anno_*.csv")):
@@ -70,22 +75,30 @@ def _parse_box(row: dict[str, str], where: str) -> BBox | None:
         raise DataSourceError(f"{where}: bad box {values}: {exc}") from None
 
 
-def read_csv(path: str | Path) -> list[SourceItem]:
-    """A CSV with header ``path,label[,x1,y1,x2,y2]`` (extra columns ignored); paths relative to the CSV."""
+def read_csv(path: str | Path, where: dict[str, str] | None = None) -> list[SourceItem]:
+    """A CSV with header ``path,label[,x1,y1,x2,y2]`` (extra columns ignored); paths relative to the CSV.
+
+    ``where``: keep only rows whose named columns hold exactly these values.
+    """
     path = Path(path)
     with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" BOM
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
         if "path" not in columns:
             raise DataSourceError(f"{path}: needs a header with a 'path' column (got {sorted(columns)})")
+        missing = sorted(set(where or {}) - columns)
+        if missing:
+            raise DataSourceError(f"{path}: no column {', '.join(missing)} to filter on (columns: {sorted(columns)})")
         items = []
         for line, row in enumerate(reader, start=2):
+            if where and any(row.get(column) != value for column, value in where.items()):
+                continue
             if not row.get("path"):
                 raise DataSourceError(f"{path}:{line}: empty path")
             label = row.get("label") or None
             items.append(SourceItem(path=path.parent / row["path"], label=label, box=_parse_box(row, f"{path}:{line}")))
     if not items:
-        raise DataSourceError(f"{path} lists no images")
+        raise DataSourceError(f"{path} lists no images" + (f" where {where}" if where else ""))
     return items
 
 

@@ -56,3 +56,42 @@ def test_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "does not exist" in capsys.readouterr().err
     assert main(["index", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "detector.bogus=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_explain_writes_overlays(
+    cli_index: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, out = cli_index
+    query = root / "class_1" / "img_2.jpg"
+    args = ["explain", str(out), str(query), "--top", "2", "--out", str(tmp_path / "x"), "--box", "0,0,80,60"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "attention-in-box:" in printed and "#2" in printed
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [
+        "explain.json",
+        "pair_01.png",
+        "pair_02.png",
+        "query.png",
+        "topk.png",
+    ]
+    assert main([*args[:-2], "--box", "1,2,3"]) == 2
+    assert "--box must be x1,y1,x2,y2" in capsys.readouterr().err
+
+
+def test_attention_reports_both_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import make_car_image
+
+    rows = ["path,label,x1,y1,x2,y2"]
+    for i in range(2):
+        make_car_image(i, (200, 30, 30)).save(tmp_path / f"car{i}.jpg")
+        rows.append(f"car{i}.jpg,red,10,20,150,110")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    args = ["attention", str(tmp_path / "data.csv"), "--crop-source", "gt", "--no-progress", *SETS]
+    assert main([*args, "--out", str(tmp_path / "att"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["modes"]) == {"raw", "crop"} and result["modes"]["raw"]["count"] == 2
+    saved = json.loads((tmp_path / "att" / "attention.json").read_text())
+    assert len(saved["items"]["crop"]) == 2 and (tmp_path / "att" / "attention.png").stat().st_size > 0
+    assert main([*args, "--raw"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:3] == ["mode", "images", "mean"] and "crop" not in table

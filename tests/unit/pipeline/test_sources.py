@@ -420,3 +420,15 @@ def test_read_source_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataSourceError, match="no image files"):
         read_source(tmp_path / "empty")
+
+
+def test_read_csv_where_filters_rows(tmp_path):
+    csv_path = tmp_path / "photos.csv"
+    csv_path.write_text("path,label,visible\na.jpg,x,1\nb.jpg,y,0\nc.jpg,z,1\n")
+    assert [i.path.name for i in read_source(csv_path, where={"visible": "1"})] == ["a.jpg", "c.jpg"]
+    with pytest.raises(DataSourceError, match="no column nope to filter on"):
+        read_source(csv_path, where={"nope": "1"})
+    with pytest.raises(DataSourceError, match="lists no images where"):
+        read_source(csv_path, where={"visible": "2"})
+    with pytest.raises(DataSourceError, match="CSV sources only"):
+        read_source(tmp_path, where={"visible": "1"})
