@@ -139,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     _cam_options(p)
     _common(p)
 
+    p = sub.add_parser("demo", help="the Gradio web demo over an index (binds to 127.0.0.1)")
+    p.add_argument("index", help="index directory (usually built with cropping)")
+    p.add_argument("--raw-index", help="a second index of the same images, built with --raw: shown side by side")
+    p.add_argument("--model", help="trained embedder checkpoint the index(es) were built with")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--method", choices=["gradcam", "gradcam++", "eigencam"], default="gradcam")
+    _common(p)
+
     sub.add_parser("train", help="fine-tune an embedder: train [--config configs/train/X.yaml] [KEY=VALUE ...]")
     sub.add_parser("export", help="write a training run's best model as an inference checkpoint: export RUN OUT.pt")
     return parser
@@ -308,7 +318,22 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+    from carsearch.demo.app import launch
+    from carsearch.demo.handlers import DemoBackend
+
+    overrides = [o for o in _overrides(args) if not o.startswith("embedder.checkpoint=")]
+    backend = DemoBackend.load(args.index, args.raw_index, args.model, overrides, args.method)
+    print(f"carsearch demo: http://{args.host}:{args.port} (index {args.index}; Ctrl+C stops)")
+    launch(backend, args.host, args.port, args.share)
+    return 0
+
+
 COMMANDS = {
+    "demo": _cmd_demo,
     "explain": _cmd_explain,
     "attention": _cmd_attention,
     "index": _cmd_index,

@@ -140,14 +140,20 @@ class Pipeline:
 
     # -- single images -------------------------------------------------------------------------------
 
-    def plan(self, image: Image.Image, gt_box: BBox | None = None, single: bool = True) -> list[CropPlan]:
-        """Crop plans for one RGB image (detector runs only when needed)."""
+    def plan(
+        self, image: Image.Image, gt_box: BBox | None = None, single: bool = True, min_score: float | None = None
+    ) -> list[CropPlan]:
+        """Crop plans for one RGB image (detector runs only when needed; ``min_score`` raises its threshold)."""
         detections = self.detector.detect([image])[0] if needs_detector(self.config, gt_box) else None
+        if detections and min_score is not None:
+            detections = [d for d in detections if d.score >= min_score]
         return plan_image(self.config, image.width, image.height, detections, gt_box, single=single)
 
-    def embed_image(self, image: Image.Image, gt_box: BBox | None = None) -> tuple[CropPlan, Image.Image, np.ndarray]:
+    def embed_image(
+        self, image: Image.Image, gt_box: BBox | None = None, min_score: float | None = None
+    ) -> tuple[CropPlan, Image.Image, np.ndarray]:
         """(plan, crop, vector (D,)) for the one car of a query image."""
-        plan = self.plan(image, gt_box, single=True)[0]
+        plan = self.plan(image, gt_box, single=True, min_score=min_score)[0]
         crop = apply_plan(image, plan)
         return plan, crop, self.embedder.embed([crop])[0]
 
@@ -172,9 +178,17 @@ class Pipeline:
         return GalleryIndex.load(index_dir, self.config.index, embedder_identity=self.embedder.identity)
 
     def search(
-        self, index: GalleryIndex | str | Path, query: Image.Image | str | Path, k: int = 10, exclude_self: bool = False
+        self,
+        index: GalleryIndex | str | Path,
+        query: Image.Image | str | Path,
+        k: int = 10,
+        exclude_self: bool = False,
+        min_score: float | None = None,
     ) -> SearchResult:
-        """Top-``k`` gallery items for the car in ``query`` (an image or a file path)."""
+        """Top-``k`` gallery items for the car in ``query`` (an image or a file path).
+
+        ``min_score``: ignore detections below this confidence (above the detector's own threshold).
+        """
         tic = time.perf_counter()
         gallery = index if isinstance(index, GalleryIndex) else self.open_index(index)
         if not len(gallery):
@@ -186,7 +200,7 @@ class Pipeline:
             query = decode_image(data)
         timings = {"load": (time.perf_counter() - tic) * 1000}
         tic = time.perf_counter()
-        plan, _, vector = self.embed_image(query)
+        plan, _, vector = self.embed_image(query, min_score=min_score)
         timings["detect_embed"] = (time.perf_counter() - tic) * 1000
         tic = time.perf_counter()
         excluded = {i for i, r in enumerate(gallery.records) if query_hash and r.content_hash == query_hash}

@@ -1,0 +1,104 @@
+"""The demo's handlers on generated images: boxes, crops, captions, raw vs cropped, bad uploads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carsearch.demo.app import build_app
+from carsearch.demo.handlers import DemoBackend, QueryState, explain_hit, search
+from carsearch.errors import CarSearchError
+from tests.conftest import make_car_image
+from tests.demo_fixtures import build_demo_indexes
+
+CAPTION = re.compile(r"^#(\d+) class_\d · (\d\.\d{3})$")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, tiny_yolo: Path) -> tuple[DemoBackend, Path]:
+    gallery, cropped, raw = build_demo_indexes(tmp_path_factory.mktemp("demo"), tiny_yolo)
+    return DemoBackend.load(cropped, raw), gallery
+
+
+def test_search_shows_box_crop_hits_and_both_indexes(demo: tuple[DemoBackend, Path]) -> None:
+    backend, gallery = demo
+    out = search(backend, gallery / "class_1" / "img_0.jpg", k=4, confidence=0.05)
+    assert out.error is None and "Found a **car**" in out.message
+    assert out.annotated is not None and out.annotated.size == (384, 288)  # 160 x 120 shown at 384 px
+    assert np.any(np.all(np.asarray(out.annotated) == (0, 255, 0), axis=-1))  # the box is drawn
+    assert out.crop is not None and max(out.crop.size) == 256  # shown upscaled
+    assert out.state.crop is not None and out.state.crop.width < 160  # the embedded crop itself
+    assert len(out.hits) == 4 and len(out.raw_hits) == 4
+    ranks = [int(CAPTION.match(caption).group(1)) for _, caption in out.hits]  # type: ignore[union-attr]
+    assert ranks == [1, 2, 3, 4]
+    scores = [float(CAPTION.match(caption).group(2)) for _, caption in out.hits]  # type: ignore[union-attr]
+    assert scores == sorted(scores, reverse=True)
+    assert all(isinstance(image, Image.Image) for image, _ in out.hits + out.raw_hits)
+    assert out.query_cam is not None and out.hit_cam is not None and "query ↔ #1" in out.cam_caption
+    assert [caption for _, caption in out.photo_cams] == [
+        "raw index: where the model looks",
+        "cropped index: where the model looks",
+    ]
+    assert re.search(r"raw: \*\*\d+%\*\*.*cropped: \*\*\d+%\*\*", out.attention)
+    assert len(out.state.hits) == 4
+
+
+def test_confidence_slider_above_every_detection_means_no_car(demo: tuple[DemoBackend, Path]) -> None:
+    backend, gallery = demo
+    out = search(backend, gallery / "class_0" / "img_1.jpg", k=3, confidence=1.0)
+    assert out.message.startswith("**No car found**") and "whole image" in out.message
+    assert out.state.crop is not None and out.state.crop.size == (160, 120)
+    assert len(out.hits) == 3 and out.attention == "Attention-in-box: no car box known."
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P"])
+def test_any_image_mode_is_searched(demo: tuple[DemoBackend, Path], tmp_path: Path, mode: str) -> None:
+    backend, _ = demo
+    path = tmp_path / f"query_{mode}.{'jpg' if mode in ('L', 'CMYK') else 'png'}"
+    make_car_image(7, (200, 40, 40)).convert(mode).save(path)
+    out = search(backend, path, k=2)
+    assert out.error is None and len(out.hits) == 2
+
+
+def test_bad_uploads_give_a_message_not_an_exception(demo: tuple[DemoBackend, Path], tmp_path: Path) -> None:
+    backend, _ = demo
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    for upload, expected in [
+        (None, "upload a car photo first"),
+        (tmp_path / "notes.txt", "Could not use that upload"),
+        (tmp_path / "broken.jpg", "Could not use that upload"),
+        (tmp_path / "missing.jpg", "Could not use that upload"),
+    ]:
+        out = search(backend, upload, k=3)
+        assert out.error and expected in out.message and not out.hits
+
+
+def test_explain_hit_for_a_selected_result(demo: tuple[DemoBackend, Path]) -> None:
+    backend, gallery = demo
+    out = search(backend, gallery / "class_2" / "img_3.jpg", k=3)
+    query_cam, hit_cam, caption = explain_hit(backend, out.state, 2)
+    assert max(query_cam.size) >= 256 and caption.endswith(out.hits[2][1])
+    assert hit_cam.size[0] / hit_cam.size[1] == pytest.approx(out.hits[2][0].width / out.hits[2][0].height, rel=0.02)
+    with pytest.raises(CarSearchError, match="search first"):
+        explain_hit(backend, out.state, 3)
+    with pytest.raises(CarSearchError, match="search first"):
+        explain_hit(backend, QueryState(), 0)
+
+
+def test_examples_come_from_the_index_one_per_label(demo: tuple[DemoBackend, Path]) -> None:
+    backend, _ = demo
+    examples = backend.examples()
+    assert len(examples) == 3 and {Path(p).parent.name for p in examples} == {"class_0", "class_1", "class_2"}
+
+
+def test_build_app_wires_the_page(demo: tuple[DemoBackend, Path]) -> None:
+    backend, _ = demo
+    app = build_app(backend)
+    ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
+    assert {"query", "search", "status", "hits", "raw-hits", "query-cam", "hit-cam", "attention"} <= ids
+    assert "/search" in {f"/{fn.api_name}" for fn in app.fns.values() if fn.api_name}
