@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -148,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--method", choices=["gradcam", "gradcam++", "eigencam"], default="gradcam")
     _common(p)
+
+    p = sub.add_parser(
+        "compare", help="the cropped-vs-raw experiment as a report (report.md, report.html, results.json)"
+    )
+    p.add_argument("--config", help="experiment YAML (see configs/compare.yaml); defaults without it")
+    p.add_argument("--out", required=True, help="output folder; re-running reuses finished stages")
+    p.add_argument("--quick", action="store_true", help="a small subset (6+6 classes, 1 short epoch) in a few minutes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("-v", "--verbose", action="store_true")
 
     sub.add_parser("train", help="fine-tune an embedder: train [--config configs/train/X.yaml] [KEY=VALUE ...]")
     sub.add_parser("export", help="write a training run's best model as an inference checkpoint: export RUN OUT.pt")
@@ -332,7 +342,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from carsearch.pipeline.compare import compare, load_compare_config
+
+    logging.getLogger("carsearch").setLevel(logging.INFO)
+    config = load_compare_config(args.config, args.overrides, quick=args.quick)
+    command = "carsearch " + " ".join(shlex.quote(a) for a in args.argv)
+    paths = compare(config, args.out, command=command)
+    print(f"report: {paths['md']} (and {paths['html'].name}, {paths['json'].name})")
+    return 0
+
+
 COMMANDS = {
+    "compare": _cmd_compare,
     "demo": _cmd_demo,
     "explain": _cmd_explain,
     "attention": _cmd_attention,
@@ -359,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("train", "export"):
         return _forwarded(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -28,8 +28,11 @@ class UploadedImage(gr.Image):
             return super().preprocess(payload)
         except Exception:  # noqa: BLE001 - any undecodable upload: the handler reports it
             return str(payload.path) if payload is not None and getattr(payload, "path", None) else None
-    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from collections.abc import Callable, Sequence
+    from typing import TYPE_CHECKING, Any, Literal
+
     from gradio.blocks import Block
+
     if TYPE_CHECKING:
         from gradio.components import Timer
         from gradio.components.base import Component

@@ -87,6 +87,7 @@ class PairView:
     rank: int
     query_label: str | None = None
     result_label: str | None = None
+    query_box: BBox | None = None  # the car's box in ``query`` pixels, when known: drawn on its CAM
 
 
 def pair_panel(view: PairView, photos: bool = True) -> Image.Image:
@@ -98,17 +99,20 @@ def pair_panel(view: PairView, photos: bool = True) -> Image.Image:
     if view.query_label is not None and view.result_label is not None:
         match = "  ✓ same label" if view.query_label == view.result_label else "  ✗ other label"
     result_caption = f"#{view.rank} score {view.score:.3f}{match}\n{view.result_label or 'unlabelled'}"
+    query_cam = overlay(view.query, view.query_cam)
+    if view.query_box is not None:
+        query_cam = draw_box(query_cam, view.query_box, colour=(255, 255, 0))
     if not photos:
         return hstack(
             [
-                captioned(overlay(view.query, view.query_cam), f"query: where it matches\n{view.query_label or ''}"),
+                captioned(query_cam, f"query: where it matches\n{view.query_label or ''}"),
                 captioned(overlay(view.result, view.result_cam), result_caption),
             ]
         )
     return hstack(
         [
             captioned(view.query, f"query\n{view.query_label or ''}"),
-            captioned(overlay(view.query, view.query_cam), "query: where it matches"),
+            captioned(query_cam, "query: where it matches"),
             captioned(overlay(view.result, view.result_cam), "result: where it matches"),
             captioned(view.result, result_caption),
         ]

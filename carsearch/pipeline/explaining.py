@@ -69,6 +69,11 @@ def explain_result(
 ) -> QueryExplanation:
     """Pair CAMs (query w.r.t. each hit, and each hit w.r.t. the query) for the hits of ``result``."""
     crop = apply_plan(image, plan)
+    box = box or (plan.detection.box if plan.detection else None)
+    crop_box = None
+    if box is not None:  # the car box in crop pixels
+        x0, y0 = plan.region.to_int()[:2] if plan.region else (0, 0)
+        crop_box = BBox(box.x1 - x0, box.y1 - y0, box.x2 - x0, box.y2 - y0).clip(crop.width, crop.height)
     views = []
     for hit in result.hits:
         try:
@@ -77,10 +82,11 @@ def explain_result(
             logger.warning("cannot explain hit %s: %s", hit.path, exc)
             continue
         query_map, hit_map, _ = explainer.pair(crop, hit_crop)
-        views.append(PairView(crop, query_map, hit_crop, hit_map, hit.score, hit.rank, query_label, hit.label))
+        views.append(
+            PairView(crop, query_map, hit_crop, hit_map, hit.score, hit.rank, query_label, hit.label, crop_box)
+        )
     own = explainer.heatmaps([crop])[0]
     photo_map = paste_into(own, plan.region, image.width, image.height)
-    box = box or (plan.detection.box if plan.detection else None)
     attention = energy_in_box(photo_map, box) if box is not None else None
     return QueryExplanation(image, plan, crop, views, photo_map, box, attention)
 
@@ -140,7 +146,7 @@ def save_explanation(explanation: QueryExplanation, out: str | Path, redact: boo
         "box": explanation.box.as_list() if explanation.box else None,
         "attention_in_box": explanation.attention,
         "hits": [{"rank": v.rank, "score": round(v.score, 5), "label": v.result_label} for v in views],
-        "files": [str(f) for f in files],
+        "files": [f.name for f in files],
     }
     atomic_write_json(out / "explain.json", summary)
     return summary

@@ -152,7 +152,7 @@ def test_upload_search_and_see_results_in_chromium(demo_server: tuple[str, Path]
             _search(page, gallery / "class_2" / "img_1.jpg")  # still serving after the bad upload
             page.wait_for_function(
                 "document.querySelector('#status').innerText.includes('results')"
-                " && document.querySelector('#hits .caption-label')?.innerText.startsWith('#1 class_2')",
+                " && document.querySelector('#raw-hits .caption-label')?.innerText.startsWith('#1 class_2 · 1.000')",
                 timeout=120_000,
             )
         finally:
@@ -171,12 +171,17 @@ def test_four_concurrent_api_clients_all_get_their_answer(demo_server: tuple[str
     def ask(query: Path) -> tuple[Path, tuple]:
         return query, client.predict(handle_file(str(query)), 3, 0.25, api_name="/search")
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        answers = list(pool.map(ask, queries))
-    for query, answer in answers:
+    def captions(answer: tuple) -> tuple[list[str], list[str]]:
         status, _annotated, _crop, hits, raw_hits = answer[:5]
         assert "3 results" in status
+        return [h["caption"] for h in hits], [h["caption"] for h in raw_hits]
+
+    one_by_one = {query: captions(ask(query)[1]) for query in queries}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(ask, queries))
+    for query, answer in together:
+        hits, raw_hits = captions(answer)
         assert len(hits) == 3 and len(raw_hits) == 3
-        captions = [h["caption"] for h in hits]
-        assert all(CAPTION.match(c) for c in captions), captions
-        assert captions[0].startswith(f"#1 {query.parent.name} · 1.000")  # the gallery holds the query itself
+        assert all(CAPTION.match(c) for c in hits + raw_hits), hits + raw_hits
+        assert raw_hits[0].startswith(f"#1 {query.parent.name} · 1.000")  # the raw index holds the query itself
+        assert (hits, raw_hits) == one_by_one[query]  # each client got its own answer, as when asked alone

@@ -23,3 +23,16 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path: Path) -> None:
 
 def test_read_jsonl_missing_is_empty(tmp_path: Path) -> None:
     assert read_jsonl(tmp_path / "none.jsonl") == []
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from carsearch.index.atomic import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "x.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,25 @@
+"""The cropped-vs-raw experiment: ``compare(...)`` runs the cached stages and writes the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from carsearch.config import EmbedderConfig
+from carsearch.embedder import Embedder
+from carsearch.pipeline.compare.config import CompareConfig, load_compare_config
+from carsearch.pipeline.compare.experiment import run_compare
+from carsearch.pipeline.compare.report import write_report
+from carsearch.runtime import resolve_device
+
+__all__ = ["CompareConfig", "compare", "load_compare_config"]
+
+
+def compare(config: CompareConfig, out: str | Path, command: str = "carsearch compare") -> dict[str, Path]:
+    """Run the experiment into ``out`` (re-runs reuse finished stages) and write report.md/.html + results.json."""
+    from carsearch.pipeline.pipeline import _versions
+
+    results = run_compare(config, out)
+    results["versions"] = _versions()
+    device = str(resolve_device(config.device))
+    embedder = Embedder.from_config(EmbedderConfig(backbone=config.backbone, image_size=config.image_size), device)
+    return write_report(config, results, out, command, embedder)

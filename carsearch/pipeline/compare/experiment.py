@@ -1,0 +1,321 @@
+"""Cropped vs raw: detector quality, a retrieval grid (embedder × input), attention-in-box and examples.
+
+``run_compare(config, out)`` runs every stage (cached in ``out``) and returns the results dict that
+``report.write_report`` turns into ``report.md`` / ``report.html`` / ``results.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from carsearch.config import EmbedderConfig, PipelineConfig, RuntimeConfig, from_dict, to_dict
+from carsearch.detector.selection import crop_region, plan_crops
+from carsearch.embedder import Embedder
+from carsearch.embedder.checkpoint import load_checkpoint
+from carsearch.embedder.training.boxcache import cache_path, detect_cached
+from carsearch.embedder.training.config import TrainConfig, load_train_config
+from carsearch.embedder.training.run import export, train
+from carsearch.errors import DataSourceError
+from carsearch.images import load_image
+from carsearch.metrics import evaluate_embeddings
+from carsearch.pipeline.compare.config import CompareConfig
+from carsearch.pipeline.compare.stages import StageCache, digest
+from carsearch.pipeline.explaining import attention_dataset
+from carsearch.pipeline.sources import SourceItem, read_source
+from carsearch.runtime import configure_threads, resolve_device
+from carsearch.types import BBox, Detection
+
+logger = logging.getLogger(__name__)
+
+INPUTS = ("raw", "detector", "gt")
+EMBEDDERS = ("zero_shot", "ft_raw", "ft_crop")
+
+
+@dataclasses.dataclass
+class Split:
+    """Class-disjoint split of the photos (every item has a ground-truth box)."""
+
+    train: list[SourceItem]
+    test: list[SourceItem]
+
+    @property
+    def key(self) -> list[Any]:
+        return [[str(i.path), i.label, i.box.as_list() if i.box else None] for i in self.train + self.test]
+
+
+def split_photos(config: CompareConfig) -> Split:
+    """Filtered photos, first ``train_share`` of the sorted classes for training, the rest for testing."""
+    items = [i for i in read_source(config.data.source, where=config.data.where or None) if i.box and i.label]
+    by_class: dict[str, list[SourceItem]] = defaultdict(list)
+    for item in items:
+        by_class[str(item.label)].append(item)
+    classes = sorted(by_class)
+    cut = round(len(classes) * config.data.train_share)
+    parts = [classes[:cut], classes[cut:]]
+    if config.data.max_classes:
+        parts = [p[: config.data.max_classes] for p in parts]
+    if min(len(p) for p in parts) < 2:
+        raise DataSourceError(f"need at least 2 classes on each side of the split, got {[len(p) for p in parts]}")
+    train, test = ([i for c in p for i in by_class[c][: config.data.max_per_class]] for p in parts)
+    return Split(train, test)
+
+
+def _boxes(detections: list[list[Detection]], confidence: float) -> list[list[Detection]]:
+    return [[d for d in dets if d.score >= confidence] for dets in detections]
+
+
+def _chosen(config: CompareConfig, dets: list[Detection], width: int, height: int) -> Detection | None:
+    plans = plan_crops(
+        dets, width, height, policy="largest", margin=config.detector.margin, min_box_size=config.detector.min_box_size
+    )
+    return plans[0].detection
+
+
+def _iou(a: BBox, b: BBox) -> float:
+    ix = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1))
+    iy = max(0.0, min(a.y2, b.y2) - max(a.y1, b.y1))
+    inter = ix * iy
+    union = a.area + b.area - inter
+    return inter / union if union > 0 else 0.0
+
+
+def detector_quality(
+    config: CompareConfig, items: list[SourceItem], detections: list[list[Detection]], sizes: list[tuple[int, int]]
+) -> dict[str, Any]:
+    """Chosen box vs ground truth per confidence threshold: IoU histogram, hit rates, no-detection rate."""
+    out: dict[str, Any] = {"images": len(items), "thresholds": {}}
+    for confidence in sorted(config.confidences):
+        ious = []
+        for item, dets, (w, h) in zip(items, _boxes(detections, confidence), sizes, strict=True):
+            chosen = _chosen(config, dets, w, h)
+            ious.append(_iou(chosen.box, item.box.clip(w, h)) if chosen else None)  # type: ignore[union-attr]
+        found = np.array([v for v in ious if v is not None])
+        histogram, _ = np.histogram(found, bins=10, range=(0.0, 1.0))
+        out["thresholds"][f"{confidence:g}"] = {
+            "no_detection_rate": float(np.mean([v is None for v in ious])),
+            "hit_rate_iou_0.5": float(np.mean([v is not None and v >= 0.5 for v in ious])),
+            "hit_rate_iou_0.7": float(np.mean([v is not None and v >= 0.7 for v in ious])),
+            "mean_iou_when_found": float(found.mean()) if len(found) else float("nan"),
+            "iou_histogram": [int(v) for v in histogram],
+        }
+    return out
+
+
+def crop_for(
+    config: CompareConfig, mode: str, image: Image.Image, item: SourceItem, dets: list[Detection]
+) -> tuple[Image.Image, bool]:
+    """The pixels one input mode embeds, and whether the detector found nothing (whole image used)."""
+    w, h = image.size
+    if mode == "raw":
+        return image, False
+    if mode == "gt":
+        return image.crop(crop_region(item.box.clip(w, h), w, h, config.detector.margin).to_int()), False  # type: ignore[union-attr]
+    chosen = _chosen(config, dets, w, h)
+    if chosen is None:
+        return image, True
+    return image.crop(crop_region(chosen.box, w, h, config.detector.margin).to_int()), False
+
+
+def _write_csv(items: list[SourceItem], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "x1", "y1", "x2", "y2"])
+        for item in items:
+            writer.writerow([str(Path(item.path).resolve()), item.label, *item.box.as_list()])  # type: ignore[union-attr]
+    return path
+
+
+def train_config(config: CompareConfig, split: Split, mode: str, out: Path) -> TrainConfig:
+    """The shared recipe for one fine-tuned row; its own validation classes come from the training classes."""
+    classes = sorted({str(i.label) for i in split.train})
+    n_val = max(1, round(len(classes) * config.train.val_share))
+    data = to_dict(load_train_config(config.train.recipe, list(config.train.overrides)))
+    data["data"].update(
+        {
+            "source": str(_write_csv(split.train, out / "data" / "train_classes.csv")),
+            "where": {},
+            "class_split": "list",
+            "train_classes": classes[:-n_val],
+            "val_classes": classes[-n_val:],
+            "input": "detector" if mode == "ft_crop" else "raw",
+            "detector": to_dict(config.detector),
+            "cache_dir": str(out / "cache"),
+            "image_size": config.image_size,
+        }
+    )
+    data["data"].pop("where")
+    data["model"]["backbone"] = config.backbone
+    data["trainer"].update({"seed": config.seed, "progress_bar": False})
+    data["out"] = {"dir": str(out / "train"), "name": mode, "overwrite": True}
+    return from_dict(TrainConfig, data)
+
+
+def _finetune(cache: StageCache, config: CompareConfig, split: Split, mode: str, out: Path) -> Path:
+    tconfig = train_config(config, split, mode, out)
+    key = [to_dict(dataclasses.replace(tconfig, out=dataclasses.replace(tconfig.out, name=""))), split.key]
+    model_path = out / "train" / f"{mode}-{digest(key)}.pt"
+
+    def compute() -> Path:
+        run_dir = train(tconfig)
+        return export(run_dir, model_path)
+
+    return cache.file(f"finetune_{mode}", model_path, compute)
+
+
+def _embedder(config: CompareConfig, name: str, models: dict[str, Path], device: str) -> Embedder:
+    if name == "zero_shot":
+        return Embedder.from_config(EmbedderConfig(backbone=config.backbone, image_size=config.image_size), device)
+    return Embedder(load_checkpoint(models[name]), device, source=f"checkpoint:{models[name].name}")
+
+
+def _metrics(vectors: np.ndarray, labels: list[str]) -> dict[str, float]:
+    sims = vectors @ vectors.T
+
+    def search(k: int) -> np.ndarray:
+        return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+    m = evaluate_embeddings(search, labels)
+    return {"recall_at_1": m.recall_at[1], "recall_at_4": m.recall_at[4], "map_at_r": m.map_at_r}
+
+
+def top1(vectors: np.ndarray) -> np.ndarray:
+    """Leave-one-out nearest neighbour of every row."""
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    return sims.argmax(axis=1)
+
+
+def run_compare(config: CompareConfig, out: str | Path) -> dict[str, Any]:
+    """Every stage of the experiment (cached in ``out``); returns the results for the report."""
+    out = Path(out)
+    started = time.perf_counter()
+    configure_threads(None)
+    device = str(resolve_device(config.device))
+    cache = StageCache(out)
+    split = split_photos(config)
+    items = split.train + split.test
+    images_key = split.key
+
+    sweep = dataclasses.replace(config.detector, confidence=min(config.confidences))
+    det_rows = cache.json(
+        "detections",
+        [images_key, to_dict(sweep)],
+        lambda: [
+            [[*d.box.as_list(), d.score, d.class_name] for d in dets]
+            for dets in detect_cached(items, sweep, cache_path(out / "cache", sweep), device=device)
+        ],
+    )
+    detections = [[Detection(BBox(*r[:4]), float(r[4]), str(r[5])) for r in rows] for rows in det_rows]
+    sizes = [Image.open(i.path).size for i in items]
+    quality = cache.json(
+        "detector_quality",
+        [images_key, det_rows, to_dict(config)["detector"], config.confidences],
+        lambda: detector_quality(config, items, detections, sizes),
+    )
+
+    models = {mode: _finetune(cache, config, split, mode, out) for mode in ("ft_raw", "ft_crop")}
+
+    test_dets = _boxes(detections[len(split.train) :], config.detector.confidence)
+    labels = [str(i.label) for i in split.test]
+    grid: dict[str, dict[str, dict[str, float]]] = {}
+    vectors: dict[tuple[str, str], np.ndarray] = {}
+    test_sizes = sizes[len(split.train) :]
+    no_detection = sum(_chosen(config, d, w, h) is None for d, (w, h) in zip(test_dets, test_sizes, strict=True))
+    for name in EMBEDDERS:
+        embedder = _embedder(config, name, models, device)
+        grid[name] = {}
+        for mode in INPUTS:
+            key = [
+                name,
+                embedder.fingerprint,
+                mode,
+                split.key,
+                det_rows,
+                config.detector.margin,
+                config.detector.confidence,
+            ]
+
+            def compute(embedder: Embedder = embedder, mode: str = mode) -> np.ndarray:
+                crops = [
+                    crop_for(config, mode, load_image(i.path), i, d)[0]
+                    for i, d in zip(split.test, test_dets, strict=True)
+                ]
+                return embedder.embed(crops)
+
+            vectors[(name, mode)] = cache.array(f"embed_{name}_{mode}", key, compute)
+            grid[name][mode] = _metrics(vectors[(name, mode)], labels)
+
+    attention: dict[str, Any] = {}
+    limit = config.attention.limit
+    pipeline_config = PipelineConfig(detector=config.detector, crop=False, runtime=RuntimeConfig(device=device))
+    for name in EMBEDDERS:
+        embedder = _embedder(config, name, models, device)
+
+        def compute_attention(embedder: Embedder = embedder) -> dict[str, Any]:
+            from carsearch.pipeline.pipeline import Pipeline
+
+            pipeline = Pipeline(pipeline_config, embedder=embedder)
+            report = attention_dataset(
+                pipeline,
+                split.test[:limit],
+                crop=False,
+                method=config.attention.method,  # type: ignore[arg-type]
+                batch_size=config.attention.batch_size,
+            )
+            return report.to_dict(with_items=True)
+
+        attention[name] = cache.json(
+            f"attention_{name}",
+            [embedder.fingerprint, split.key, limit, to_dict(config)["attention"]],
+            compute_attention,
+        )
+
+    raw_top, crop_top = top1(vectors[("zero_shot", "raw")]), top1(vectors[("zero_shot", "detector")])
+    correct_raw = np.array([labels[j] == labels[i] for i, j in enumerate(raw_top)])
+    correct_crop = np.array([labels[j] == labels[i] for i, j in enumerate(crop_top)])
+    examples = {
+        "crop_right_raw_wrong": [int(i) for i in np.flatnonzero(correct_crop & ~correct_raw)[: config.examples]],
+        "raw_right_crop_wrong": [int(i) for i in np.flatnonzero(correct_raw & ~correct_crop)[: config.examples]],
+        "counts": {
+            "crop_right_raw_wrong": int((correct_crop & ~correct_raw).sum()),
+            "raw_right_crop_wrong": int((correct_raw & ~correct_crop).sum()),
+            "both_right": int((correct_crop & correct_raw).sum()),
+            "both_wrong": int((~correct_crop & ~correct_raw).sum()),
+        },
+    }
+    return {
+        "config": to_dict(config),
+        "split": {
+            "train_classes": len({i.label for i in split.train}),
+            "test_classes": len(set(labels)),
+            "train_images": len(split.train),
+            "test_images": len(split.test),
+            "resolution": sorted({f"{w}x{h}" for w, h in sizes})[:5],
+        },
+        "detector_quality": quality,
+        "retrieval": grid,
+        "test_no_detection": int(no_detection),
+        "attention": {
+            k: {m: v[m] for m in ("count", "mean", "median", "share_mostly_outside", "chance", "histogram")}
+            for k, v in attention.items()
+        },
+        "examples": examples,
+        "_pairs": {"raw_top1": raw_top.tolist(), "crop_top1": crop_top.tolist()},
+        "models": {k: str(v) for k, v in models.items()},
+        "stages": cache.log,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "platform": {"python": platform.python_version(), "machine": platform.machine(), "device": device},
+        "_split": split,
+        "_test_dets": test_dets,
+    }

@@ -1,0 +1,72 @@
+"""Stage outputs cached in the output directory, keyed by a digest of everything the stage depends on."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from carsearch.index.atomic import atomic_write_bytes, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-able value."""
+    return hashlib.blake2b(json.dumps(value, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+class StageCache:
+    """Runs a stage unless its output for the same inputs is on disk; records status and wall time per stage."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root) / "stages"
+        self.log: list[dict[str, Any]] = []
+
+    def _record(self, name: str, status: str, seconds: float) -> None:
+        self.log.append({"stage": name, "status": status, "seconds": round(seconds, 2)})
+        logger.info("stage %-28s %s in %.1fs", name, status, seconds)
+
+    def path(self, name: str, key: Any, suffix: str) -> Path:
+        return self.root / f"{name}-{digest(key)}{suffix}"
+
+    def json(self, name: str, key: Any, compute: Callable[[], Any]) -> Any:
+        path = self.path(name, key, ".json")
+        if path.exists():
+            self._record(name, "cached", 0.0)
+            return json.loads(path.read_text())
+        tic = time.perf_counter()
+        value = compute()
+        atomic_write_json(path, value)
+        self._record(name, "computed", time.perf_counter() - tic)
+        return value
+
+    def array(self, name: str, key: Any, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        path = self.path(name, key, ".npy")
+        if path.exists():
+            self._record(name, "cached", 0.0)
+            return np.load(path, allow_pickle=False)
+        tic = time.perf_counter()
+        value = np.asarray(compute())
+        buffer = io.BytesIO()
+        np.save(buffer, value, allow_pickle=False)
+        atomic_write_bytes(path, buffer.getvalue())
+        self._record(name, "computed", time.perf_counter() - tic)
+        return value
+
+    def file(self, name: str, path: Path, compute: Callable[[], Path]) -> Path:
+        """A stage whose output is one file at ``path`` (the caller puts the key in the path)."""
+        if path.exists():
+            self._record(name, "cached", 0.0)
+            return path
+        tic = time.perf_counter()
+        compute()
+        self._record(name, "computed", time.perf_counter() - tic)
+        return path
