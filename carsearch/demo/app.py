@@ -22,16 +22,15 @@ IMAGE_HEIGHT = 220
 GALLERY_HEIGHT = 260
 
 
-class UploadedImage(gr.Image):
-    """``gr.Image`` that passes a file Gradio cannot decode through as its path, so the handler explains why."""
-
-    is_template = True  # rendered by the stock Image front end
-
-    def preprocess(self, payload: Any) -> Any:
-        try:
-            return super().preprocess(payload)
-        except Exception:  # noqa: BLE001 - any undecodable upload: the handler reports it
-            return str(payload.path) if payload is not None and getattr(payload, "path", None) else None
+def upload_path(payload: Any) -> str | None:
+    """The uploaded file's path in Gradio's cache, from an image payload (dict or ``FileData``)."""
+    if payload is None:
+        return None
+    if isinstance(payload, dict):
+        return payload.get("path")
+    if isinstance(payload, str):
+        return payload
+    return getattr(payload, "path", None)
 
 
 class PageHandlers:
@@ -40,9 +39,13 @@ class PageHandlers:
     def __init__(self, backend: DemoBackend) -> None:
         self.backend = backend
 
-    def search(self, upload: str | None, k: float, confidence: float) -> tuple[Any, ...]:
-        """One value per output component of the search event (see :func:`build_app`)."""
-        out: SearchOutput = search(self.backend, upload, int(k), confidence)
+    def search(self, upload: Any, k: float, confidence: float) -> tuple[Any, ...]:
+        """One value per output component of the search event (see :func:`build_app`).
+
+        The event runs with ``preprocess=False``: ``upload`` is Gradio's file payload, not a decoded image,
+        so a file Gradio cannot decode still reaches :func:`search`, which explains what is wrong with it.
+        """
+        out: SearchOutput = search(self.backend, upload_path(upload), int(k), float(confidence))
         if out.error:
             gr.Warning(out.error)
         return (
@@ -77,7 +80,7 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
         state = gr.State(QueryState())
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                upload = UploadedImage(
+                upload = gr.Image(
                     type="filepath", sources=["upload", "webcam", "clipboard"], label="Car photo", elem_id="query"
                 )
                 k = gr.Slider(1, 20, value=5, step=1, label="Top-k results", elem_id="top-k")
@@ -144,6 +147,7 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
                 state,
             ],
             api_name="search",
+            preprocess=False,  # the handler decodes the upload itself (bad files get a message, not a crash)
         )
         hits.select(
             handlers.select,
