@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from carsearch.config import IndexConfig
 from carsearch.errors import CarSearchError, ConfigError
 from carsearch.types import BBox
 
@@ -233,11 +234,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_config(args: argparse.Namespace) -> IndexConfig:
+    """The index settings of the index's own config, with ``--config`` / ``--set index.…`` applied on top."""
+    from carsearch.config import load_config
+    from carsearch.pipeline import Pipeline
+
+    overrides = _overrides(args)
+    if args.config:
+        return load_config(args.config, overrides).index
+    return Pipeline.for_index(args.index, overrides).config.index
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from carsearch.index import GalleryIndex
     from carsearch.pipeline import evaluate_index
 
-    evaluation = evaluate_index(GalleryIndex.load(args.index))
+    evaluation = evaluate_index(GalleryIndex.load(args.index, _index_config(args)))
     if args.json:
         print(json.dumps(evaluation.to_dict(), indent=2))
         return 0
@@ -256,7 +268,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from carsearch.index import GalleryIndex
     from carsearch.pipeline.audit import audit_index
 
-    report = audit_index(GalleryIndex.load(args.index), k=args.k, max_agree=args.max_agree, near=args.near)
+    gallery = GalleryIndex.load(args.index, _index_config(args))
+    report = audit_index(gallery, k=args.k, max_agree=args.max_agree, near=args.near)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0

@@ -95,3 +95,13 @@ def test_attention_reports_both_modes(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main([*args, "--raw"]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:3] == ["mode", "images", "mean"] and "crop" not in table
+
+
+def test_evaluate_and_audit_take_index_settings(
+    cli_index: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, out = cli_index
+    assert main(["evaluate", str(out), "--json", "--set", "index.nprobe=4", "--set", "index.use_gpu=false"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == 6
+    assert main(["audit", str(out), "--json", "--set", "index.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err

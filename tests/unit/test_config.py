@@ -24,7 +24,9 @@ from carsearch.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 EXPERIMENT_CONFIGS = {"compare.yaml"}  # carsearch compare's own config, tested in test_compare
-CONFIG_FILES = sorted(p for p in [*CONFIG_DIR.glob("*.yaml"), *CONFIG_DIR.glob("*.yml")] if p.name not in EXPERIMENT_CONFIGS)
+CONFIG_FILES = sorted(
+    p for p in [*CONFIG_DIR.glob("*.yaml"), *CONFIG_DIR.glob("*.yml")] if p.name not in EXPERIMENT_CONFIGS
+)
 
 
 def _write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:

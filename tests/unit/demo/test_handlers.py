@@ -102,3 +102,14 @@ def test_build_app_wires_the_page(demo: tuple[DemoBackend, Path]) -> None:
     ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
     assert {"query", "search", "status", "hits", "raw-hits", "query-cam", "hit-cam", "attention"} <= ids
     assert "/search" in {f"/{fn.api_name}" for fn in app.fns.values() if fn.api_name}
+
+
+def test_upload_path_reads_gradio_payloads() -> None:
+    from gradio.data_classes import FileData
+
+    from carsearch.demo.app import upload_path
+
+    assert upload_path(None) is None
+    assert upload_path({"path": "/tmp/x.png", "url": None}) == "/tmp/x.png"
+    assert upload_path(FileData(path="/tmp/y.jpg")) == "/tmp/y.jpg"
+    assert upload_path("/tmp/z.webp") == "/tmp/z.webp"
