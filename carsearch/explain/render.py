@@ -88,6 +88,7 @@ class PairView:
     query_label: str | None = None
     result_label: str | None = None
     query_box: BBox | None = None  # the car's box in ``query`` pixels, when known: drawn on its CAM
+    title: str = "query"  # first caption line of the query panels
 
 
 def pair_panel(view: PairView, photos: bool = True) -> Image.Image:
@@ -97,7 +98,7 @@ def pair_panel(view: PairView, photos: bool = True) -> Image.Image:
     """
     match = ""
     if view.query_label is not None and view.result_label is not None:
-        match = "  ✓ same label" if view.query_label == view.result_label else "  ✗ other label"
+        match = "  (same label)" if view.query_label == view.result_label else "  (other label)"
     result_caption = f"#{view.rank} score {view.score:.3f}{match}\n{view.result_label or 'unlabelled'}"
     query_cam = overlay(view.query, view.query_cam)
     if view.query_box is not None:
@@ -105,14 +106,14 @@ def pair_panel(view: PairView, photos: bool = True) -> Image.Image:
     if not photos:
         return hstack(
             [
-                captioned(query_cam, f"query: where it matches\n{view.query_label or ''}"),
+                captioned(query_cam, f"{view.title}: where it matches\n{view.query_label or ''}"),
                 captioned(overlay(view.result, view.result_cam), result_caption),
             ]
         )
     return hstack(
         [
-            captioned(view.query, f"query\n{view.query_label or ''}"),
-            captioned(query_cam, "query: where it matches"),
+            captioned(view.query, f"{view.title}\n{view.query_label or ''}"),
+            captioned(query_cam, f"{view.title}: where it matches"),
             captioned(overlay(view.result, view.result_cam), "result: where it matches"),
             captioned(view.result, result_caption),
         ]

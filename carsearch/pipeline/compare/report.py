@@ -126,7 +126,7 @@ def example_grid(
                 query, result = _grey(query), _grey(result)
             views.append(
                 PairView(
-                    query, q_map, result, r_map, score, 1, f"{INPUT_NAMES[mode]}: {q_item.label}", r_item.label, box
+                    query, q_map, result, r_map, score, 1, q_item.label, r_item.label, box, title=INPUT_NAMES[mode]
                 )
             )
         rows.append(hstack([pair_panel(v, photos=not config.redact) for v in views], gap=24))
@@ -283,12 +283,16 @@ def _blocks(
         (
             "table",
             _table(
-                ["stage", "status", "seconds"], [[st["stage"], st["status"], f"{st['seconds']:.1f}"] for st in stages]
+                ["stage", "this run", "wall time when computed (s)"],
+                [
+                    [st["stage"], st["status"], "—" if st["seconds"] is None else f"{st['seconds']:.1f}"]
+                    for st in stages
+                ],
             ),
         ),
         (
             "p",
-            f"Total wall time {results['wall_time_s']:.0f} s on {results['platform']['machine']} "
+            f"This run took {results['wall_time_s']:.0f} s of wall time on {results['platform']['machine']} "
             f"({results['platform']['device']}), Python {results['platform']['python']}; versions: "
             + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
             + ".",
