@@ -147,6 +147,7 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
                 state,
             ],
             api_name="search",
+            concurrency_id="model",  # search and explain share the model (and CAM hooks): one at a time
             preprocess=False,  # the handler decodes the upload itself (bad files get a message, not a crash)
         )
         hits.select(
@@ -154,6 +155,7 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
             inputs=[state],
             outputs=[query_cam, hit_cam, cam_caption],
             api_name=False,
+            concurrency_id="model",
         )
     return app
 
@@ -161,18 +163,18 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
 def launch(
     backend: DemoBackend, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True
 ) -> gr.Blocks:
-    """Queue (one request at a time per event, others wait) and serve; binds to loopback unless told otherwise."""
+    """Queue (one model request at a time, others wait) and serve; binds to loopback unless told otherwise."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app = build_app(backend)
     app.queue(default_concurrency_limit=1, max_size=64)
-    folders = sorted({os.path.dirname(os.path.abspath(p)) for p in backend.examples()})
+    examples = [os.path.abspath(p) for p in backend.examples()]
     app.launch(
         server_name=host,
         server_port=port,
         share=share,
         show_error=True,
         prevent_thread_lock=not block,
-        allowed_paths=folders,  # the example images only
+        allowed_paths=examples,  # the example files only, not their folders
         quiet=True,
     )
     return app

@@ -104,6 +104,7 @@ class QueryState:
     crop: Image.Image | None = None
     hits: list[Caption] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    missing: set[int] = field(default_factory=set)  # hits whose gallery file could not be read
 
 
 @dataclass
@@ -139,6 +140,7 @@ def _hits(result: SearchResult) -> list[Caption]:
         except CarSearchError as exc:  # the gallery file moved: show a placeholder, keep the rank
             logger.warning("cannot show hit %s: %s", hit.path, exc)
             image = Image.new("RGB", (64, 48), (200, 200, 200))
+            image.info["missing"] = True
         out.append((image, f"#{hit.rank} {hit.label or 'unlabelled'} · {hit.score:.3f}"))
     return out
 
@@ -193,8 +195,9 @@ def search(
         if box and plan.detection
         else shown
     )
-    out.state = QueryState(crop, hits, [h.score for h in result.hits])
-    if hits:
+    missing = {i for i, (image, _) in enumerate(hits) if image.info.get("missing")}
+    out.state = QueryState(crop, hits, [h.score for h in result.hits], missing)
+    if hits and 0 not in missing:
         out.query_cam, out.hit_cam, out.cam_caption = explain_hit(backend, out.state, 0)
     cams, lines = [], []
     sides = [main] if backend.raw is None else [backend.raw, main]
@@ -217,6 +220,8 @@ def explain_hit(backend: DemoBackend, state: QueryState, index: int) -> tuple[Im
     """GradCAM overlays of the query crop w.r.t. hit ``index`` and of that hit w.r.t. the query."""
     if state.crop is None or not 0 <= index < len(state.hits):
         raise CarSearchError("search first, then pick a result")
+    if index in state.missing:
+        raise CarSearchError("that result's image file is missing from the gallery: nothing to explain")
     hit_image, caption = state.hits[index]
     query_map, hit_map, _ = backend.main.explainer.pair(state.crop, hit_image)
     method = backend.main.explainer.method

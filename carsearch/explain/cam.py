@@ -137,15 +137,15 @@ class EmbeddingCAM:
         if batch.ndim != 4 or not len(batch):
             raise ExplainError(f"expected a (B, 3, S, S) batch, got shape {tuple(batch.shape)}")
         batch = batch.to(self._device())
-        if references is None:
-            references = self.embed(batch)
-        references = torch.as_tensor(np.asarray(references) if isinstance(references, np.ndarray) else references)
-        if references.ndim != 2 or len(references) != len(batch):
-            raise ExplainError(f"need one reference embedding per image, got {tuple(references.shape)}")
-        targets = [SimilarityTarget(reference) for reference in references]
         was_training = self.model.training
         self.model.eval()
         try:
+            if references is None:
+                references = self.embed(batch)
+            references = torch.as_tensor(np.asarray(references) if isinstance(references, np.ndarray) else references)
+            if references.ndim != 2 or len(references) != len(batch):
+                raise ExplainError(f"need one reference embedding per image, got {tuple(references.shape)}")
+            targets = [SimilarityTarget(reference) for reference in references]
             with METHODS[self.method](model=Unnormalised(self.model), target_layers=[self.layer]) as cam:
                 if self.uses_gradients:
                     batch = batch.detach().clone().requires_grad_(True)  # gradients reach frozen layers too

@@ -23,7 +23,7 @@ from carsearch.index import GalleryIndex
 from carsearch.index.atomic import atomic_write_json
 from carsearch.pipeline.cropping import apply_plan, needs_detector, plan_image
 from carsearch.pipeline.sources import SourceItem
-from carsearch.types import BBox, CropPlan, Detection, SearchResult
+from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, Detection, SearchResult
 
 if TYPE_CHECKING:
     from carsearch.pipeline.pipeline import Pipeline
@@ -171,6 +171,8 @@ class AttentionReport:
             "skipped": len(self.skipped),
             "seconds": round(self.seconds, 2),
             "box_sources": {s: sum(i["box_source"] == s for i in self.items) for s in ("gt", "detector")},
+            # crop mode: photos with no detection are embedded whole, as the pipeline does, and counted here
+            "no_detection": sum(bool(i.get("no_detection")) for i in self.items),
             # what a uniform map would score: the box's share of the image
             "chance": float(np.mean([i["box_share"] for i in self.items])) if self.items else float("nan"),
         }
@@ -256,6 +258,7 @@ def attention_dataset(
                     "box_source": source,
                     "box_share": round(box.area / (images[i].width * images[i].height), 4),  # type: ignore[union-attr]
                     "region": plan.region.as_list() if plan.region else None,
+                    "no_detection": FLAG_NO_DETECTION in plan.flags,  # crop mode, nothing found: whole photo
                 }
             )
         if bar is not None:

@@ -217,7 +217,7 @@ def run_compare(config: CompareConfig, out: str | Path) -> dict[str, Any]:
         ],
     )
     detections = [[Detection(BBox(*r[:4]), float(r[4]), str(r[5])) for r in rows] for rows in det_rows]
-    sizes = [Image.open(i.path).size for i in items]
+    sizes = [load_image(i.path).size for i in items]  # decoded as everywhere else (EXIF orientation applied)
     quality = cache.json(
         "detector_quality",
         [images_key, det_rows, to_dict(config)["detector"], config.confidences],
@@ -236,15 +236,7 @@ def run_compare(config: CompareConfig, out: str | Path) -> dict[str, Any]:
         embedder = _embedder(config, name, models, device)
         grid[name] = {}
         for mode in INPUTS:
-            key = [
-                name,
-                embedder.fingerprint,
-                mode,
-                split.key,
-                det_rows,
-                config.detector.margin,
-                config.detector.confidence,
-            ]
+            key = [name, embedder.identity, mode, split.key, det_rows, to_dict(config.detector)]
 
             def compute(embedder: Embedder = embedder, mode: str = mode) -> np.ndarray:
                 crops = [
@@ -277,7 +269,7 @@ def run_compare(config: CompareConfig, out: str | Path) -> dict[str, Any]:
 
         attention[name] = cache.json(
             f"attention_{name}",
-            [embedder.fingerprint, split.key, limit, to_dict(config)["attention"]],
+            [embedder.identity, split.key, limit, to_dict(config)["attention"]],
             compute_attention,
         )
 
