@@ -43,14 +43,14 @@ class Side:
 
 def _side(name: str, index: str | Path, overrides: list[str], method: Method, share: Side | None = None) -> Side:
     pipeline = Pipeline.for_index(index, overrides)
+    gallery = None
     if share is not None:  # same embedder for both indexes: load it once
-        pipeline._embedder = share.pipeline.embedder
+        shared = Pipeline(pipeline.config, embedder=share.pipeline.embedder)
         try:
-            gallery = pipeline.open_index(index)
+            pipeline, gallery = shared, shared.open_index(index)
         except IndexMismatchError:
-            pipeline = Pipeline.for_index(index, overrides)
-            gallery = pipeline.open_index(index)
-    else:
+            pass  # another embedder: this index gets its own
+    if gallery is None:
         gallery = pipeline.open_index(index)
     if pipeline.config.crop:
         _ = pipeline.detector  # load now, not on the first request
@@ -103,7 +103,6 @@ class QueryState:
 
     crop: Image.Image | None = None
     hits: list[Caption] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
     missing: set[int] = field(default_factory=set)  # hits whose gallery file could not be read
 
 
@@ -196,7 +195,7 @@ def search(
         else shown
     )
     missing = {i for i, (image, _) in enumerate(hits) if image.info.get("missing")}
-    out.state = QueryState(crop, hits, [h.score for h in result.hits], missing)
+    out.state = QueryState(crop, hits, missing)
     if hits and 0 not in missing:
         out.query_cam, out.hit_cam, out.cam_caption = explain_hit(backend, out.state, 0)
     cams, lines = [], []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,14 +40,13 @@ class AttentionSummary:
     share_mostly_outside: float  # images with less than half of the energy inside the box
     histogram: list[int]  # counts over HISTOGRAM_BINS equal bins of [0, 1]
     undefined: int = 0  # all-zero maps (no energy to share)
-    scores: list[float] = field(default_factory=list, repr=False)
 
     @classmethod
     def from_scores(cls, scores: list[float]) -> AttentionSummary:
         values = np.array([s for s in scores if not math.isnan(s)], dtype=np.float64)
         undefined = len(scores) - len(values)
         if not len(values):
-            return cls(0, math.nan, math.nan, math.nan, [0] * HISTOGRAM_BINS, undefined, list(scores))
+            return cls(0, math.nan, math.nan, math.nan, [0] * HISTOGRAM_BINS, undefined)
         histogram, _ = np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
         return cls(
             count=len(values),
@@ -56,7 +55,6 @@ class AttentionSummary:
             share_mostly_outside=float((values < 0.5).mean()),
             histogram=[int(v) for v in histogram],
             undefined=undefined,
-            scores=list(scores),
         )
 
     def to_dict(self) -> dict[str, Any]:

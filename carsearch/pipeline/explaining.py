@@ -74,18 +74,22 @@ def explain_result(
     if box is not None:  # the car box in crop pixels
         x0, y0 = plan.region.to_int()[:2] if plan.region else (0, 0)
         crop_box = BBox(box.x1 - x0, box.y1 - y0, box.x2 - x0, box.y2 - y0).clip(crop.width, crop.height)
-    views = []
+    hits, hit_crops = [], []
     for hit in result.hits:
         try:
-            hit_crop = load_item_crop(hit.metadata or {"path": hit.path})
+            hit_crops.append(load_item_crop(hit.metadata or {"path": hit.path}))
+            hits.append(hit)
         except CarSearchError as exc:
             logger.warning("cannot explain hit %s: %s", hit.path, exc)
-            continue
-        query_map, hit_map, _ = explainer.pair(crop, hit_crop)
-        views.append(
-            PairView(crop, query_map, hit_crop, hit_map, hit.score, hit.rank, query_label, hit.label, crop_box)
-        )
-    own = explainer.heatmaps([crop])[0]
+    # one batched pass each: the query against every hit (+ its own embedding), every hit against the query
+    vectors = explainer.embedder.embed([crop, *hit_crops])
+    query_maps = explainer.heatmaps([crop] * (len(hits) + 1), np.concatenate([vectors[1:], vectors[:1]]))
+    hit_maps = explainer.heatmaps(hit_crops, np.repeat(vectors[:1], len(hits), axis=0)) if hits else []
+    views = [
+        PairView(crop, q_map, hit_crop, h_map, hit.score, hit.rank, query_label, hit.label, crop_box)
+        for hit, hit_crop, q_map, h_map in zip(hits, hit_crops, query_maps[:-1], hit_maps, strict=True)
+    ]
+    own = query_maps[-1]
     photo_map = paste_into(own, plan.region, image.width, image.height)
     attention = energy_in_box(photo_map, box) if box is not None else None
     return QueryExplanation(image, plan, crop, views, photo_map, box, attention)

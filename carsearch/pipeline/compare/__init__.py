@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from carsearch.config import EmbedderConfig
-from carsearch.embedder import Embedder
 from carsearch.pipeline.compare.config import CompareConfig, load_compare_config
 from carsearch.pipeline.compare.experiment import run_compare
 from carsearch.pipeline.compare.report import write_report
-from carsearch.runtime import resolve_device
 
 __all__ = ["CompareConfig", "compare", "load_compare_config"]
 
@@ -20,6 +17,4 @@ def compare(config: CompareConfig, out: str | Path, command: str = "carsearch co
 
     results = run_compare(config, out)
     results["versions"] = _versions()
-    device = str(resolve_device(config.device))
-    embedder = Embedder.from_config(EmbedderConfig(backbone=config.backbone, image_size=config.image_size), device)
-    return write_report(config, results, out, command, embedder)
+    return write_report(config, results, out, command, results["_zero_shot"])

@@ -232,27 +232,35 @@ def run_compare(config: CompareConfig, out: str | Path) -> dict[str, Any]:
     vectors: dict[tuple[str, str], np.ndarray] = {}
     test_sizes = sizes[len(split.train) :]
     no_detection = sum(_chosen(config, d, w, h) is None for d, (w, h) in zip(test_dets, test_sizes, strict=True))
-    for name in EMBEDDERS:
-        embedder = _embedder(config, name, models, device)
+    embedders = {name: _embedder(config, name, models, device) for name in EMBEDDERS}  # loaded once each
+    crops: dict[str, list[Image.Image]] = {}  # per input mode, decoded and cut once, shared by the embedders
+
+    def crops_for(mode: str) -> list[Image.Image]:
+        if mode not in crops:
+            if "photos" not in crops:
+                crops["photos"] = [load_image(i.path) for i in split.test]
+            crops[mode] = [
+                crop_for(config, mode, image, item, dets)[0]
+                for image, item, dets in zip(crops["photos"], split.test, test_dets, strict=True)
+            ]
+        return crops[mode]
+
+    for name, embedder in embedders.items():
         grid[name] = {}
         for mode in INPUTS:
             key = [name, embedder.identity, mode, split.key, det_rows, to_dict(config.detector)]
 
             def compute(embedder: Embedder = embedder, mode: str = mode) -> np.ndarray:
-                crops = [
-                    crop_for(config, mode, load_image(i.path), i, d)[0]
-                    for i, d in zip(split.test, test_dets, strict=True)
-                ]
-                return embedder.embed(crops)
+                return embedder.embed(crops_for(mode))
 
             vectors[(name, mode)] = cache.array(f"embed_{name}_{mode}", key, compute)
             grid[name][mode] = _metrics(vectors[(name, mode)], labels)
+    crops.clear()
 
     attention: dict[str, Any] = {}
     limit = config.attention.limit
     pipeline_config = PipelineConfig(detector=config.detector, crop=False, runtime=RuntimeConfig(device=device))
-    for name in EMBEDDERS:
-        embedder = _embedder(config, name, models, device)
+    for name, embedder in embedders.items():
 
         def compute_attention(embedder: Embedder = embedder) -> dict[str, Any]:
             from carsearch.pipeline.pipeline import Pipeline
@@ -309,5 +317,6 @@ def run_compare(config: CompareConfig, out: str | Path) -> dict[str, Any]:
         "wall_time_s": round(time.perf_counter() - started, 1),
         "platform": {"python": platform.python_version(), "machine": platform.machine(), "device": device},
         "_split": split,
+        "_zero_shot": embedders["zero_shot"],
         "_test_dets": test_dets,
     }

@@ -115,7 +115,9 @@ def test_upload_path_reads_gradio_payloads() -> None:
     assert upload_path("/tmp/z.webp") == "/tmp/z.webp"
 
 
-def test_a_result_whose_file_vanished_is_shown_but_not_explained(demo: tuple[DemoBackend, Path], tmp_path: Path) -> None:
+def test_a_result_whose_file_vanished_is_shown_but_not_explained(
+    demo: tuple[DemoBackend, Path], tmp_path: Path
+) -> None:
     backend, gallery = demo
     out = search(backend, gallery / "class_0" / "img_0.jpg", k=2)
     out.state.missing.add(1)

@@ -21,8 +21,8 @@ from tests.unit.explain.conftest import QuadrantModel
 def quadrant_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pipeline, Path, Path]:
     """A raw index of 2 classes × 3 images embedded by the quadrant model (looks at the top-left only)."""
     root = build_gallery(tmp_path_factory.mktemp("explain") / "gallery", classes=2, per_class=3)
-    pipeline = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "crop=false"])
-    pipeline._embedder = Embedder(QuadrantModel(), channels_last=False)
+    config = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "crop=false"]).config
+    pipeline = Pipeline(config, embedder=Embedder(QuadrantModel(), channels_last=False))
     out = root.parent / "idx"
     pipeline.index(root, out)
     return pipeline, root, out
