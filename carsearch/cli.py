@@ -261,6 +261,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for k, value in m.recall_at.items():
         print(f"Recall@{k:<2} {value:.4f}")
     print(f"MAP@R     {m.map_at_r:.4f}\nR-Prec    {m.r_precision:.4f}")
+    if m.other_year_share is not None:
+        print(f"wrong top-1 that is the same make/model in another year: {m.other_year_share:.4f}")
     return 0
 
 

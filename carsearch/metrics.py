@@ -6,9 +6,10 @@ gallery item ("lone" queries) are left out of every metric, as PML does.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -25,6 +26,7 @@ class RetrievalMetrics:
     map_at_r: float
     num_queries: int
     num_lone_queries: int
+    other_year_share: float | None = None  # of the wrong top-1 hits: same make and model, another year
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -72,6 +74,28 @@ def retrieval_metrics(
     )
 
 
+_TRAILING_YEAR = re.compile(r"^(?P<model>.*\S)\s+(?P<year>(?:19|20)\d\d)$")
+
+
+def split_year(label: object) -> tuple[str, str] | None:
+    """``"Audi TTS Coupe 2012"`` → ``("Audi TTS Coupe", "2012")``; None when the label ends in no year."""
+    match = _TRAILING_YEAR.match(str(label).strip())
+    return (match["model"], match["year"]) if match else None
+
+
+def other_year_share(query_labels: Sequence[object], top1_labels: Sequence[object]) -> float | None:
+    """Share of wrong top-1 hits whose label is the query's make and model in another year.
+
+    Stanford Cars names classes "Make Model Body Year"; such confusions are the nearly indistinguishable
+    ones. None unless every label ends in a year (the share would mean nothing), or nothing is wrong.
+    """
+    wrong = [(q, t) for q, t in zip(query_labels, top1_labels, strict=True) if q != t]
+    parsed = [(split_year(q), split_year(t)) for q, t in wrong]
+    if not wrong or any(q is None or t is None for q, t in parsed):
+        return None
+    return sum(q[0] == t[0] for q, t in parsed) / len(wrong)  # type: ignore[index]
+
+
 def label_counts_excluding_self(labels: Sequence[object]) -> np.ndarray:
     """R for each item of a leave-one-out gallery: how many *other* items share its label."""
     counts = Counter(labels)
@@ -100,7 +124,10 @@ def evaluate_embeddings(
     neighbour_ids = leave_one_out_neighbours(search_fn(k + 1), k)
     label_array = np.array(labels, dtype=object)
     neighbour_labels = [[label_array[j] if j >= 0 else _MISSING for j in row] for row in neighbour_ids]
-    return retrieval_metrics(relevance_matrix(labels, neighbour_labels), num_relevant, ks)
+    metrics = retrieval_metrics(relevance_matrix(labels, neighbour_labels), num_relevant, ks)
+    queries = [i for i, r in enumerate(num_relevant) if r > 0]
+    share = other_year_share([labels[i] for i in queries], [neighbour_labels[i][0] for i in queries])
+    return replace(metrics, other_year_share=share)
 
 
 _MISSING = object()

@@ -70,7 +70,10 @@ class EmbeddingModel(nn.Module):
             self.head: nn.Module = nn.Identity()
             self.dim = features
         else:
-            layers: list[nn.Module] = [nn.Linear(features, spec.embedding_dim)]
+            linear = nn.Linear(features, spec.embedding_dim)
+            nn.init.kaiming_normal_(linear.weight)
+            nn.init.zeros_(linear.bias)
+            layers: list[nn.Module] = [linear]
             if spec.head_bn:
                 layers.append(nn.BatchNorm1d(spec.embedding_dim))
             self.head = nn.Sequential(*layers)

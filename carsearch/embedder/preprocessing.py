@@ -50,21 +50,30 @@ class Preprocessing:
         )
 
 
-def _interpolation(name: str) -> v2.InterpolationMode:
+def interpolation_mode(name: str) -> v2.InterpolationMode:
     try:
         return v2.InterpolationMode(name)
     except ValueError:
         return v2.InterpolationMode.BICUBIC
 
 
+def resize_transforms(pre: Preprocessing, size: int | None = None) -> list[v2.Transform]:
+    """The inference geometry: squash, or resize the short side and centre-crop, to ``size`` (default S)."""
+    size = size or pre.image_size
+    mode = interpolation_mode(pre.interpolation)
+    if pre.resize == "squash":
+        return [v2.Resize((size, size), interpolation=mode, antialias=True)]
+    return [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size)]
+
+
+def normalise_transforms(pre: Preprocessing) -> list[v2.Transform]:
+    """uint8 tensor → float tensor normalised with the model's mean and std."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
+
+
 def tensor_transform(pre: Preprocessing) -> v2.Compose:
     """uint8 (3, H, W) tensor, on any device → normalised float tensor (3, S, S) on that device."""
-    mode = _interpolation(pre.interpolation)
-    if pre.resize == "squash":
-        resize: list[Any] = [v2.Resize((pre.image_size, pre.image_size), interpolation=mode, antialias=True)]
-    else:
-        resize = [v2.Resize(pre.image_size, interpolation=mode, antialias=True), v2.CenterCrop(pre.image_size)]
-    return v2.Compose([*resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))])
+    return v2.Compose([*resize_transforms(pre), *normalise_transforms(pre)])
 
 
 def eval_transform(pre: Preprocessing) -> v2.Compose:

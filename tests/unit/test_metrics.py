@@ -265,3 +265,40 @@ def test_padding_is_never_relevant():
     metrics = evaluate_embeddings(lambda k: np.full((3, k), -1), [1, 1, 1])
     assert metrics.num_queries == 3
     assert metrics.precision_at_1 == 0.0 and metrics.map_at_r == 0.0
+
+
+# --------------------------------------------------------------------------- same make/model, another year
+def test_split_year_reads_a_trailing_year():
+    from carsearch.metrics import split_year
+
+    assert split_year("Audi TTS Coupe 2012") == ("Audi TTS Coupe", "2012")
+    assert split_year("BMW M3 Coupe 1999 ") == ("BMW M3 Coupe", "1999")
+    assert split_year("car 12") is None and split_year("2012") is None and split_year(7) is None
+
+
+def test_other_year_share_counts_wrong_hits_of_the_same_model():
+    from carsearch.metrics import other_year_share
+
+    queries = ["A X 2010", "A X 2010", "A X 2012", "B Y 2011", "B Y 2011"]
+    top1 = ["A X 2010", "A X 2012", "B Y 2011", "B Y 2012", "A X 2010"]  # right, year, other, year, other
+    assert other_year_share(queries, top1) == pytest.approx(2 / 4)
+    assert other_year_share(["A X 2010"], ["A X 2010"]) is None  # nothing wrong
+    assert other_year_share(["a", "b"], ["b", "a"]) is None  # labels carry no year
+
+
+def test_evaluate_embeddings_reports_the_other_year_share():
+    # Two models, two years each; each item's nearest other item is its model's other year except item 4.
+    labels = ["M 2010", "M 2010", "M 2011", "N 2010", "N 2011", "N 2011"]
+    vectors = np.array([[0.0], [10.0], [1.0], [30.0], [31.0], [50.0]], dtype=np.float32)
+
+    def search(k):
+        order = np.argsort(np.abs(vectors - vectors.T), axis=1, kind="stable")
+        return order[:, :k]
+
+    metrics = evaluate_embeddings(search, labels)
+    # Lone queries (M 2011, N 2010) are left out. Top-1, self excluded: 0→2 and 1→2 (M 2011: other year),
+    # 4→3 (N 2010: other year), 5→4 (right).
+    assert metrics.num_queries == 4 and metrics.precision_at_1 == pytest.approx(1 / 4)
+    assert metrics.other_year_share == pytest.approx(1.0)
+    plain = evaluate_embeddings(search, ["a", "a", "b", "c", "d", "d"])
+    assert plain.other_year_share is None

@@ -10,7 +10,7 @@ from carsearch.config import DetectorConfig, load_dataclass
 from carsearch.errors import ConfigError
 
 InputMode = Literal["raw", "gt", "detector"]
-ClassSplit = Literal["half", "list"]
+ClassSplit = Literal["half", "all", "list"]
 LossName = Literal["triplet", "arcface", "subcenter_arcface", "proxy_anchor", "multi_similarity", "contrastive"]
 MinerName = Literal["none", "hard", "semihard", "all", "multi_similarity"]
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
@@ -26,8 +26,18 @@ class DataConfig:
     """What to train on and how batches are drawn.
 
     ``source``: folder tree / CSV (``path,label[,x1,y1,x2,y2]``) / Stanford devkit / Kaggle layout.
-    Classes are split disjointly: ``half`` = first half of the sorted classes trains, the rest validates
-    (CARS196 protocol); ``list`` = ``train_classes`` (and ``val_classes``, default: all the others).
+    Classes are split disjointly into train / validation / test. ``class_split``: ``half`` = the first half
+    of the sorted classes trains, the second half is the test set (CARS196 protocol); ``all`` = every class
+    trains, no test set; ``list`` = ``train_classes``, ``val_classes`` and ``test_classes`` (default: every
+    class not named). Validation classes (they pick the epoch) come from ``val_classes`` or, when that is
+    empty, ``val_fraction`` of the training classes, evenly spaced in sorted order; test classes are
+    evaluated once, at the end, and never choose anything.
+
+    Geometry: each crop is resized the way inference resizes it (``resize``: squash or centre crop) to
+    ``resize_to`` (default ``image_size`` × 8/7), *then* randomly cropped to ``image_size`` with
+    ``RandomResizedCrop(scale=(crop_scale, 1))``, flipped and (``jitter`` > 0) colour-jittered.
+    ``cache``: keep the resized uint8 crops in a memory-mapped file under ``cache_dir`` (keyed by file
+    content and preprocessing), so that epochs do not decode JPEGs.
     Batches hold ``classes_per_batch`` (P) classes × ``images_per_class`` (K) images.
     """
 
@@ -36,25 +46,34 @@ class DataConfig:
     class_split: ClassSplit = "half"
     train_classes: tuple[str, ...] = ()
     val_classes: tuple[str, ...] = ()
+    test_classes: tuple[str, ...] = ()
+    val_fraction: float = 0.0
     input: InputMode = "raw"
     detector: DetectorConfig = field(default_factory=DetectorConfig)  # gt/detector crops use its margin
-    cache_dir: str | None = None  # detector box cache; default <out.dir>/cache
+    cache_dir: str | None = None  # detector boxes and image cache; default <out.dir>/cache
+    cache: bool = True
     image_size: int = 224
     resize: Literal["squash", "center_crop"] = "squash"
-    crop_scale: float = 0.5  # RandomResizedCrop scale = (crop_scale, 1)
+    resize_to: int | None = None
+    crop_scale: float = 0.6  # RandomResizedCrop scale = (crop_scale, 1)
     hflip: bool = True
-    jitter: float = 0.2  # ColorJitter brightness/contrast/saturation (hue = jitter / 4); 0 disables
+    jitter: float = 0.0  # ColorJitter brightness/contrast/saturation (hue = jitter / 4); 0 disables
     classes_per_batch: int = 16
     images_per_class: int = 4
     min_per_class: int = 0  # drop training classes with fewer images (0: keep; short classes repeat images)
     batches_per_epoch: int | None = None  # None: about one pass over the training images
     eval_batch_size: int = 64
-    workers: int = 2
+    workers: int = 0
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "data.image_size must be >= 16")
+        _check(
+            self.resize_to is None or self.resize_to >= self.image_size,
+            "data.resize_to must be >= data.image_size (the random crop is taken from it)",
+        )
         _check(0.0 < self.crop_scale <= 1.0, "data.crop_scale must be in (0, 1]")
         _check(0.0 <= self.jitter <= 1.0, "data.jitter must be in [0, 1]")
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
         _check(self.classes_per_batch >= 2, "data.classes_per_batch (P) must be >= 2 (negatives need two classes)")
         _check(self.images_per_class >= 1, "data.images_per_class (K) must be >= 1")
         _check(self.min_per_class >= 0, "data.min_per_class must be >= 0")
@@ -65,9 +84,14 @@ class DataConfig:
             _check(bool(self.train_classes), "data.class_split=list needs data.train_classes")
         else:
             _check(
-                not self.train_classes and not self.val_classes,
-                "data.train_classes/val_classes are only used with data.class_split=list",
+                not self.train_classes and not self.val_classes and not self.test_classes,
+                "data.train_classes/val_classes/test_classes are only used with data.class_split=list",
             )
+
+    @property
+    def train_size(self) -> int:
+        """The side crops are resized to before the random crop."""
+        return self.resize_to or round(self.image_size * 8 / 7)
 
     @property
     def batch_size(self) -> int:
@@ -80,6 +104,8 @@ class ModelConfig:
 
     ``freeze_blocks``: 0 trains everything; N > 0 freezes the stem and the first N blocks (their
     BatchNorm statistics too); -1 freezes the whole backbone (only the head and loss train).
+    ``freeze_bn``: every BatchNorm layer keeps its ImageNet statistics (its scale and shift still train);
+    PK batches of one dataset are a poor estimate of them.
     """
 
     backbone: str = "tf_efficientnet_lite0"
@@ -88,6 +114,7 @@ class ModelConfig:
     embedding_dim: int | None = 512  # None: the pooled backbone features, no head
     head_bn: bool = False
     freeze_blocks: int = 0
+    freeze_bn: bool = True
     channels_last: bool = True
 
     def __post_init__(self) -> None:
@@ -117,31 +144,42 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and schedule: linear warm-up for ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` × lr.
+    """Optimiser and schedule.
 
-    Loss parameters (proxies, class weights) form their own group with ``loss_lr`` and no weight decay.
+    Three parameter groups: the backbone (``lr``), the head (``head_lr``, default ``lr``) and the loss's own
+    parameters (proxies, class weights: ``loss_lr``, no weight decay). Norm and bias parameters get no
+    weight decay. The first ``frozen_warmup_epochs`` train only the head and the loss (backbone frozen, at
+    constant lr); then a linear warm-up over ``warmup_epochs`` and cosine decay to ``min_lr_ratio`` × lr.
+    ``grad_clip``: clip the gradient norm (null: no clipping).
     """
 
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-4
+    head_lr: float | None = None
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD only
     loss_lr: float = 1e-2
-    warmup_epochs: float = 1.0
+    frozen_warmup_epochs: int = 0
+    warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and self.loss_lr > 0, "optim.lr and optim.loss_lr must be > 0")
+        _check(self.head_lr is None or self.head_lr > 0, "optim.head_lr must be > 0 or null")
         _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(self.frozen_warmup_epochs >= 0, "optim.frozen_warmup_epochs must be >= 0")
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
+        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip must be > 0 or null")
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
     """Lightning Trainer settings. ``precision='auto'``: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU.
 
-    ``patience``: epochs without a better ``val/recall_at_1`` before stopping (null: never stop early).
+    ``patience``: validations without a better ``val/recall_at_1`` before stopping (null: never stop early).
+    Without validation classes the run keeps its last epoch (a fixed schedule).
     """
 
     max_epochs: int = 20

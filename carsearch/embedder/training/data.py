@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from carsearch.config import DetectorConfig, PipelineConfig
-from carsearch.embedder.preprocessing import Preprocessing, _interpolation
+from carsearch.embedder.preprocessing import Preprocessing, interpolation_mode, normalise_transforms, resize_transforms
 from carsearch.embedder.training.config import InputMode
 from carsearch.errors import ConfigError, DataSourceError
 from carsearch.images import load_image
@@ -30,54 +32,114 @@ def sort_classes(classes: Sequence[str]) -> list[str]:
     return sorted(unique)
 
 
+@dataclass(frozen=True)
+class ClassSplits:
+    """Disjoint class lists: ``train`` learns, ``val`` picks the epoch, ``test`` reports (may be empty)."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+def carve_out(classes: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(kept, carved): ``round(fraction × n)`` classes, evenly spaced over the sorted list, are carved out."""
+    ordered = sort_classes(classes)
+    count = round(fraction * len(ordered))
+    if count == 0:
+        return ordered, []
+    picked = {ordered[int((i + 0.5) * len(ordered) / count)] for i in range(count)}
+    return [c for c in ordered if c not in picked], [c for c in ordered if c in picked]
+
+
 def split_classes(
     labels: Sequence[str],
-    mode: Literal["half", "list"] = "half",
+    mode: Literal["half", "all", "list"] = "half",
     train_classes: Sequence[str] = (),
     val_classes: Sequence[str] = (),
-) -> tuple[list[str], list[str]]:
-    """Disjoint (train, val) class lists of ``labels``.
+    test_classes: Sequence[str] = (),
+    val_fraction: float = 0.0,
+) -> ClassSplits:
+    """Disjoint train / validation / test class lists of ``labels``.
 
-    ``half``: the first half of the sorted classes train, the second half validate (for 196 CARS classes:
-    1–98 / 99–196; an odd count gives training the extra class). ``list``: the given ``train_classes``,
-    and ``val_classes`` or, when empty, every other class.
+    ``half``: the first half of the sorted classes train, the second half test (for 196 CARS classes:
+    1–98 / 99–196; an odd count gives training the extra class). ``all``: every class trains, no test.
+    ``list``: ``train_classes``, ``val_classes`` and ``test_classes`` (default: every class not named).
+    Without ``val_classes``, ``val_fraction`` of the training classes are carved out to validate.
     """
     classes = sort_classes(labels)
+    known = set(classes)
+    val = [str(c) for c in val_classes]
     if mode == "half":
         if len(classes) < 4:
             raise ConfigError(f"class_split=half needs at least 4 classes (2 + 2), the data has {len(classes)}")
         cut = (len(classes) + 1) // 2
-        return classes[:cut], classes[cut:]
-    if mode != "list":
-        raise ConfigError(f"unknown class split {mode!r}; valid: half, list")
-    known = set(classes)
-    train = [str(c) for c in train_classes]
-    val = [str(c) for c in val_classes] or [c for c in classes if c not in set(train)]
-    missing = sorted({*train, *val} - known)
-    if missing:
-        raise ConfigError(f"class(es) not in the data: {missing[:10]}{' …' if len(missing) > 10 else ''}")
-    overlap = sorted(set(train) & set(val))
-    if overlap:
-        raise ConfigError(f"train and validation classes must be disjoint; both have {overlap[:10]}")
-    if len(set(train)) < 2 or len(set(val)) < 2:
-        raise ConfigError(f"need >= 2 training and >= 2 validation classes, got {len(set(train))} and {len(set(val))}")
-    return sort_classes(train), sort_classes(val)
+        train, test = classes[:cut], classes[cut:]
+    elif mode == "all":
+        train, test = classes, []
+    elif mode == "list":
+        train = [str(c) for c in train_classes]
+        named = {*train, *val}
+        test = [str(c) for c in test_classes] or [c for c in classes if c not in named]
+        missing = sorted({*train, *val, *test} - known)
+        if missing:
+            raise ConfigError(f"class(es) not in the data: {missing[:10]}{' …' if len(missing) > 10 else ''}")
+        for a, b, names in (
+            (train, val, "train and validation"),
+            (train, test, "train and test"),
+            (val, test, "validation and test"),
+        ):
+            overlap = sorted(set(a) & set(b))
+            if overlap:
+                raise ConfigError(f"{names} classes must be disjoint; both have {overlap[:10]}")
+    else:
+        raise ConfigError(f"unknown class split {mode!r}; valid: half, all, list")
+    if not val and val_fraction > 0:
+        train, val = carve_out(train, val_fraction)
+    if len(set(train)) < 2:
+        raise ConfigError(f"need >= 2 training classes, got {len(set(train))}")
+    if val and len(set(val)) < 2:
+        raise ConfigError(f"need >= 2 validation classes (or none), got {len(set(val))}; raise data.val_fraction")
+    if test and len(set(test)) < 2:
+        raise ConfigError(f"need >= 2 test classes (or none), got {len(set(test))}")
+    return ClassSplits(sort_classes(train), sort_classes(val), sort_classes(test))
 
 
-def train_transform(pre: Preprocessing, crop_scale: float = 0.5, hflip: bool = True, jitter: float = 0.2) -> v2.Compose:
-    """PIL RGB crop → augmented, normalised (3, S, S) float tensor (S, mean/std, interpolation from ``pre``)."""
+def geometry_transform(pre: Preprocessing, size: int | None = None) -> v2.Compose:
+    """PIL RGB crop → uint8 (3, size, size) tensor, resized as inference resizes (``pre.resize``)."""
+    return v2.Compose([v2.PILToTensor(), *resize_transforms(pre, size)])
+
+
+def augment_transform(
+    pre: Preprocessing, crop_scale: float = 0.6, hflip: bool = True, jitter: float = 0.0
+) -> v2.Compose:
+    """uint8 (3, R, R) crop in inference geometry → augmented, normalised float (3, S, S).
+
+    The random crop's aspect range (3/4–4/3) applies to the already squashed (or centre-cropped) image, so a
+    training view has the proportions an inference view has; with ``crop_scale=1``, no flip and R = S this
+    is the identity followed by normalisation, i.e. exactly :func:`eval_transform`.
+    """
     steps: list[v2.Transform] = [
-        v2.PILToTensor(),
         v2.RandomResizedCrop(
-            pre.image_size, scale=(crop_scale, 1.0), interpolation=_interpolation(pre.interpolation), antialias=True
-        ),
+            pre.image_size, scale=(crop_scale, 1.0), interpolation=interpolation_mode(pre.interpolation), antialias=True
+        )
     ]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if jitter > 0:
         steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 4))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
-    return v2.Compose(steps)
+    return v2.Compose([*steps, *normalise_transforms(pre)])
+
+
+def train_transform(
+    pre: Preprocessing, size: int | None = None, crop_scale: float = 0.6, hflip: bool = True, jitter: float = 0.0
+) -> v2.Compose:
+    """PIL RGB crop → augmented (3, S, S): :func:`geometry_transform` to ``size`` then :func:`augment_transform`."""
+    return v2.Compose(
+        [*geometry_transform(pre, size).transforms, *augment_transform(pre, crop_scale, hflip, jitter).transforms]
+    )
 
 
 def crop_config(mode: InputMode, detector: DetectorConfig) -> PipelineConfig:
@@ -130,6 +192,21 @@ class CropDataset(Dataset):
         detections = self.detections[index] if self.detections is not None else None
         plan = plan_image(self.crop, image.width, image.height, detections, item.box, single=True)[0]
         return self.transform(apply_plan(image, plan)), self.labels[index], index
+
+
+class CachedDataset(Dataset):
+    """Pre-resized uint8 crops (N, 3, R, R) (e.g. a memory map) → ``(transform(crop), class index, item index)``."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], transform: v2.Transform) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} cached images but {len(labels)} labels")
+        self.images, self.labels, self.transform = images, list(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.transform(torch.from_numpy(np.array(self.images[index]))), self.labels[index], index
 
 
 def class_counts(items: Sequence[SourceItem]) -> dict[str, int]:

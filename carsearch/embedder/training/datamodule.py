@@ -1,4 +1,4 @@
-"""The Lightning data module: class-disjoint train/val datasets, PK-sampled training batches."""
+"""The Lightning data module: class-disjoint train/validation/test datasets, PK-sampled training batches."""
 
 from __future__ import annotations
 
@@ -6,12 +6,22 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
 
-from carsearch.embedder.preprocessing import Preprocessing, eval_transform
+from carsearch.embedder.preprocessing import Preprocessing, normalise_transforms
 from carsearch.embedder.training.boxcache import cache_path, detect_cached
 from carsearch.embedder.training.config import DataConfig
-from carsearch.embedder.training.data import CropDataset, class_counts, split_classes, train_transform
+from carsearch.embedder.training.data import (
+    CachedDataset,
+    ClassSplits,
+    CropDataset,
+    augment_transform,
+    class_counts,
+    geometry_transform,
+    split_classes,
+)
+from carsearch.embedder.training.imagecache import cached_crops
 from carsearch.embedder.training.sampler import PKSampler
 from carsearch.errors import DataSourceError
 from carsearch.pipeline.sources import SourceItem, read_source
@@ -21,10 +31,11 @@ logger = logging.getLogger(__name__)
 
 
 class EmbedderDataModule(L.LightningDataModule):
-    """Reads ``config.source``, splits its classes, and serves PK training batches and a validation set.
+    """Reads ``config.source``, splits its classes, and serves PK training batches, validation and test sets.
 
-    ``preprocessing``: the model's (sizes, normalisation); validation uses exactly the inference transform.
-    ``cache_dir``: where detector boxes are cached (input mode ``detector``).
+    ``preprocessing``: the model's (sizes, normalisation); validation and test use exactly the inference
+    transform. ``cache_dir``: where detector boxes and (``config.cache``) the resized crops are cached
+    (without it, resized crops are kept in memory).
     """
 
     def __init__(
@@ -42,10 +53,10 @@ class EmbedderDataModule(L.LightningDataModule):
         self.seed = seed
         self.detector_device = detector_device
         self.items: list[SourceItem] | None = None
-        self.train_classes: list[str] = []
-        self.val_classes: list[str] = []
-        self.train_set: CropDataset | None = None
-        self.val_set: CropDataset | None = None
+        self.splits = ClassSplits([], [], [])
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
         self._boxes: list[list[Detection]] | None = None
 
     # ------------------------------------------------------------------ preparation
@@ -70,39 +81,62 @@ class EmbedderDataModule(L.LightningDataModule):
         return self._boxes
 
     def prepare_data(self) -> None:
-        """Rank 0 only: run the detector over uncached images (mode ``detector``)."""
+        """Rank 0 only: run the detector over uncached images (mode ``detector``) and fill the image cache."""
         self._detections(self._read())
+        if self.config.cache:
+            self.setup("fit")
+
+    def _dataset(self, classes: list[str], size: int, augment: v2.Transform | None) -> Dataset:
+        """The crops of ``classes`` at ``size`` in inference geometry, then ``augment`` (or normalisation)."""
+        cfg, pre = self.config, self.preprocessing
+        items, detections = self._read(), self._detections(self._read())
+        after = augment if augment is not None else v2.Compose(normalise_transforms(pre))
+        if not cfg.cache:
+            transform = v2.Compose([*geometry_transform(pre, size).transforms, *after.transforms])
+            return CropDataset(items, classes, transform, cfg.input, cfg.detector, detections)
+        crops = CropDataset(items, classes, geometry_transform(pre, size), cfg.input, cfg.detector, detections)
+        geometry = f"{pre.resize}:{pre.interpolation}"
+        images, kept = cached_crops(crops, size, geometry, self.cache_dir, workers=cfg.workers)
+        return CachedDataset(images, [crops.labels[i] for i in kept], after)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         cfg = self.config
-        items = self._read()
-        counts = class_counts(items)
-        train_classes, val_classes = split_classes(list(counts), cfg.class_split, cfg.train_classes, cfg.val_classes)
+        counts = class_counts(self._read())
+        splits = split_classes(
+            list(counts), cfg.class_split, cfg.train_classes, cfg.val_classes, cfg.test_classes, cfg.val_fraction
+        )
         if cfg.min_per_class:
-            dropped = [c for c in train_classes if counts[c] < cfg.min_per_class]
+            dropped = [c for c in splits.train if counts[c] < cfg.min_per_class]
             if dropped:
                 logger.info("dropping %d training classes with < %d images", len(dropped), cfg.min_per_class)
-            train_classes = [c for c in train_classes if counts[c] >= cfg.min_per_class]
-        detections = self._detections(items)  # read from the cache prepare_data filled
-        self.train_classes, self.val_classes = train_classes, val_classes
-        augment = train_transform(self.preprocessing, cfg.crop_scale, cfg.hflip, cfg.jitter)
-        self.train_set = CropDataset(items, train_classes, augment, cfg.input, cfg.detector, detections)
-        self.val_set = CropDataset(
-            items, val_classes, eval_transform(self.preprocessing), cfg.input, cfg.detector, detections
-        )
+            splits = ClassSplits([c for c in splits.train if counts[c] >= cfg.min_per_class], splits.val, splits.test)
+        self.splits = splits
+        size = self.preprocessing.image_size
+        augment = augment_transform(self.preprocessing, cfg.crop_scale, cfg.hflip, cfg.jitter)
+        self.train_set = self._dataset(splits.train, cfg.train_size, augment)
+        self.val_set = self._dataset(splits.val, size, None) if splits.val else None
+        self.test_set = self._dataset(splits.test, size, None) if splits.test else None
         logger.info(
-            "training on %d images of %d classes, validating on %d images of %d other classes",
+            "classes: %d train (%d images), %d validation (%d images), %d test (%d images)",
+            len(splits.train),
             len(self.train_set),
-            len(train_classes),
-            len(self.val_set),
-            len(val_classes),
+            len(splits.val),
+            len(self.val_set or []),
+            len(splits.test),
+            len(self.test_set or []),
         )
 
     @property
     def num_train_classes(self) -> int:
-        return len(self.train_classes)
+        return len(self.splits.train)
+
+    @property
+    def train_labels(self) -> list[int]:
+        if self.train_set is None:
+            raise RuntimeError("call setup() first")
+        return list(self.train_set.labels)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ loaders
     def batches_per_epoch(self) -> int:
@@ -121,7 +155,7 @@ class EmbedderDataModule(L.LightningDataModule):
         cfg = self.config
         rank, _ = self._rank()
         sampler = PKSampler(
-            self.train_set.labels,
+            self.train_labels,
             cfg.classes_per_batch,
             cfg.images_per_class,
             self.batches_per_epoch(),
@@ -137,17 +171,22 @@ class EmbedderDataModule(L.LightningDataModule):
             persistent_workers=cfg.workers > 0,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
-        assert self.val_set is not None
+        if self.val_set is None:
+            return []  # no validation classes: a fixed schedule, the last epoch is kept
+        return self.eval_loader(self.val_set, distributed=True)
+
+    def eval_loader(self, dataset: Dataset, distributed: bool = False) -> DataLoader:
+        """Batches of ``(images, class indices, item indices)`` in order (sharded across DDP ranks)."""
         rank, world_size = self._rank()
         sampler = (
-            DistributedSampler(self.val_set, num_replicas=world_size, rank=rank, shuffle=False)
-            if world_size > 1
+            DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+            if world_size > 1 and distributed
             else None
         )
         return DataLoader(
-            self.val_set,
+            dataset,
             batch_size=self.config.eval_batch_size,
             sampler=sampler,
             shuffle=False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import faiss
@@ -54,12 +54,25 @@ def freeze_backbone(backbone: nn.Module, blocks: int) -> list[nn.Module]:
     return modules
 
 
-def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor`` at ``total``."""
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0, hold: int = 0) -> float:
+    """LR multiplier: constant for ``hold`` steps (frozen warm-up), then a linear warm-up over ``warmup``
+    steps, then cosine from 1 to ``floor`` at step ``total``."""
+    if step < hold:
+        return 1.0
+    step, total = step - hold, total - hold
     if step < warmup:
         return (step + 1) / (warmup + 1)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def decay_split(named: Sequence[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decayed, not decayed) trainable parameters: norm scales/shifts and biases (1-d tensors) get no decay."""
+    decay, no_decay = [], []
+    for name, parameter in named:
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
+    return decay, no_decay
 
 
 def retrieval_metrics(embeddings: np.ndarray, labels: Sequence[object]) -> RetrievalMetrics:
@@ -74,6 +87,8 @@ def metrics_dict(metrics: RetrievalMetrics) -> dict[str, float]:
     """Flat ``{"recall_at_1": ..., "map_at_r": ..., "r_precision": ...}`` for logging."""
     flat = {f"recall_at_{k}": float(v) for k, v in metrics.recall_at.items()}
     flat.update(map_at_r=float(metrics.map_at_r), r_precision=float(metrics.r_precision))
+    if metrics.other_year_share is not None:
+        flat["other_year_share"] = float(metrics.other_year_share)
     return flat
 
 
@@ -109,6 +124,9 @@ class EmbedderModule(L.LightningModule):
         )
         self.model = EmbeddingModel(spec, pretrained=self.model_config.pretrained)
         self._frozen = tuple(freeze_backbone(self.model.backbone, self.model_config.freeze_blocks))
+        if self.model_config.freeze_bn:
+            self._frozen += tuple(m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        self._backbone_trainable = tuple(p for p in self.model.backbone.parameters() if p.requires_grad)
         if self.model_config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         criterion = build_criterion(self.loss_config, num_classes, self.model.dim)
@@ -130,8 +148,14 @@ class EmbedderModule(L.LightningModule):
     def train(self, mode: bool = True) -> EmbedderModule:
         super().train(mode)
         for module in self._frozen:
-            module.eval()  # frozen blocks keep their BatchNorm statistics
+            module.eval()  # frozen blocks (and, with freeze_bn, every BatchNorm) keep their statistics
         return self
+
+    def on_train_epoch_start(self) -> None:
+        """Frozen warm-up: the backbone learns only from epoch ``optim.frozen_warmup_epochs`` on."""
+        learn = self.current_epoch >= self.optim_config.frozen_warmup_epochs
+        for parameter in self._backbone_trainable:
+            parameter.requires_grad_(learn)
 
     # ------------------------------------------------------------------ loss
     def distribute(self, world_size: int) -> None:
@@ -174,7 +198,8 @@ class EmbedderModule(L.LightningModule):
         if mined is not None:
             self.log("train/mined", float(mined), **log)
         for group in self.optimizers().param_groups:
-            self.log(f"train/lr_{group.get('name', 'model')}", group["lr"], on_step=True, batch_size=size)
+            if not group["name"].endswith("_no_decay"):
+                self.log(f"train/lr_{group['name']}", group["lr"], on_step=True, batch_size=size)
         return loss
 
     # ------------------------------------------------------------------ validation
@@ -203,22 +228,51 @@ class EmbedderModule(L.LightningModule):
             sync_dist=self.trainer.world_size > 1,  # identical on every rank; avoids Lightning's warning
         )
 
+    @torch.no_grad()
+    def evaluate(
+        self, loader: Iterable[Sequence[torch.Tensor]], class_names: Sequence[str] | None = None
+    ) -> dict[str, float]:
+        """Leave-one-out retrieval metrics of this model on ``loader``'s images (one process, eval mode).
+
+        ``class_names[i]`` names class index i (labels with a trailing year add ``other_year_share``).
+        """
+        was_training = self.training
+        self.eval()
+        parts, labels = [], []
+        try:
+            for batch in loader:
+                parts.append(self(batch[0].to(self.device)).float().cpu())
+                labels += batch[1].tolist()
+        finally:
+            self.train(was_training)
+        names = [class_names[i] for i in labels] if class_names is not None else labels
+        return metrics_dict(retrieval_metrics(torch.cat(parts).numpy(), names))
+
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Backbone, head and loss groups (``name`` keys); norm and bias parameters without weight decay."""
         cfg = self.optim_config
-        groups: list[dict[str, Any]] = [
-            {
-                "params": [p for p in self.model.parameters() if p.requires_grad],
-                "lr": cfg.lr,
-                "weight_decay": cfg.weight_decay,
-                "name": "model",
-            }
-        ]
+        head_lr = cfg.head_lr or cfg.lr
+        groups: list[dict[str, Any]] = []
+        for name, module, lr in (("backbone", self.model.backbone, cfg.lr), ("head", self.model.head, head_lr)):
+            named = list(module.named_parameters())
+            if name == "head":
+                named += list(self.model.pool.named_parameters())  # GeM's exponent trains with the head
+            decay, no_decay = decay_split(named)
+            if decay:
+                groups.append({"params": decay, "lr": lr, "weight_decay": cfg.weight_decay, "name": name})
+            if no_decay:
+                groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}_no_decay"})
         loss_params = list(self.criterion.parameters())
-        if not groups[0]["params"] and not loss_params:
-            raise ConfigError("nothing to train: the backbone is frozen and there is no head (set model.embedding_dim)")
         if loss_params:
             groups.append({"params": loss_params, "lr": cfg.loss_lr, "weight_decay": 0.0, "name": "loss"})
+        if not groups:
+            raise ConfigError("nothing to train: the backbone is frozen and there is no head (set model.embedding_dim)")
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_config
+        groups = self.param_groups()
         if cfg.name == "adamw":
             optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups)
         elif cfg.name == "sgd":
@@ -227,8 +281,9 @@ class EmbedderModule(L.LightningModule):
             raise ConfigError(f"unknown optimiser {cfg.name!r}; valid: adamw, sgd")
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        hold = min(total, cfg.frozen_warmup_epochs * per_epoch)
         warmup = round(cfg.warmup_epochs * per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, cfg.min_lr_ratio)
+            optimizer, lambda step: warmup_cosine(step, warmup, total, cfg.min_lr_ratio, hold)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,8 +1,8 @@
 """Train an embedder into a run directory, and export its best checkpoint for inference.
 
-A run directory holds ``config.yaml`` (resolved), ``classes.json`` (the class split), ``checkpoints/``
-(Lightning, best by ``val/recall_at_1``), logs, and ``metrics.json`` (zero-shot, best and final validation
-metrics, wall time).
+A run directory holds ``config.yaml`` (resolved), ``classes.json`` (the train / val / test classes),
+``checkpoints/`` (Lightning: best by ``val/recall_at_1``, or the last epoch without validation classes),
+logs, and ``metrics.json`` (test metrics of the selected model, zero-shot metrics, validation history, times).
 """
 
 from __future__ import annotations
@@ -108,8 +108,20 @@ def _logger(run_dir: Path) -> Any:
     return CSVLogger(save_dir=str(run_dir), name="logs", version="")
 
 
+def _strategy(config: TrainConfig) -> str:
+    """DDP with a frozen warm-up needs unused-parameter detection (the backbone has no gradient at first)."""
+    strategy = config.trainer.strategy
+    if strategy == "ddp" and config.optim.frozen_warmup_epochs > 0:
+        return "ddp_find_unused_parameters_true"
+    return strategy
+
+
 def train(config: TrainConfig) -> Path:
-    """Train, validate each epoch on held-out classes, keep the best checkpoint; returns the run directory."""
+    """Train; pick the epoch on validation classes (or keep the last one); test once; returns the run directory.
+
+    ``metrics.json`` holds zero-shot and final validation/test metrics: the test classes are evaluated
+    twice only, before training (zero-shot) and with the selected model, and choose nothing.
+    """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     started = time.perf_counter()
@@ -130,33 +142,36 @@ def train(config: TrainConfig) -> Path:
         detector_device="cuda" if accelerator != "cpu" else "cpu",
     )
     if not _is_ddp_child():
-        data.prepare_data()  # detector boxes, before Lightning starts other ranks
+        data.prepare_data()  # detector boxes and image cache, before Lightning starts other ranks
     data.setup("fit")
     module = EmbedderModule(spec, data.num_train_classes, config.model, config.loss, config.optim)
+    validating = data.val_set is not None
 
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
-    atomic_write_json(run_dir / "classes.json", {"train": data.train_classes, "val": data.val_classes})
+    atomic_write_json(run_dir / "classes.json", data.splits.to_dict())
 
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
-        filename="best-epoch{epoch:03d}",
-        monitor=MONITOR,
+        filename="best-epoch{epoch:03d}" if validating else "last-epoch{epoch:03d}",
+        monitor=MONITOR if validating else None,
         mode="max",
         save_top_k=1,
         auto_insert_metric_name=False,
     )
     callbacks: list[Any] = [checkpoint]
-    if config.trainer.patience is not None:
+    if validating and config.trainer.patience is not None:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=config.trainer.patience))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=config.trainer.devices,
-        strategy=config.trainer.strategy,
+        strategy=_strategy(config),
         precision=precision,
         max_epochs=config.trainer.max_epochs,
         limit_train_batches=config.trainer.limit_train_batches,
+        limit_val_batches=None if validating else 0,
         check_val_every_n_epoch=config.trainer.val_every,
         log_every_n_steps=config.trainer.log_every_n_steps,
+        gradient_clip_val=config.optim.grad_clip,
         num_sanity_val_steps=0,  # the zero-shot validation below covers it
         use_distributed_sampler=False,  # PK batches come from PKSampler, one stream per rank
         enable_progress_bar=config.trainer.progress_bar,
@@ -164,48 +179,69 @@ def train(config: TrainConfig) -> Path:
         callbacks=callbacks,
         default_root_dir=str(run_dir),
     )
-    trainer.validate(module, datamodule=data, verbose=False)
-    zero_shot = module.val_history[-1] if module.val_history else {}
-    module.val_history.clear()
+    zero_shot: dict[str, Any] = {"val": None, "test": None}
+    if validating:
+        trainer.validate(module, datamodule=data, verbose=False)
+        zero_shot["val"] = module.val_history[-1] if module.val_history else None
+        module.val_history.clear()
+    testing = data.test_set is not None and trainer.global_rank == 0
+    if testing:
+        zero_shot["test"] = module.evaluate(data.eval_loader(data.test_set), data.splits.test)
+    fit_started = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the frozen blocks, on purpose
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # frozen layers, on purpose
         trainer.fit(module, datamodule=data)
+    train_time = time.perf_counter() - fit_started
 
     if trainer.global_rank == 0:
+        selected = Path(checkpoint.best_model_path).resolve() if checkpoint.best_model_path else None
+        test = None
+        if testing:
+            if selected is not None:  # the selected epoch's weights, not whatever the last epoch left
+                module.load_state_dict(
+                    torch.load(selected, map_location=module.device, weights_only=True)["state_dict"]
+                )
+            test = module.evaluate(data.eval_loader(data.test_set), data.splits.test)
         history = module.val_history
-        best = max(history, key=lambda m: m["recall_at_1"]) if history else {}
+        best = max(history, key=lambda m: m["recall_at_1"]) if history else None
         metrics = {
+            "test": test,
             "zero_shot": zero_shot,
-            "best": best,
-            "final": history[-1] if history else {},
-            "history": history,
-            "best_checkpoint": str(Path(checkpoint.best_model_path).resolve()) if checkpoint.best_model_path else None,
+            "selected_by": MONITOR if validating else "last epoch (fixed schedule)",
+            "selected_epoch": best["epoch"] if best else int(trainer.current_epoch) - 1,
+            "val": {"best": best, "final": history[-1] if history else None, "history": history},
+            "checkpoint": str(selected) if selected else None,
             "epochs": int(trainer.current_epoch),
             "global_steps": int(trainer.global_step),
-            "train_images": len(data.train_set or []),
-            "val_images": len(data.val_set or []),
-            "train_classes": len(data.train_classes),
-            "val_classes": len(data.val_classes),
+            "images": {
+                "train": len(data.train_set or []),
+                "val": len(data.val_set or []),
+                "test": len(data.test_set or []),
+            },
+            "classes": {name: len(classes) for name, classes in data.splits.to_dict().items()},
+            "train_time_s": round(train_time, 1),
             "wall_time_s": round(time.perf_counter() - started, 1),
             "resolved": {"accelerator": accelerator, "precision": precision, "world_size": trainer.world_size},
         }
         atomic_write_json(run_dir / "metrics.json", metrics)
         logger.info(
-            "run %s: val R@1 %.4f at start, best %.4f (epoch %s)",
+            "run %s: test R@1 %s → %s (selected: %s, epoch %s), training %.0f s",
             run_dir,
-            zero_shot.get("recall_at_1", float("nan")),
-            best.get("recall_at_1", float("nan")),
-            best.get("epoch"),
+            (zero_shot["test"] or {}).get("recall_at_1"),
+            (test or {}).get("recall_at_1"),
+            metrics["selected_by"],
+            metrics["selected_epoch"],
+            train_time,
         )
     return run_dir
 
 
 def best_checkpoint(run_dir: str | Path) -> Path:
-    """The run's best Lightning checkpoint (from ``metrics.json``, else the newest in ``checkpoints/``)."""
+    """The run's selected Lightning checkpoint (from ``metrics.json``, else the newest in ``checkpoints/``)."""
     run_dir = Path(run_dir)
     metrics_file = run_dir / "metrics.json"
     if metrics_file.exists():
-        recorded = json.loads(metrics_file.read_text()).get("best_checkpoint")
+        recorded = json.loads(metrics_file.read_text()).get("checkpoint")
         if recorded and Path(recorded).exists():
             return Path(recorded)
     candidates = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -241,7 +277,9 @@ def export(run_dir: str | Path, out_path: str | Path) -> Path:
     metrics_file = run_dir / "metrics.json"
     if metrics_file.exists():
         recorded = json.loads(metrics_file.read_text())
-        extra["val_metrics"] = {k: v for k, v in recorded.get("best", {}).items() if isinstance(v, (int, float))}
+        for name in ("test", "zero_shot"):
+            if recorded.get(name):
+                extra[f"{name}_metrics"] = recorded[name]
     save_checkpoint(model, out_path, extra=extra)
     logger.info("exported %s → %s", source, out_path)
     return Path(out_path)

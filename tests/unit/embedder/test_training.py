@@ -37,7 +37,7 @@ from carsearch.embedder.training import (
     train_main,
 )
 from carsearch.embedder.training.config import LossConfig, ModelConfig, OptimConfig
-from carsearch.embedder.training.data import CropDataset, sort_classes, split_classes, train_transform
+from carsearch.embedder.training.data import ClassSplits, CropDataset, sort_classes, split_classes, train_transform
 from carsearch.embedder.training.datamodule import EmbedderDataModule
 from carsearch.embedder.training.losses import LOSSES, build_criterion
 from carsearch.embedder.training.module import freeze_backbone, warmup_cosine
@@ -165,19 +165,49 @@ def test_loss_factory_errors_list_the_valid_names():
         load_train_config(None, ["loss.name=nope"])
 
 
-def test_proxy_losses_get_their_own_parameter_group():
-    module = tiny_module(LossConfig(name="proxy_anchor", miner="none"), freeze_blocks=2)
+def test_backbone_head_and_loss_get_their_own_parameter_groups():
+    config = load_train_config(None, TINY)
+    optim = OptimConfig(lr=1e-4, head_lr=1e-3, loss_lr=1e-2, weight_decay=0.05, warmup_epochs=1)
+    model = ModelConfig(**{**to_dict(config.model), "freeze_blocks": 2})
+    module = EmbedderModule(model_spec(config), 4, model, LossConfig(name="proxy_anchor", miner="none"), optim)
     module._trainer = SimpleNamespace(estimated_stepping_batches=20, max_epochs=2)  # what the optimiser reads
-    optimiser = module.configure_optimizers()["optimizer"]
-    model_group, loss_group = optimiser.param_groups
-    assert (model_group["lr"], loss_group["lr"]) == pytest.approx((1e-3 / 11, 1e-2 / 11))  # warm-up step 0 of 10
-    assert {id(p) for p in loss_group["params"]} == {id(p) for p in module.criterion.parameters()}
-    assert loss_group["weight_decay"] == 0.0
+    groups = {g["name"]: g for g in module.configure_optimizers()["optimizer"].param_groups}
+    assert set(groups) == {"backbone", "backbone_no_decay", "head", "head_no_decay", "loss"}
+    warm = 1 / 11  # step 0 of a 10-step linear warm-up
+    assert groups["backbone"]["lr"] == pytest.approx(1e-4 * warm) and groups["head"]["lr"] == pytest.approx(1e-3 * warm)
+    assert groups["loss"]["lr"] == pytest.approx(1e-2 * warm)
+    assert {id(p) for p in groups["loss"]["params"]} == {id(p) for p in module.criterion.parameters()}
+    assert [g["weight_decay"] for g in groups.values()] == [0.05, 0.0, 0.05, 0.0, 0.0]
+    assert all(p.ndim > 1 for name in ("backbone", "head") for p in groups[name]["params"])
+    assert all(p.ndim == 1 for name in ("backbone_no_decay", "head_no_decay") for p in groups[name]["params"])
+    assert {id(p) for p in groups["head"]["params"]} == {id(module.model.head[0].weight)}
     frozen = {id(p) for p in module.model.backbone.conv_stem.parameters()}
-    assert not frozen & {id(p) for p in model_group["params"]}
+    assert not frozen & {id(p) for g in groups.values() for p in g["params"]}
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert trainable == {id(p) for g in groups.values() for p in g["params"]}  # every trainable one, once
     triplet = tiny_module(LossConfig(name="triplet"))
     triplet._trainer = SimpleNamespace(estimated_stepping_batches=20, max_epochs=2)
-    assert len(triplet.configure_optimizers()["optimizer"].param_groups) == 1
+    assert "loss" not in {g["name"] for g in triplet.configure_optimizers()["optimizer"].param_groups}
+
+
+def test_frozen_warmup_trains_only_head_and_loss_then_the_backbone():
+    config = load_train_config(None, TINY)
+    optim = OptimConfig(lr=1e-2, head_lr=1e-2, loss_lr=1e-2, frozen_warmup_epochs=1)
+    module = EmbedderModule(model_spec(config), 4, config.model, LossConfig(name="proxy_anchor", miner="none"), optim)
+    optimiser = torch.optim.AdamW(module.param_groups())
+    images, labels = pk_batch(size=48)
+    backbone = [p for p in module.model.backbone.parameters() if p.requires_grad]
+    for epoch in (0, 1):
+        module._trainer = SimpleNamespace(current_epoch=epoch)
+        module.on_train_epoch_start()
+        before = [p.detach().clone() for p in backbone]
+        head = module.model.head[0].weight.detach().clone()
+        optimiser.zero_grad()
+        module.compute_loss(module(images), labels)[0].backward()
+        optimiser.step()
+        moved = [not torch.equal(a, p) for a, p in zip(before, backbone, strict=True)]
+        assert not torch.equal(head, module.model.head[0].weight)
+        assert (not any(moved)) if epoch == 0 else all(moved[:3])
 
 
 def test_warmup_then_cosine_schedule():
@@ -187,10 +217,13 @@ def test_warmup_then_cosine_schedule():
     assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
     assert values[20] == pytest.approx(0.0)
     assert warmup_cosine(20, 0, 20, floor=0.1) == pytest.approx(0.1)
+    held = [warmup_cosine(step, warmup=0, total=20, hold=5) for step in range(21)]
+    assert held[:6] == [1.0] * 6 and held[20] == pytest.approx(0.0)  # constant, then cosine over 15 steps
+    assert held[5 + 15 // 2] == pytest.approx(warmup_cosine(15 // 2, 0, 15))
 
 
 def test_freeze_blocks_freezes_stem_and_first_blocks_and_keeps_their_batchnorm_in_eval():
-    module = tiny_module(LossConfig(name="triplet"), freeze_blocks=2)
+    module = tiny_module(LossConfig(name="triplet"), freeze_blocks=2, freeze_bn=False)
     backbone = module.model.backbone
     assert not any(p.requires_grad for p in backbone.conv_stem.parameters())
     assert not any(p.requires_grad for p in backbone.blocks[1].parameters())
@@ -204,6 +237,10 @@ def test_freeze_blocks_freezes_stem_and_first_blocks_and_keeps_their_batchnorm_i
     whole = tiny_module(LossConfig(name="triplet"), freeze_blocks=-1)
     assert not any(p.requires_grad for p in whole.model.backbone.parameters())
     assert all(p.requires_grad for p in whole.model.head.parameters())
+    frozen_bn = tiny_module(LossConfig(name="triplet"), freeze_blocks=2).train()  # freeze_bn: the default
+    norms = [m for m in frozen_bn.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert frozen_bn.model.backbone.blocks[2][0].bn1.weight.requires_grad  # scale and shift still train
 
 
 # --------------------------------------------------------------------------- sampler
@@ -243,20 +280,30 @@ def test_min_per_class_drops_short_training_classes(tmp_path):
     config = load_train_config(None, [*TINY, f"data.source={root}", "data.min_per_class=4"]).data
     data = EmbedderDataModule(config, model_spec(load_train_config(None, TINY)).preprocessing)
     data.setup()
-    assert "t00" not in data.train_classes and data.num_train_classes == 3
+    assert "t00" not in data.splits.train and data.num_train_classes == 3
 
 
 # --------------------------------------------------------------------------- data
 def test_split_classes():
-    assert split_classes(["b", "a", "d", "c", "a"]) == (["a", "b"], ["c", "d"])
+    assert split_classes(["b", "a", "d", "c", "a"]) == ClassSplits(["a", "b"], [], ["c", "d"])
     numeric = [str(i) for i in range(1, 11)]
-    assert split_classes(numeric) == (["1", "2", "3", "4", "5"], ["6", "7", "8", "9", "10"])
+    assert split_classes(numeric) == ClassSplits(["1", "2", "3", "4", "5"], [], ["6", "7", "8", "9", "10"])
     assert sort_classes(["10", "9", "100"]) == ["9", "10", "100"]
-    assert split_classes(list("abcde")) == (["a", "b", "c"], ["d", "e"])
-    assert split_classes(list("abcde"), "list", ["e", "a"]) == (["a", "e"], ["b", "c", "d"])
-    assert split_classes(list("abcde"), "list", ["a", "b"], ["d", "e"]) == (["a", "b"], ["d", "e"])
+    assert split_classes(list("abcde")) == ClassSplits(["a", "b", "c"], [], ["d", "e"])
+    assert split_classes(list("abcde"), "list", ["e", "a"]) == ClassSplits(["a", "e"], [], ["b", "c", "d"])
+    assert split_classes(list("abcdef"), "list", ["a", "b"], ["d", "e"]) == ClassSplits(["a", "b"], ["d", "e"], ["c", "f"])
+    assert split_classes(list("abcde"), "all") == ClassSplits(list("abcde"), [], [])
+    # Validation classes are carved out of the training classes, never out of the test classes.
+    carved = split_classes([str(i) for i in range(1, 41)], "half", val_fraction=0.25)
+    assert carved.val == ["3", "7", "11", "15", "19"] and len(carved.train) == 15
+    assert carved.test == [str(i) for i in range(21, 41)]
+    assert not set(carved.train) & set(carved.val)
+    full = split_classes([str(i) for i in range(1, 99)], "all", val_fraction=0.1)
+    assert len(full.val) == 10 and len(full.train) == 88 and full.test == []
     with pytest.raises(ConfigError, match="disjoint"):
         split_classes(list("abcde"), "list", ["a", "b"], ["b", "c"])
+    with pytest.raises(ConfigError, match="disjoint"):
+        split_classes(list("abcde"), "list", ["a", "b"], [], ["b", "c"])
     with pytest.raises(ConfigError, match="not in the data"):
         split_classes(list("abcde"), "list", ["a", "z"])
     with pytest.raises(ConfigError, match="at least 4"):
@@ -283,13 +330,47 @@ def test_crop_dataset_raw_and_gt_modes(tmp_path):
     assert len(only_b) == 1 and only_b.labels == [0]
 
 
-def test_train_and_eval_transforms_match_the_model_preprocessing(tmp_path):
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("resize", ["squash", "center_crop"])
+def test_unaugmented_training_path_equals_inference_pixel_for_pixel(tmp_path, cache, resize):
+    """Crop planning, (cached) resizing and normalisation of the training path, without augmentation, give
+    exactly what ``eval_transform`` gives the inference crop: training sees the geometry inference sees."""
+    root = tmp_path / "data"
+    rows = ["path,label,x1,y1,x2,y2"]
+    for i in range(8):
+        path = root / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        make_car_image(i, CLASS_COLOURS[i % 4], size=(120 + 20 * i, 60)).save(path)
+        rows.append(f"{path},c{i % 4},{5 + i},4,{100 + 2 * i},50")
+    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    overrides = [*TINY, f"data.source={root / 'data.csv'}", "data.class_split=all", "data.input=gt"]
+    overrides += [f"data.cache={str(cache).lower()}", f"data.resize={resize}", "data.resize_to=48"]
+    overrides += ["data.crop_scale=1.0", "data.hflip=false", "data.detector.margin=0.05"]
+    config = load_train_config(None, overrides)
+    spec = model_spec(config)
+    data = EmbedderDataModule(config.data, spec.preprocessing, cache_dir=tmp_path / "cache")
+    data.setup()
+    crops = CropDataset(data._read(), data.splits.train, eval_transform(spec.preprocessing), "gt", config.data.detector)
+    assert len(data.train_set) == len(crops) == 8
+    for i in range(8):
+        image, label, _ = data.train_set[i]
+        expected, expected_label, _ = crops[i]
+        assert label == expected_label and torch.equal(image, expected), i
+    if cache:
+        assert list((tmp_path / "cache").glob("images_48_*.npy"))
+
+
+def test_random_crops_keep_the_inference_aspect_of_wide_cars():
+    """A 4:1 crop is squashed to a square first, so even an un-zoomed view keeps both ends of the car
+    (cropping the original with aspect <= 4/3 would keep at most a third of its width)."""
     pre = model_spec(load_train_config(None, TINY)).preprocessing
-    image = make_car_image(1, CLASS_COLOURS[1])
-    augmented = train_transform(pre, crop_scale=0.5, jitter=0.2)(image)
-    assert augmented.shape == (3, 48, 48) and augmented.dtype == torch.float32
-    identity = train_transform(pre, crop_scale=1.0, hflip=False, jitter=0.0)
-    assert identity(image).shape == eval_transform(pre)(image).shape
+    wide = np.zeros((40, 160, 3), dtype=np.uint8)
+    wide[:, :20] = (255, 0, 0)
+    wide[:, -20:] = (0, 0, 255)
+    transform = train_transform(pre, size=56, crop_scale=0.9, hflip=False)
+    for _ in range(20):
+        view = transform(Image.fromarray(wide))
+        assert view[0].max() > 0.5 and view[2].max() > 0.5  # red (left end) and blue (right end) both in view
 
 
 def test_detector_boxes_are_cached_by_path_and_content(tmp_path, tiny_yolo, monkeypatch):
@@ -367,6 +448,7 @@ def trained_run(hue_gallery: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     overrides = [
         *TINY,
         f"data.source={hue_gallery}",
+        "data.val_fraction=0.3",
         "data.batches_per_epoch=25",
         "loss.name=multi_similarity",
         "optim.lr=2e-3",
@@ -379,12 +461,15 @@ def trained_run(hue_gallery: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return train(load_train_config(None, overrides))
 
 
-def test_training_raises_validation_recall_on_unseen_classes(trained_run):
+def test_training_raises_test_recall_on_unseen_classes(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    zero_shot, best = metrics["zero_shot"]["recall_at_1"], metrics["best"]["recall_at_1"]
-    assert best >= zero_shot + 0.15, metrics["history"]
-    assert metrics["final"] == metrics["history"][-1] and len(metrics["history"]) == 4
-    assert set(metrics["best"]) >= {
+    zero_shot, test = metrics["zero_shot"]["test"]["recall_at_1"], metrics["test"]["recall_at_1"]
+    assert test >= zero_shot + 0.15, metrics
+    val = metrics["val"]
+    assert val["final"] == val["history"][-1] and len(val["history"]) == 4
+    assert metrics["selected_by"] == "val/recall_at_1" and metrics["selected_epoch"] == val["best"]["epoch"]
+    assert val["best"]["recall_at_1"] == max(m["recall_at_1"] for m in val["history"])
+    assert set(metrics["test"]) >= {
         "recall_at_1",
         "recall_at_2",
         "recall_at_4",
@@ -392,11 +477,16 @@ def test_training_raises_validation_recall_on_unseen_classes(trained_run):
         "map_at_r",
         "r_precision",
     }
-    assert metrics["train_classes"] == metrics["val_classes"] == 10 and metrics["wall_time_s"] > 0
-    assert Path(metrics["best_checkpoint"]).exists()
+    assert (
+        metrics["classes"] == {"train": 7, "val": 3, "test": 10}
+        and metrics["wall_time_s"] > metrics["train_time_s"] > 0
+    )
+    assert metrics["images"] == {"train": 56, "val": 24, "test": 80}
+    assert Path(metrics["checkpoint"]).exists() and f"epoch{metrics['selected_epoch']:03d}" in metrics["checkpoint"]
     classes = json.loads((trained_run / "classes.json").read_text())
-    assert not set(classes["train"]) & set(classes["val"])
-    assert all(name.startswith("t") for name in classes["train"])
+    assert not set(classes["train"]) & set(classes["val"]) and not set(classes["val"]) & set(classes["test"])
+    assert all(name.startswith("t") for name in classes["train"] + classes["val"])
+    assert all(name.startswith("v") for name in classes["test"])
     saved = load_train_config(trained_run / "config.yaml")
     assert saved.loss.name == "multi_similarity" and saved.trainer.max_epochs == 4
     logs = list((trained_run / "logs").rglob("*"))
@@ -413,8 +503,8 @@ def test_export_gives_an_inference_checkpoint_with_identical_embeddings(trained_
     out = export(trained_run, tmp_path / "embedder.pt")
     embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(out)))
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    best = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
-    module = tiny_module(LossConfig(name="multi_similarity"), num_classes=10)
+    best = torch.load(metrics["checkpoint"], map_location="cpu", weights_only=True)
+    module = tiny_module(LossConfig(name="multi_similarity"), num_classes=7)
     module.load_state_dict(best["state_dict"])
     module.eval()
     images = [Image.open(p).convert("RGB") for p in sorted(hue_gallery.rglob("*.png"))[:12]]
@@ -422,21 +512,32 @@ def test_export_gives_an_inference_checkpoint_with_identical_embeddings(trained_
         expected = module(torch.stack([eval_transform(embedder.preprocessing)(im) for im in images])).numpy()
     np.testing.assert_allclose(embedder.embed(images), expected, atol=1e-5)
     assert embedder.preprocessing.image_size == 48 and embedder.dim == 64
-    assert torch.equal(load_trained_model(metrics["best_checkpoint"]).head[0].weight, embedder.model.head[0].weight)
+    assert torch.equal(load_trained_model(metrics["checkpoint"]).head[0].weight, embedder.model.head[0].weight)
 
 
 def test_command_line_entry_points_and_frozen_batchnorm(hue_gallery, tmp_path, capsys):
     args = [*TINY, f"data.source={hue_gallery}", "data.batches_per_epoch=3", "trainer.max_epochs=1"]
-    args += ["model.freeze_blocks=1", f"out.dir={tmp_path}", "out.name=cli"]
+    args += ["model.freeze_blocks=1", "model.freeze_bn=false", f"out.dir={tmp_path}", "out.name=cli"]
     assert train_main(["--set", "loss.name=triplet", *args]) == 0
     run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert run_dir == tmp_path / "cli" and (run_dir / "metrics.json").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["selected_by"].startswith("last epoch") and metrics["val"]["history"] == []  # no val classes
+    assert "last-epoch000" in metrics["checkpoint"] and metrics["test"]["recall_at_1"] >= 0
     assert load_train_config(run_dir / "config.yaml").model.freeze_blocks == 1
     assert export_main([str(run_dir), str(tmp_path / "out.pt")]) == 0
     model = load_checkpoint(tmp_path / "out.pt")
-    # The stem was frozen, BatchNorm statistics included: still the fresh-init values after training.
-    assert torch.equal(model.backbone.bn1.running_mean, torch.zeros_like(model.backbone.bn1.running_mean))
-    assert not torch.equal(model.backbone.blocks[1][0].bn1.running_mean, torch.zeros(1))
+    # The stem was frozen, BatchNorm statistics included: still the fresh-init values after training;
+    # block 2 trained with freeze_bn=false, so its statistics moved.
+    for bn, moved in ((model.backbone.bn1, False), (model.backbone.blocks[2][0].bn1, True)):
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) != moved
+    # With freeze_bn (the default) no BatchNorm statistics move at all.
+    args = [a.replace("freeze_bn=false", "freeze_bn=true").replace("out.name=cli", "out.name=bn") for a in args]
+    assert train_main(["--set", "loss.name=triplet", *args]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert export_main([str(run_dir), str(tmp_path / "bn.pt")]) == 0
+    frozen = load_checkpoint(tmp_path / "bn.pt").backbone.blocks[2][0].bn1
+    assert torch.equal(frozen.running_mean, torch.zeros_like(frozen.running_mean))
 
 
 # --------------------------------------------------------------------------- distributed (2 CPU processes, gloo)
@@ -500,7 +601,13 @@ def test_lightning_ddp_run_on_two_cpu_processes(hue_gallery, trained_run, tmp_pa
     ranks (DistributedSampler repeats removed): the zero-shot metrics equal the single-process ones."""
     root = Path(__file__).resolve().parents[3]
     args = [*TINY, f"data.source={hue_gallery}", "data.batches_per_epoch=3", "trainer.max_epochs=1"]
-    args += ["loss.name=multi_similarity", "trainer.strategy=ddp", "trainer.devices=2", f"out.dir={tmp_path}"]
+    args += [
+        "data.val_fraction=0.3",
+        "loss.name=multi_similarity",
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        f"out.dir={tmp_path}",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, "-m", "carsearch.embedder.training", "train", *args],
@@ -511,9 +618,10 @@ def test_lightning_ddp_run_on_two_cpu_processes(hue_gallery, trained_run, tmp_pa
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+    runs = [p for p in tmp_path.iterdir() if p.is_dir() and p.name != "cache"]
     assert len(runs) == 1, runs  # both ranks wrote into rank 0's run directory
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     single = json.loads((trained_run / "metrics.json").read_text())["zero_shot"]
-    assert metrics["zero_shot"] == pytest.approx(single, abs=1e-6)
-    assert metrics["global_steps"] == 3 and Path(metrics["best_checkpoint"]).exists()
+    for part in ("val", "test"):
+        assert metrics["zero_shot"][part] == pytest.approx(single[part], abs=1e-6)
+    assert metrics["global_steps"] == 3 and Path(metrics["checkpoint"]).exists()

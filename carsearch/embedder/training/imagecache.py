@@ -1,0 +1,116 @@
+"""Pre-resized uint8 crops in a memory-mapped ``.npy`` file, keyed by file content and preprocessing.
+
+Training epochs then read pixels instead of decoding and cropping JPEGs: one build per data set, crop
+mode and size, shared by later epochs, runs and DataLoader workers (the memory map is shared, not copied).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from carsearch.embedder.training.data import CropDataset
+from carsearch.errors import ImageLoadError
+from carsearch.images import content_hash
+from carsearch.index.atomic import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def cache_key(dataset: CropDataset, size: int, preprocessing: str) -> str:
+    """Digest of everything that decides the cached pixels: file contents, boxes, crop mode, size, resizing."""
+    digest = hashlib.blake2b(digest_size=10)
+    cropping = repr(dataset.crop.detector) if dataset.mode != "raw" else None
+    digest.update(json.dumps([CACHE_VERSION, size, preprocessing, dataset.mode, cropping]).encode())
+    for i, item in enumerate(dataset.items):
+        try:
+            data = Path(item.path).read_bytes()
+        except OSError:
+            data = b""
+        boxes = [d.box.as_list() for d in dataset.detections[i]] if dataset.detections is not None else None
+        box = item.box.as_list() if item.box is not None else None
+        digest.update(json.dumps([str(Path(item.path).resolve()), content_hash(data), box, boxes]).encode())
+    return digest.hexdigest()
+
+
+def _safe_item(dataset: CropDataset, index: int) -> tuple[int, np.ndarray | None, str]:
+    try:
+        return index, dataset[index][0].numpy(), ""
+    except ImageLoadError as exc:
+        return index, None, str(exc)
+
+
+class _Items:
+    """A map-style view of ``dataset`` whose unreadable images come back as ``None`` with the reason."""
+
+    def __init__(self, dataset: CropDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
+        return _safe_item(self.dataset, index)
+
+
+def _fill(dataset: CropDataset, out: np.ndarray, workers: int) -> list[int]:
+    """Write the readable crops of ``dataset`` into ``out`` in order; returns their item indices."""
+    kept: list[int] = []
+    for index, pixels, error in DataLoader(_Items(dataset), batch_size=None, num_workers=workers):
+        if pixels is None:
+            logger.warning("skipping unreadable training image %s: %s", dataset.items[index].path, error)
+            continue
+        out[len(kept)] = pixels
+        kept.append(int(index))
+    return kept
+
+
+def cached_crops(
+    dataset: CropDataset, size: int, preprocessing: str, cache_dir: str | Path | None, workers: int = 0
+) -> tuple[np.ndarray, list[int]]:
+    """``(images (M, 3, size, size) uint8; indices of the M readable items)``.
+
+    ``dataset`` must yield uint8 (3, size, size) tensors (see ``data.geometry_transform``); ``preprocessing``
+    names its resizing (it is part of the key). Unreadable images are skipped with a warning, never fatal.
+    With ``cache_dir`` the images are a read-only memory map of a file written under a temporary name and
+    renamed (an interrupted build leaves no cache behind) and found again by later runs; without, an array.
+    """
+    if cache_dir is None:
+        images = np.empty((len(dataset), 3, size, size), dtype=np.uint8)
+        kept = _fill(dataset, images, workers)
+        return images[: len(kept)], kept
+    cache_dir = Path(cache_dir)
+    key = cache_key(dataset, size, preprocessing)
+    array_path, index_path = cache_dir / f"images_{size}_{key}.npy", cache_dir / f"images_{size}_{key}.json"
+    if array_path.exists() and index_path.exists():
+        kept = json.loads(index_path.read_text())["kept"]
+        images = np.load(array_path, mmap_mode="r")
+        if images.shape == (len(kept), 3, size, size):
+            return images, kept
+        logger.warning("image cache %s does not match its index; rebuilding", array_path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("caching %d crops at %d px in %s", len(dataset), size, array_path)
+    tmp = array_path.with_suffix(f".tmp{os.getpid()}.npy")
+    try:
+        full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), 3, size, size))
+        kept = _fill(dataset, full, workers)
+        if len(kept) < len(dataset):  # rewrite with the readable images only
+            compact = np.array(full[: len(kept)])
+            del full
+            np.save(tmp, compact)
+        else:
+            full.flush()
+            del full
+        atomic_write_json(index_path, {"version": CACHE_VERSION, "kept": kept, "size": size})
+        os.replace(tmp, array_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return np.load(array_path, mmap_mode="r"), kept
