@@ -33,7 +33,7 @@ SHARED_CROPS = ROOT.parent / "shared" / "data" / "stanford_cars" / "crops.csv"
 
 
 def synthetic_sources(n: int, folder: Path) -> list:
-    from carsearch.pipeline.sources import SourceItem
+    from carsearch.data.sources import SourceItem
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import CLASS_COLOURS, make_car_image  # type: ignore[import-not-found]
@@ -133,11 +133,11 @@ def main() -> None:
     parser.add_argument("--out", help="JSON path")
     args = parser.parse_args()
 
-    from carsearch.images import load_image
+    from carsearch.data.cropping import apply_plan, plan_image
+    from carsearch.data.images import load_image
+    from carsearch.data.sources import read_source
     from carsearch.pipeline import Pipeline
     from carsearch.pipeline.batch import run_index_job
-    from carsearch.pipeline.cropping import apply_plan, plan_image
-    from carsearch.pipeline.sources import read_source
 
     tmp = Path(tempfile.mkdtemp(prefix="carsearch-bench-"))
     items = synthetic_sources(args.synthetic, tmp / "images") if args.synthetic else read_source(args.source)[: args.n]

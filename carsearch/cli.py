@@ -306,9 +306,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
+    from carsearch.data.atomic import atomic_write_json
+    from carsearch.data.sources import read_source
     from carsearch.explain.render import attention_plot
-    from carsearch.index.atomic import atomic_write_json
-    from carsearch.pipeline import Pipeline, read_source
+    from carsearch.pipeline import Pipeline
     from carsearch.pipeline.explaining import attention_dataset
 
     pipeline = Pipeline.from_config(args.config, _overrides(args))
@@ -358,7 +359,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from carsearch.pipeline.compare import compare, load_compare_config
+    from carsearch.compare import compare, load_compare_config
 
     logging.getLogger("carsearch").setLevel(logging.INFO)
     config = load_compare_config(args.config, args.overrides, quick=args.quick)

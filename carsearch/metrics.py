@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
+import faiss
 import numpy as np
 
 RECALL_KS = (1, 2, 4, 8)
@@ -112,9 +113,7 @@ def leave_one_out_neighbours(ids: np.ndarray, k: int) -> np.ndarray:
 
 
 def evaluate_embeddings(
-    search_fn,
-    labels: Sequence[object],
-    ks: Sequence[int] = RECALL_KS,  # noqa: ANN001 - (k) -> ids (N, k)
+    search_fn: Callable[[int], np.ndarray], labels: Sequence[object], ks: Sequence[int] = RECALL_KS
 ) -> RetrievalMetrics:
     """Leave-one-out metrics for a gallery; ``search_fn(k)`` returns ranked ids (N, k) of every item."""
     labels = list(labels)
@@ -128,6 +127,20 @@ def evaluate_embeddings(
     queries = [i for i, r in enumerate(num_relevant) if r > 0]
     share = other_year_share([labels[i] for i in queries], [neighbour_labels[i][0] for i in queries])
     return replace(metrics, other_year_share=share)
+
+
+def leave_one_out_metrics(
+    vectors: np.ndarray, labels: Sequence[object], ks: Sequence[int] = RECALL_KS
+) -> RetrievalMetrics:
+    """Leave-one-out metrics of ``vectors`` (N, D), L2-normalised, by exact inner-product search (faiss flat).
+
+    The one evaluation of bare embeddings (training validation and test, the compare grid); a built
+    gallery index is evaluated through its own search instead (``carsearch.pipeline.evaluate_index``).
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return evaluate_embeddings(lambda k: index.search(vectors, k)[1], labels, ks)
 
 
 _MISSING = object()

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from carsearch.data.cropping import apply_plan
+from carsearch.data.images import decode_image, read_bytes
 from carsearch.errors import CarSearchError, IndexMismatchError
 from carsearch.explain import Explainer, energy_in_box, paste_into
 from carsearch.explain.cam import Method
 from carsearch.explain.render import draw_box, overlay
-from carsearch.images import decode_image, read_bytes
 from carsearch.index import GalleryIndex
 from carsearch.pipeline import Pipeline
-from carsearch.pipeline.cropping import apply_plan
 from carsearch.pipeline.explaining import load_item_crop
 from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, SearchResult
 

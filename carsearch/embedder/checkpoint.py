@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from carsearch.data.atomic import atomic_write_bytes
 from carsearch.embedder.model import EmbeddingModel, ModelSpec
 from carsearch.errors import ModelLoadError
-from carsearch.index.atomic import atomic_write_bytes
 
 FORMAT = "carsearch-embedder"
 VERSION = 1

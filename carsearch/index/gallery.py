@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from carsearch.config import IndexConfig
+from carsearch.data.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_jsonl
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
 from carsearch.index import backend
-from carsearch.index.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_jsonl
 from carsearch.index.records import ItemRecord
 
 logger = logging.getLogger(__name__)

@@ -2,6 +2,5 @@
 
 from carsearch.pipeline.batch import IndexReport
 from carsearch.pipeline.pipeline import Evaluation, Pipeline, evaluate_index
-from carsearch.pipeline.sources import SourceItem, read_source
 
-__all__ = ["Evaluation", "IndexReport", "Pipeline", "SourceItem", "evaluate_index", "read_source"]
+__all__ = ["Evaluation", "IndexReport", "Pipeline", "evaluate_index"]

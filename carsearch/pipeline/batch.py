@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from carsearch.data.atomic import atomic_write_jsonl, read_jsonl
+from carsearch.data.cropping import apply_plan, needs_detector, plan_image
+from carsearch.data.decode import Decoded, DecodeDataset, decode_loader
+from carsearch.data.sources import SourceItem
 from carsearch.errors import IndexMismatchError
-from carsearch.index.atomic import atomic_write_jsonl, read_jsonl
 from carsearch.index.gallery import MANIFEST, GalleryIndex, read_manifest
 from carsearch.index.records import ItemRecord
 from carsearch.pipeline.chunks import Chunk, ChunkStore
-from carsearch.pipeline.cropping import apply_plan, needs_detector, plan_image
-from carsearch.pipeline.decode import Decoded, DecodeDataset, decode_loader
-from carsearch.pipeline.sources import SourceItem
 from carsearch.types import FLAG_DOWNSCALED, BBox
 
 if TYPE_CHECKING:

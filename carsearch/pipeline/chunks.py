@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from carsearch.index.atomic import atomic_write_bytes
+from carsearch.data.atomic import atomic_write_bytes
 from carsearch.index.records import ItemRecord
 
 

@@ -14,15 +14,15 @@ import numpy as np
 from PIL import Image
 
 from carsearch.config import PipelineConfig
+from carsearch.data.atomic import atomic_write_json
+from carsearch.data.cropping import apply_plan, needs_detector, plan_image
+from carsearch.data.images import load_image
+from carsearch.data.sources import SourceItem
 from carsearch.errors import CarSearchError
 from carsearch.explain import AttentionSummary, Explainer, energy_in_box, paste_into
 from carsearch.explain.cam import Method
 from carsearch.explain.render import PairView, draw_box, overlay, pair_panel, topk_grid
-from carsearch.images import load_image
 from carsearch.index import GalleryIndex
-from carsearch.index.atomic import atomic_write_json
-from carsearch.pipeline.cropping import apply_plan, needs_detector, plan_image
-from carsearch.pipeline.sources import SourceItem
 from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, Detection, SearchResult
 
 if TYPE_CHECKING:

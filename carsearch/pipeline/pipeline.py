@@ -22,15 +22,15 @@ import numpy as np
 from PIL import Image
 
 from carsearch.config import PipelineConfig, from_dict, load_config, to_dict
+from carsearch.data.cropping import apply_plan, needs_detector, plan_image
+from carsearch.data.images import content_hash, decode_image, read_bytes
+from carsearch.data.sources import Split, read_source
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder
 from carsearch.errors import EmptyGalleryError
-from carsearch.images import content_hash, decode_image, read_bytes
 from carsearch.index import GalleryIndex, read_manifest
 from carsearch.metrics import RetrievalMetrics, evaluate_embeddings
 from carsearch.pipeline.batch import IndexReport, run_index_job
-from carsearch.pipeline.cropping import apply_plan, needs_detector, plan_image
-from carsearch.pipeline.sources import Split, read_source
 from carsearch.runtime import configure_threads, resolve_device
 from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, SearchHit, SearchResult
 
@@ -223,7 +223,11 @@ class Pipeline:
 
 
 def evaluate_index(gallery: GalleryIndex) -> Evaluation:
-    """Leave-one-out metrics over the labelled items of ``gallery`` (unlabelled items are left out)."""
+    """Leave-one-out metrics over the labelled items of ``gallery`` (unlabelled items are left out).
+
+    Searched through the gallery's own index kind (IVF/HNSW as built), so the numbers are the index's; for a
+    flat index they equal :func:`carsearch.metrics.leave_one_out_metrics` of its vectors.
+    """
     labelled = [i for i, r in enumerate(gallery.records) if r.label is not None]
     if len(labelled) < 2:
         raise EmptyGalleryError(f"evaluation needs at least 2 labelled items, the index has {len(labelled)}")

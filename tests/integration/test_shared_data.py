@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from carsearch.config import DetectorConfig
+from carsearch.data.images import load_image
 from carsearch.detector import VehicleDetector
-from carsearch.images import load_image
 from carsearch.pipeline import Pipeline
 
 pytestmark = pytest.mark.shared

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from carsearch.config import DetectorConfig
-from carsearch.images import content_hash, decode_image
-from carsearch.index.atomic import atomic_write_json
-from carsearch.pipeline.sources import SourceItem
+from carsearch.data.atomic import atomic_write_json
+from carsearch.data.images import content_hash, decode_image
+from carsearch.data.sources import SourceItem
 from carsearch.types import BBox, Detection
 
 logger = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from carsearch.config import DetectorConfig, PipelineConfig
+from carsearch.data.cropping import apply_plan, plan_image
+from carsearch.data.images import load_image
+from carsearch.data.sources import SourceItem
 from carsearch.embedder.preprocessing import Preprocessing, interpolation_mode, normalise_transforms, resize_transforms
 from carsearch.embedder.training.config import InputMode
 from carsearch.errors import ConfigError, DataSourceError
-from carsearch.images import load_image
-from carsearch.pipeline.cropping import apply_plan, plan_image
-from carsearch.pipeline.sources import SourceItem
 from carsearch.types import Detection
 
 logger = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
+from carsearch.data.sources import SourceItem, read_source
 from carsearch.embedder.preprocessing import Preprocessing, normalise_transforms
 from carsearch.embedder.training.boxcache import cache_path, detect_cached
 from carsearch.embedder.training.config import DataConfig
@@ -24,7 +25,6 @@ from carsearch.embedder.training.data import (
 from carsearch.embedder.training.imagecache import cached_crops
 from carsearch.embedder.training.sampler import PKSampler
 from carsearch.errors import DataSourceError
-from carsearch.pipeline.sources import SourceItem, read_source
 from carsearch.types import Detection
 
 logger = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
+from carsearch.data.atomic import atomic_write_json
+from carsearch.data.images import content_hash
 from carsearch.embedder.training.data import CropDataset
 from carsearch.errors import ImageLoadError
-from carsearch.images import content_hash
-from carsearch.index.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

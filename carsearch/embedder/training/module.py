@@ -7,7 +7,6 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import faiss
 import lightning as L
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from carsearch.embedder.model import EmbeddingModel, ModelSpec
 from carsearch.embedder.training.config import LossConfig, ModelConfig, OptimConfig
 from carsearch.embedder.training.losses import build_criterion, mined_count
 from carsearch.errors import ConfigError
-from carsearch.metrics import RetrievalMetrics, evaluate_embeddings
+from carsearch.metrics import RetrievalMetrics, leave_one_out_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +72,6 @@ def decay_split(named: Sequence[tuple[str, nn.Parameter]]) -> tuple[list[nn.Para
         if parameter.requires_grad:
             (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
     return decay, no_decay
-
-
-def retrieval_metrics(embeddings: np.ndarray, labels: Sequence[object]) -> RetrievalMetrics:
-    """Leave-one-out retrieval metrics of (N, D) L2-normalised embeddings, exact inner-product search."""
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    index = faiss.IndexFlatIP(embeddings.shape[1])
-    index.add(embeddings)
-    return evaluate_embeddings(lambda k: index.search(embeddings, k)[1], labels)
 
 
 def metrics_dict(metrics: RetrievalMetrics) -> dict[str, float]:
@@ -220,7 +211,7 @@ class EmbedderModule(L.LightningModule):
             embeddings, labels, index = (t.flatten(0, 1) for t in self.all_gather((embeddings, labels, index)))
             index, first = np.unique(index.cpu().numpy(), return_index=True)
             embeddings, labels = embeddings[first], labels[first]
-        metrics = metrics_dict(retrieval_metrics(embeddings.cpu().numpy(), labels.cpu().tolist()))
+        metrics = metrics_dict(leave_one_out_metrics(embeddings.cpu().numpy(), labels.cpu().tolist()))
         self.val_history.append({"epoch": int(self.current_epoch), **metrics})
         self.log_dict(
             {f"val/{name}": value for name, value in metrics.items()},
@@ -246,7 +237,7 @@ class EmbedderModule(L.LightningModule):
         finally:
             self.train(was_training)
         names = [class_names[i] for i in labels] if class_names is not None else labels
-        return metrics_dict(retrieval_metrics(torch.cat(parts).numpy(), names))
+        return metrics_dict(leave_one_out_metrics(torch.cat(parts).numpy(), names))
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:

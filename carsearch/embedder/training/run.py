@@ -24,13 +24,13 @@ import torch
 import yaml
 
 from carsearch.config import to_dict
+from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
 from carsearch.embedder.checkpoint import save_checkpoint
 from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec
 from carsearch.embedder.training.config import TrainConfig, TrainerConfig, load_train_config
 from carsearch.embedder.training.datamodule import EmbedderDataModule
 from carsearch.embedder.training.module import MONITOR, EmbedderModule
 from carsearch.errors import ConfigError, ModelLoadError
-from carsearch.index.atomic import atomic_write_bytes, atomic_write_json
 from carsearch.runtime import configure_threads
 
 logger = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from carsearch.config import DetectorConfig, EmbedderConfig, to_dict
+from carsearch.data.sources import SourceItem
 from carsearch.embedder import Embedder, load_checkpoint
 from carsearch.embedder.preprocessing import eval_transform
 from carsearch.embedder.training import (
@@ -44,7 +45,6 @@ from carsearch.embedder.training.module import freeze_backbone, warmup_cosine
 from carsearch.embedder.training.run import model_spec, resolve_trainer
 from carsearch.embedder.training.sampler import PKSampler, check_pk
 from carsearch.errors import ConfigError, DataSourceError
-from carsearch.pipeline.sources import SourceItem
 from carsearch.types import BBox
 from tests.conftest import CLASS_COLOURS, make_car_image
 
@@ -291,7 +291,9 @@ def test_split_classes():
     assert sort_classes(["10", "9", "100"]) == ["9", "10", "100"]
     assert split_classes(list("abcde")) == ClassSplits(["a", "b", "c"], [], ["d", "e"])
     assert split_classes(list("abcde"), "list", ["e", "a"]) == ClassSplits(["a", "e"], [], ["b", "c", "d"])
-    assert split_classes(list("abcdef"), "list", ["a", "b"], ["d", "e"]) == ClassSplits(["a", "b"], ["d", "e"], ["c", "f"])
+    assert split_classes(list("abcdef"), "list", ["a", "b"], ["d", "e"]) == ClassSplits(
+        ["a", "b"], ["d", "e"], ["c", "f"]
+    )
     assert split_classes(list("abcde"), "all") == ClassSplits(list("abcde"), [], [])
     # Validation classes are carved out of the training classes, never out of the test classes.
     carved = split_classes([str(i) for i in range(1, 41)], "half", val_fraction=0.25)

@@ -1,4 +1,4 @@
-"""carsearch.pipeline.sources: folder trees, CSVs, the Stanford Cars devkit and the Kaggle layout."""
+"""carsearch.data.sources: folder trees, CSVs, the Stanford Cars devkit and the Kaggle layout."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 from scipy.io import loadmat, savemat
 
-from carsearch.errors import DataSourceError
-from carsearch.pipeline.sources import (
+from carsearch.data.sources import (
     SourceItem,
     read_csv,
     read_folder,
@@ -18,6 +17,7 @@ from carsearch.pipeline.sources import (
     read_source,
     read_stanford_devkit,
 )
+from carsearch.errors import DataSourceError
 from carsearch.types import BBox
 
 CLASS_NAMES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi TT RS Coupe 2012"]

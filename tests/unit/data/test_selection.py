@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from carsearch.detector.selection import crop_region, filter_small, plan_crops, select_detections
+from carsearch.data.selection import crop_region, filter_small, plan_crops, select_detections
 from carsearch.types import FLAG_NO_DETECTION, BBox, Detection
 
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from carsearch.compare.config import CompareConfig
+from carsearch.compare.experiment import EMBEDDERS, INPUTS, crop_for
 from carsearch.config import to_dict
+from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
+from carsearch.data.images import load_image
 from carsearch.embedder import Embedder
 from carsearch.explain import Explainer
 from carsearch.explain.render import PairView, hstack, pair_panel, vstack
-from carsearch.images import load_image
-from carsearch.index.atomic import atomic_write_bytes, atomic_write_json
-from carsearch.pipeline.compare.config import CompareConfig
-from carsearch.pipeline.compare.experiment import EMBEDDERS, INPUTS, crop_for
 
 NAMES = {
     "zero_shot": "pretrained backbone (zero-shot)",

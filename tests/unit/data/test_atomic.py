@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from carsearch.index.atomic import atomic_write, atomic_write_json, read_jsonl
+from carsearch.data.atomic import atomic_write, atomic_write_json, read_jsonl
 
 
 def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ def test_read_jsonl_missing_is_empty(tmp_path: Path) -> None:
 def test_atomic_files_get_the_usual_permissions(tmp_path):
     import os
 
-    from carsearch.index.atomic import atomic_write_bytes
+    from carsearch.data.atomic import atomic_write_bytes
 
     old = os.umask(0o022)
     try:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from carsearch.data.images import content_hash, decode_image, limit_size
+from carsearch.data.sources import SourceItem
 from carsearch.errors import ImageLoadError
-from carsearch.images import content_hash, decode_image, limit_size
-from carsearch.pipeline.sources import SourceItem
 
 
 @dataclass

@@ -18,22 +18,23 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from carsearch.compare.config import CompareConfig
+from carsearch.compare.stages import StageCache, digest
 from carsearch.config import EmbedderConfig, PipelineConfig, RuntimeConfig, from_dict, to_dict
-from carsearch.detector.selection import crop_region, plan_crops
+from carsearch.data.cropping import apply_plan, plan_image
+from carsearch.data.images import load_image
+from carsearch.data.sources import SourceItem, read_source
 from carsearch.embedder import Embedder
 from carsearch.embedder.checkpoint import load_checkpoint
 from carsearch.embedder.training.boxcache import cache_path, detect_cached
 from carsearch.embedder.training.config import TrainConfig, load_train_config
+from carsearch.embedder.training.data import crop_config
 from carsearch.embedder.training.run import export, train
 from carsearch.errors import DataSourceError
-from carsearch.images import load_image
-from carsearch.metrics import evaluate_embeddings
-from carsearch.pipeline.compare.config import CompareConfig
-from carsearch.pipeline.compare.stages import StageCache, digest
+from carsearch.metrics import leave_one_out_metrics
 from carsearch.pipeline.explaining import attention_dataset
-from carsearch.pipeline.sources import SourceItem, read_source
 from carsearch.runtime import configure_threads, resolve_device
-from carsearch.types import BBox, Detection
+from carsearch.types import FLAG_NO_DETECTION, BBox, Detection
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,16 @@ def _boxes(detections: list[list[Detection]], confidence: float) -> list[list[De
     return [[d for d in dets if d.score >= confidence] for dets in detections]
 
 
-def _chosen(config: CompareConfig, dets: list[Detection], width: int, height: int) -> Detection | None:
-    plans = plan_crops(
-        dets, width, height, policy="largest", margin=config.detector.margin, min_box_size=config.detector.min_box_size
-    )
-    return plans[0].detection
+def input_config(config: CompareConfig, mode: str) -> PipelineConfig:
+    """How input ``mode`` crops, as the fine-tuned rows train: whole photo, ground-truth or detector box + margin.
+
+    The detector row takes the largest usable box whatever ``detector.selection`` says.
+    """
+    return crop_config(mode, dataclasses.replace(config.detector, selection="largest"))  # type: ignore[arg-type]
+
+
+def _chosen(crop: PipelineConfig, dets: list[Detection], width: int, height: int) -> Detection | None:
+    return plan_image(crop, width, height, dets, single=True)[0].detection
 
 
 def _iou(a: BBox, b: BBox) -> float:
@@ -94,10 +100,11 @@ def detector_quality(
 ) -> dict[str, Any]:
     """Chosen box vs ground truth per confidence threshold: IoU histogram, hit rates, no-detection rate."""
     out: dict[str, Any] = {"images": len(items), "thresholds": {}}
+    crop = input_config(config, "detector")
     for confidence in sorted(config.confidences):
         ious = []
         for item, dets, (w, h) in zip(items, _boxes(detections, confidence), sizes, strict=True):
-            chosen = _chosen(config, dets, w, h)
+            chosen = _chosen(crop, dets, w, h)
             ious.append(_iou(chosen.box, item.box.clip(w, h)) if chosen else None)  # type: ignore[union-attr]
         found = np.array([v for v in ious if v is not None])
         histogram, _ = np.histogram(found, bins=10, range=(0.0, 1.0))
@@ -115,15 +122,8 @@ def crop_for(
     config: CompareConfig, mode: str, image: Image.Image, item: SourceItem, dets: list[Detection]
 ) -> tuple[Image.Image, bool]:
     """The pixels one input mode embeds, and whether the detector found nothing (whole image used)."""
-    w, h = image.size
-    if mode == "raw":
-        return image, False
-    if mode == "gt":
-        return image.crop(crop_region(item.box.clip(w, h), w, h, config.detector.margin).to_int()), False  # type: ignore[union-attr]
-    chosen = _chosen(config, dets, w, h)
-    if chosen is None:
-        return image, True
-    return image.crop(crop_region(chosen.box, w, h, config.detector.margin).to_int()), False
+    plan = plan_image(input_config(config, mode), image.width, image.height, dets, item.box, single=True)[0]
+    return apply_plan(image, plan), FLAG_NO_DETECTION in plan.flags
 
 
 def _write_csv(items: list[SourceItem], path: Path) -> Path:
@@ -180,12 +180,7 @@ def _embedder(config: CompareConfig, name: str, models: dict[str, Path], device:
 
 
 def _metrics(vectors: np.ndarray, labels: list[str]) -> dict[str, float]:
-    sims = vectors @ vectors.T
-
-    def search(k: int) -> np.ndarray:
-        return np.argsort(-sims, axis=1, kind="stable")[:, :k]
-
-    m = evaluate_embeddings(search, labels)
+    m = leave_one_out_metrics(vectors, labels)
     return {"recall_at_1": m.recall_at[1], "recall_at_4": m.recall_at[4], "map_at_r": m.map_at_r}
 
 
@@ -231,7 +226,8 @@ def run_compare(config: CompareConfig, out: str | Path) -> dict[str, Any]:
     grid: dict[str, dict[str, dict[str, float]]] = {}
     vectors: dict[tuple[str, str], np.ndarray] = {}
     test_sizes = sizes[len(split.train) :]
-    no_detection = sum(_chosen(config, d, w, h) is None for d, (w, h) in zip(test_dets, test_sizes, strict=True))
+    detector_crop = input_config(config, "detector")
+    no_detection = sum(_chosen(detector_crop, d, w, h) is None for d, (w, h) in zip(test_dets, test_sizes, strict=True))
     embedders = {name: _embedder(config, name, models, device) for name in EMBEDDERS}  # loaded once each
     crops: dict[str, list[Image.Image]] = {}  # per input mode, decoded and cut once, shared by the embedders
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from carsearch.index.atomic import atomic_write_bytes, atomic_write_json
+from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""carsearch.images: safe decoding of any file to 8-bit RGB, or a clear ImageLoadError."""
+"""carsearch.data.images: safe decoding of any file to 8-bit RGB, or a clear ImageLoadError."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carsearch.errors import ImageLoadError
-from carsearch.images import (
+from carsearch.data.images import (
     MAX_IMAGE_PIXELS,
     MIN_IMAGE_SIDE,
     content_hash,
@@ -20,6 +19,7 @@ from carsearch.images import (
     load_image,
     to_rgb,
 )
+from carsearch.errors import ImageLoadError
 from tests.conftest import make_car_image
 
 
@@ -329,8 +329,8 @@ def test_non_image_is_refused_cleanly_after_ultralytics_patched_pil() -> None:
     import ultralytics  # noqa: F401
     from PIL import Image as PILImage
 
+    from carsearch.data.images import decode_image
     from carsearch.errors import ImageLoadError
-    from carsearch.images import decode_image
 
     assert PILImage.open.__module__.startswith("ultralytics")
     with pytest.raises(ImageLoadError, match="not an image"):

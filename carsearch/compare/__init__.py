@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from carsearch.pipeline.compare.config import CompareConfig, load_compare_config
-from carsearch.pipeline.compare.experiment import run_compare
-from carsearch.pipeline.compare.report import write_report
+from carsearch.compare.config import CompareConfig, load_compare_config
+from carsearch.compare.experiment import run_compare
+from carsearch.compare.report import write_report
 
 __all__ = ["CompareConfig", "compare", "load_compare_config"]
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from carsearch.cli import main
+from carsearch.compare import load_compare_config
 from carsearch.errors import ConfigError
-from carsearch.pipeline.compare import load_compare_config
 
 CONFIG = Path(__file__).resolve().parents[3] / "configs" / "compare.yaml"
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from carsearch.config import PipelineConfig
-from carsearch.detector.selection import crop_region, plan_crops
+from carsearch.data.selection import crop_region, plan_crops
 from carsearch.types import FLAG_GT_BOX, FLAG_RAW, BBox, CropPlan, Detection
 
 
