@@ -193,6 +193,7 @@ class TrainerConfig:
     val_every: int = 1
     log_every_n_steps: int = 10
     threads: int | None = None  # CPU threads for torch (None: all cores)
+    micro_batch: int | None = None  # forward/backward this many images at a time (CPU caches); None: whole batch
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -200,6 +201,7 @@ class TrainerConfig:
         _check(self.val_every >= 1, "trainer.val_every must be >= 1")
         _check(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1 or null")
         _check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps must be >= 1")
+        _check(self.micro_batch is None or self.micro_batch >= 1, "trainer.micro_batch must be >= 1 or null")
         _check(
             self.limit_train_batches is None or self.limit_train_batches >= 1,
             "trainer.limit_train_batches must be >= 1",

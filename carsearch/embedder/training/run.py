@@ -144,7 +144,9 @@ def train(config: TrainConfig) -> Path:
     if not _is_ddp_child():
         data.prepare_data()  # detector boxes and image cache, before Lightning starts other ranks
     data.setup("fit")
-    module = EmbedderModule(spec, data.num_train_classes, config.model, config.loss, config.optim)
+    module = EmbedderModule(
+        spec, data.num_train_classes, config.model, config.loss, config.optim, config.trainer.micro_batch
+    )
     validating = data.val_set is not None
 
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
