@@ -152,6 +152,7 @@ def train_config(config: CompareConfig, split: Split, mode: str, out: Path) -> T
             "detector": to_dict(config.detector),
             "cache_dir": str(out / "cache"),
             "image_size": config.image_size,
+            "resize_to": None,  # 8/7 of the compare's image size, not the recipe's 256 for 224 px
         }
     )
     data["data"].pop("where")
