@@ -649,3 +649,25 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradients():
     for name, grad in whole_grads.items():  # float32 sums in another order: equal up to rounding
         difference = (chunked_grads[name] - grad).norm()
         assert difference <= 1e-4 * grad.norm() + 1e-6, (name, float(difference), float(grad.norm()))
+
+
+def test_image_cache_skips_unreadable_images_and_is_reused(tmp_path, caplog):
+    root = make_hue_gallery(tmp_path / "g", classes=8, per_class=4)
+    (root / "t00" / "0.png").write_bytes(b"not an image")
+    config = load_train_config(None, [*TINY, f"data.source={root}", "data.class_split=all"]).data
+    pre = model_spec(load_train_config(None, TINY)).preprocessing
+    with caplog.at_level(logging.WARNING):
+        data = EmbedderDataModule(config, pre, cache_dir=tmp_path / "cache")
+        data.setup()
+    assert len(data.train_set) == 31 and "skipping unreadable training image" in caplog.text
+    assert sorted(Counter(data.train_labels).values()) == [3] + [4] * 7
+    files = sorted((tmp_path / "cache").glob("images_*.npy"))
+    assert len(files) == 1 and not list((tmp_path / "cache").glob("*.tmp*"))
+    stamp = files[0].stat().st_mtime_ns
+    again = EmbedderDataModule(config, pre, cache_dir=tmp_path / "cache")
+    again.setup()
+    assert files[0].stat().st_mtime_ns == stamp  # read back, not rebuilt
+    assert np.array_equal(again.train_set.images[5], data.train_set.images[5])
+    (root / "t02" / "1.png").unlink()  # the data changed: a new cache entry
+    EmbedderDataModule(config, pre, cache_dir=tmp_path / "cache").setup()
+    assert len(list((tmp_path / "cache").glob("images_*.npy"))) == 2
