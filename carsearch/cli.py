@@ -14,26 +14,40 @@ from carsearch.errors import CarSearchError, ConfigError
 from carsearch.types import BBox
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="pipeline YAML (see configs/); defaults are used without it")
+def _common(
+    parser: argparse.ArgumentParser, config: str | None = None, models: bool = True, set_help: str | None = None
+) -> None:
+    """The shared flags a command honours: ``--config`` (when ``config`` says what it holds), ``--set``,
+    ``--device`` and ``--detector-weights`` (when the command runs models), ``-v``. A command that would
+    ignore a flag does not take it (argparse refuses it)."""
+    if config is not None:
+        parser.add_argument("--config", help=config)
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="config override, e.g. --set detector.confidence=0.4 (repeatable)",
+        help=set_help or "config override, e.g. --set detector.confidence=0.4 (repeatable)",
     )
-    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
-    parser.add_argument("--detector-weights", help="YOLO weights (.pt/.onnx/.tflite); default yolo11n.pt (downloads)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    if models:
+        parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+        parser.add_argument(
+            "--detector-weights", help="YOLO weights (.pt/.onnx/.tflite); default yolo11n.pt (downloads)"
+        )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+PIPELINE_YAML = "pipeline YAML (see configs/); defaults are used without it"
+INDEX_YAML = "YAML whose index section replaces the index's own search settings"
+FROM_INDEX = "override the index's own config (its manifest), e.g. --set detector.confidence=0.4 (repeatable)"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
-    if args.device:
+    if getattr(args, "device", None):
         overrides.append(f"runtime.device={args.device}")
-    if args.detector_weights:
+    if getattr(args, "detector_weights", None):
         overrides.append(f"detector.weights={args.detector_weights}")
     for name, key in (("batch_size", "runtime.batch_size"), ("workers", "runtime.workers")):
         if getattr(args, name, None) is not None:
@@ -85,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="trained embedder checkpoint (carsearch export)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="decode worker processes (0 = in the main process)")
+    p.add_argument("--prune", action="store_true", help="drop indexed images the source no longer lists")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    _common(p)
+    _common(p, config=PIPELINE_YAML)
 
     p = sub.add_parser("search", help="top-k gallery cars for a query image")
     p.add_argument("index", help="index directory")
@@ -95,12 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--exclude-self", action="store_true", help="drop gallery items with the query's exact bytes")
     p.add_argument("--json", action="store_true")
-    _common(p)
+    _common(p, set_help=FROM_INDEX)
 
     p = sub.add_parser("evaluate", help="leave-one-out Recall@k, MAP@R, R-Precision of a labelled index")
     p.add_argument("index", help="index directory")
     p.add_argument("--json", action="store_true")
-    _common(p)
+    _common(p, config=INDEX_YAML, models=False, set_help=FROM_INDEX)
 
     p = sub.add_parser("audit", help="relabelling candidates: neighbours disagree, duplicates labelled differently")
     p.add_argument("index", help="index directory")
@@ -110,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--near", type=float, default=0.995, help="cosine similarity that counts as a near duplicate")
     p.add_argument("--json", action="store_true")
-    _common(p)
+    _common(p, config=INDEX_YAML, models=False, set_help=FROM_INDEX)
 
     # Listed for --help; main() hands their arguments to the training package's own parsers.
     p = sub.add_parser("explain", help="GradCAM overlays for a query's top results (and its attention-in-box)")
@@ -122,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-self", action="store_true", help="skip gallery items with the query's exact bytes")
     p.add_argument("--redact", action="store_true", help="draw the CAMs on grey, not on the photos (shareable)")
     _cam_options(p)
-    _common(p)
+    _common(p, set_help=FROM_INDEX)
 
     p = sub.add_parser("attention", help="attention-in-box over a dataset: how much CAM energy falls on the car")
     p.add_argument("source", help="CSV with boxes (path,label,x1,y1,x2,y2), folder, devkit or Kaggle root")
@@ -139,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     _cam_options(p)
-    _common(p)
+    _common(p, config=PIPELINE_YAML)
 
     p = sub.add_parser("demo", help="the Gradio web demo over an index (binds to 127.0.0.1)")
     p.add_argument("index", help="index directory (usually built with cropping)")
@@ -149,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--method", choices=["gradcam", "gradcam++", "eigencam"], default="gradcam")
-    _common(p)
+    _common(p, set_help=FROM_INDEX)
 
     p = sub.add_parser(
         "compare", help="the cropped-vs-raw experiment as a report (report.md, report.html, results.json)"
@@ -158,11 +173,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; re-running reuses finished stages")
     p.add_argument("--quick", action="store_true", help="a small subset (6+6 classes, 1 short epoch) in a few minutes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 (the experiment's `device`)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     sub.add_parser("train", help="fine-tune an embedder: train [--config configs/train/X.yaml] [KEY=VALUE ...]")
     sub.add_parser("export", help="write a training run's best model as an inference checkpoint: export RUN OUT.pt")
     return parser
+
+
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser, ``train`` and ``export`` included (they parse their own arguments)."""
+    from carsearch.embedder.training.run import export_parser, train_parser
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parsers: dict[str, argparse.ArgumentParser] = dict(subs.choices)
+    parsers.update(train=train_parser(), export=export_parser())
+    return parsers
+
+
+def flags_markdown() -> str:
+    """README's table of every command's arguments and flags, generated from the parsers."""
+    lines = ["| command | arguments | flags |", "|---|---|---|"]
+    for name, parser in command_parsers().items():
+        positional, flags = [], []
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if action.option_strings:
+                flags.append(f"`{action.option_strings[0]}`")
+            else:
+                meta = action.metavar or action.dest.upper()
+                positional.append(f"[{meta} ...]" if action.nargs == "*" else str(meta))
+        lines.append(f"| `carsearch {name}` | {' '.join(positional) or '–'} | {', '.join(flags)} |")
+    return "\n".join(lines)
 
 
 def _cmd_train_argv(argv: list[str]) -> int:
@@ -182,14 +225,20 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     pipeline = Pipeline.from_config(args.config, _overrides(args))
     report = pipeline.index(
-        args.source, args.out, split=args.split, progress=not args.no_progress, where=_where(args.where)
+        args.source,
+        args.out,
+        split=args.split,
+        progress=not args.no_progress,
+        where=_where(args.where),
+        prune=args.prune,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(
             f"indexed {report.processed} images ({report.items_added} items) in {report.seconds:.1f}s "
-            f"= {report.images_per_second:.1f} img/s; skipped {report.skipped} already indexed; "
+            f"= {report.images_per_second:.1f} img/s: {report.added} added, {report.replaced} replaced (changed); "
+            f"{report.skipped} kept (unchanged); {report.pruned} pruned; "
             f"{report.errors} errors (see {Path(args.out) / 'errors.jsonl'}); "
             f"{report.no_detection} without a detected vehicle; index now holds {report.items_in_index} items"
         )
@@ -362,7 +411,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from carsearch.compare import compare, load_compare_config
 
     logging.getLogger("carsearch").setLevel(logging.INFO)
-    config = load_compare_config(args.config, args.overrides, quick=args.quick)
+    overrides = [*args.overrides, *([f"device={args.device}"] if args.device else [])]
+    config = load_compare_config(args.config, overrides, quick=args.quick)
     command = "carsearch " + " ".join(shlex.quote(a) for a in args.argv)
     paths = compare(config, args.out, command=command)
     print(f"report: {paths['md']} (and {paths['html'].name}, {paths['json'].name})")

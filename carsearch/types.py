@@ -104,11 +104,12 @@ class SearchHit:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The answer to one query: how the query was cropped and the ranked hits."""
+    """The answer to one query: how the query was cropped, the ranked hits, and the crop that was embedded."""
 
     query_plan: CropPlan
     hits: tuple[SearchHit, ...]
     timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
+    query_crop: Any = field(default=None, compare=False, repr=False)  # PIL image (prepared like the gallery's)
 
     def __post_init__(self) -> None:
         ranks = [h.rank for h in self.hits]

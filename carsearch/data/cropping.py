@@ -6,7 +6,7 @@ from PIL import Image
 
 from carsearch.config import PipelineConfig
 from carsearch.data.selection import crop_region, plan_crops
-from carsearch.types import FLAG_GT_BOX, FLAG_RAW, BBox, CropPlan, Detection
+from carsearch.types import FLAG_DOWNSCALED, FLAG_GT_BOX, FLAG_RAW, BBox, CropPlan, Detection
 
 
 def needs_detector(config: PipelineConfig, gt_box: BBox | None) -> bool:
@@ -43,3 +43,17 @@ def apply_plan(image: Image.Image, plan: CropPlan) -> Image.Image:
     if plan.region is None:
         return image
     return image.crop(plan.region.to_int())
+
+
+def plan_in_original(plan: CropPlan, scale: float) -> CropPlan:
+    """A plan made on an image downscaled by ``scale`` (``limit_size``), in the original image's pixels.
+
+    Flagged ``downscaled`` when ``scale < 1``: the crop was taken from the downscaled image.
+    """
+    if scale >= 1.0:
+        return plan
+    region = plan.region.scale(1.0 / scale) if plan.region is not None else None
+    detection = plan.detection
+    if detection is not None:
+        detection = Detection(detection.box.scale(1.0 / scale), detection.score, detection.class_name)
+    return CropPlan(region, detection, (*plan.flags, FLAG_DOWNSCALED))

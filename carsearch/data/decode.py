@@ -9,6 +9,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from carsearch.data.images import content_hash, decode_image, limit_size
+from carsearch.data.processes import die_with_parent
 from carsearch.data.sources import SourceItem
 from carsearch.errors import ImageLoadError
 
@@ -72,4 +73,5 @@ def decode_loader(dataset: DecodeDataset, batch_size: int, workers: int) -> Data
         collate_fn=_as_list,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=die_with_parent() if workers else None,
     )

@@ -181,8 +181,7 @@ def search(
         return SearchOutput(message=f"⚠️ Could not use that upload: {exc}", error=f"Could not use that upload: {exc}")
     main = backend.main
     result = main.pipeline.search(main.gallery, image, k=int(k), min_score=confidence)
-    plan = result.query_plan
-    crop = apply_plan(image, plan)
+    plan, crop = result.query_plan, result.query_crop  # the crop embedded (from the photo prepared as the gallery's)
     hits = _hits(result)
     box = plan.detection.box if plan.detection else None
     out = SearchOutput(message=_message(plan, confidence, len(hits)), crop=_display(crop, CROP_MIN_SIDE), hits=hits)

@@ -7,12 +7,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from carsearch.embedder.backbones import create_backbone, data_config
 from carsearch.embedder.preprocessing import Preprocessing, ResizeMode
 
-Pooling = Literal["avg", "gem"]
+Pooling = Literal["avg", "max", "avgmax", "gem"]  # avgmax: (avg + max) / 2, timm's SelectAdaptivePool2d
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,9 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone = create_backbone(spec.backbone, pretrained=pretrained)
-        self.pool: nn.Module = GeM() if spec.pooling == "gem" else nn.AdaptiveAvgPool2d(1)
+        if spec.pooling not in ("avg", "max", "avgmax", "gem"):
+            raise ValueError(f"unknown pooling {spec.pooling!r}; valid: avg, max, avgmax, gem")
+        self.pool: nn.Module = GeM() if spec.pooling == "gem" else SelectAdaptivePool2d(pool_type=spec.pooling)
         features = int(self.backbone.num_features)
         if spec.embedding_dim is None:
             self.head: nn.Module = nn.Identity()

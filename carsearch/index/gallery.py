@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from carsearch.config import IndexConfig
-from carsearch.data.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_jsonl
+from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
 from carsearch.index import backend
 from carsearch.index.records import ItemRecord
@@ -25,6 +26,7 @@ MANIFEST = "manifest.json"
 VECTORS = "vectors.npy"
 ITEMS = "items.jsonl"
 FAISS = "index.faiss"
+REBUILD = "rebuild it: delete the folder and run `carsearch index SOURCE --out FOLDER` again"
 
 
 class GalleryIndex:
@@ -92,10 +94,11 @@ class GalleryIndex:
         folder.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, self._vectors)
-        atomic_write_bytes(folder / VECTORS, buffer.getvalue())
-        atomic_write_jsonl(folder / ITEMS, (r.to_dict() for r in self.records))
+        items = "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in self.records).encode()
         cpu_index = backend.build_index(self._vectors, self.config)
-        atomic_write_bytes(folder / FAISS, backend.serialize(cpu_index))
+        contents = {VECTORS: buffer.getvalue(), ITEMS: items, FAISS: backend.serialize(cpu_index)}
+        for name, data in contents.items():
+            atomic_write_bytes(folder / name, data)
         manifest = {
             **self.manifest,
             "format": FORMAT,
@@ -103,6 +106,7 @@ class GalleryIndex:
             "dim": self.dim,
             "count": len(self),
             "index_kind": backend.choose_kind(self.config, len(self)),
+            "files": {name: file_digest(data) for name, data in contents.items()},
         }
         atomic_write_json(folder / MANIFEST, manifest)
         self.manifest = manifest
@@ -117,8 +121,9 @@ class GalleryIndex:
         if embedder_identity is not None:
             check_identity(manifest.get("embedder", {}), embedder_identity, where=str(folder))
         index = cls(int(manifest["dim"]), manifest, config)
-        vectors = np.load(folder / VECTORS, allow_pickle=False)
-        records = [ItemRecord.from_dict(row) for row in read_jsonl(folder / ITEMS)]
+        vectors = np.load(io.BytesIO(read_verified(folder, VECTORS, manifest)), allow_pickle=False)
+        lines = read_verified(folder, ITEMS, manifest).decode().splitlines()
+        records = [ItemRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
         if len(vectors) != manifest["count"] or len(records) != manifest["count"]:
             raise IndexMismatchError(
                 f"{folder} is inconsistent: manifest says {manifest['count']} items, found {len(vectors)} "
@@ -128,10 +133,36 @@ class GalleryIndex:
             index.add(vectors, records)
         faiss_file = folder / FAISS
         if faiss_file.exists():
-            cpu_index = backend.deserialize(faiss_file.read_bytes())
+            cpu_index = backend.deserialize(read_verified(folder, FAISS, manifest))
             if cpu_index.ntotal == len(index) and cpu_index.d == index.dim:
                 index._faiss = backend.to_search_device(cpu_index, index.config.use_gpu)
         return index
+
+
+def file_digest(data: bytes) -> dict[str, Any]:
+    """Size and SHA-256 of a file's bytes, as stored in the manifest."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_verified(folder: Path, name: str, manifest: dict[str, Any]) -> bytes:
+    """The bytes of ``folder/name``, refused unless they match the manifest's size and checksum.
+
+    Indexes written before checksums were stored (no ``files`` in the manifest) are read unchecked.
+    """
+    path = folder / name
+    expected = manifest.get("files", {}).get(name)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if expected is None and name == ITEMS:
+            return b""
+        raise IndexMismatchError(f"{folder} is damaged: {name} is missing; {REBUILD}") from None
+    if expected is not None and file_digest(data) != expected:
+        raise IndexMismatchError(
+            f"{folder} is damaged: {name} ({len(data)} bytes) does not match the size and checksum in {MANIFEST} "
+            f"({expected['bytes']} bytes): an interrupted copy or a modified file; {REBUILD}"
+        )
+    return data
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

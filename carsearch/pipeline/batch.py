@@ -13,14 +13,14 @@ import numpy as np
 from PIL import Image
 
 from carsearch.data.atomic import atomic_write_jsonl, read_jsonl
-from carsearch.data.cropping import apply_plan, needs_detector, plan_image
+from carsearch.data.cropping import apply_plan, needs_detector, plan_image, plan_in_original
 from carsearch.data.decode import Decoded, DecodeDataset, decode_loader
 from carsearch.data.sources import SourceItem
 from carsearch.errors import IndexMismatchError
-from carsearch.index.gallery import MANIFEST, GalleryIndex, read_manifest
+from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest
 from carsearch.index.records import ItemRecord
 from carsearch.pipeline.chunks import Chunk, ChunkStore
-from carsearch.types import FLAG_DOWNSCALED, BBox
+from carsearch.types import BBox
 
 if TYPE_CHECKING:
     from carsearch.pipeline.pipeline import Pipeline
@@ -33,13 +33,19 @@ WORK = "work"
 
 @dataclass(frozen=True)
 class IndexReport:
-    """What a batch job did. ``skipped``: already indexed with the same content."""
+    """What a batch job did, in images: ``processed`` = ``added`` (new to the index) + ``replaced`` (content
+    changed since it was indexed); ``skipped`` = kept as indexed (same content); ``pruned``: dropped because
+    the source no longer lists them (``--prune`` only). ``items_added``: index items made (one per image, or
+    one per car with ``detector.selection=all``)."""
 
     out: str
     total: int
     processed: int
     skipped: int
     errors: int
+    added: int
+    replaced: int
+    pruned: int
     items_added: int
     items_in_index: int
     no_detection: int
@@ -86,16 +92,22 @@ def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
     if not (out / MANIFEST).exists():
         return
     stored = read_manifest(out)
-    for key in ("embedder", "processing"):
-        if stored.get(key) != manifest.get(key):
-            raise IndexMismatchError(
-                f"{out} holds an index built with different {key} settings; choose another --out, or delete "
-                f"{out} to rebuild (stored: {stored.get(key)}, now: {manifest.get(key)})"
-            )
+    # The embedder is its weights' fingerprint (+ spec, dim), not the checkpoint's path: a moved file is the same.
+    check_identity(stored.get("embedder", {}), manifest.get("embedder", {}), where=str(out))
+    if stored.get("processing") != manifest.get("processing"):
+        raise IndexMismatchError(
+            f"{out} holds an index built with different processing settings; choose another --out, or delete "
+            f"{out} to rebuild (stored: {stored.get('processing')}, now: {manifest.get('processing')})"
+        )
 
 
-def run_index_job(pipeline: Pipeline, items: list[SourceItem], out: str | Path, progress: bool = False) -> IndexReport:
-    """Index ``items`` into the directory ``out``; re-running continues where a killed run stopped."""
+def run_index_job(
+    pipeline: Pipeline, items: list[SourceItem], out: str | Path, progress: bool = False, prune: bool = False
+) -> IndexReport:
+    """Index ``items`` into the directory ``out``; re-running continues where a killed run stopped.
+
+    ``prune``: also drop indexed images that ``items`` no longer lists (deleted or moved files).
+    """
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,12 +139,13 @@ def run_index_job(pipeline: Pipeline, items: list[SourceItem], out: str | Path, 
         DecodeDataset(unique, done, config.runtime.max_image_side), batch_size, config.runtime.workers
     )
     bar = _progress(len(unique), progress)
-    counts = {"processed": 0, "skipped": 0, "errors": 0, "added": 0, "no_detection": 0}
+    counts = {"processed": 0, "skipped": 0, "errors": 0, "added": 0, "replaced": 0, "items": 0, "no_detection": 0}
+    indexed = set(done)  # paths the index (or a killed run's chunks) already holds
     timings = {"detect": 0.0, "embed": 0.0}
     chunk = Chunk()
     try:
         for batch in loader:
-            _process_batch(pipeline, batch, chunk, counts, timings)
+            _process_batch(pipeline, batch, chunk, counts, timings, indexed)
             if chunk.images >= config.runtime.checkpoint_every:
                 store.write(chunk, embedder.dim)
                 chunk = Chunk()
@@ -147,10 +160,20 @@ def run_index_job(pipeline: Pipeline, items: list[SourceItem], out: str | Path, 
 
     chunks = store.read_all()
     records, vectors = _merge(existing, chunks, embedder.dim)
+    pruned = 0
+    if prune:
+        listed = {str(item.path) for item in unique}
+        stale = {r.path for r in records if r.path not in listed}
+        keep = [i for i, r in enumerate(records) if r.path in listed]
+        records, vectors, pruned = [records[i] for i in keep], vectors[keep], len(stale)
+        if stale:
+            logger.info("pruned %d images the source no longer lists", pruned)
     index = GalleryIndex(embedder.dim, manifest, config.index)
     if len(records):
         index.add(vectors, records)
     errors = _merge_errors(read_jsonl(out / ERRORS), chunks, {r.key for r in records})
+    if prune:
+        errors = [e for e in errors if e["path"] in listed]
     atomic_write_jsonl(out / ERRORS, errors)
     index.save(out)
     store.clear()
@@ -161,7 +184,10 @@ def run_index_job(pipeline: Pipeline, items: list[SourceItem], out: str | Path, 
         processed=counts["processed"],
         skipped=counts["skipped"],
         errors=counts["errors"],
-        items_added=counts["added"],
+        added=counts["added"],
+        replaced=counts["replaced"],
+        pruned=pruned,
+        items_added=counts["items"],
         items_in_index=len(index),
         no_detection=counts["no_detection"],
         seconds=round(seconds, 3),
@@ -172,7 +198,12 @@ def run_index_job(pipeline: Pipeline, items: list[SourceItem], out: str | Path, 
 
 
 def _process_batch(
-    pipeline: Pipeline, batch: list[Decoded], chunk: Chunk, counts: dict[str, int], timings: dict[str, float]
+    pipeline: Pipeline,
+    batch: list[Decoded],
+    chunk: Chunk,
+    counts: dict[str, int],
+    timings: dict[str, float],
+    indexed: set[str],
 ) -> None:
     config = pipeline.config
     good: list[tuple[Decoded, Image.Image, BBox | None]] = []
@@ -203,8 +234,9 @@ def _process_batch(
         plans = plan_image(config, image.width, image.height, detections.get(i), gt)
         for crop_index, plan in enumerate(plans):
             crops.append(apply_plan(image, plan))
-            flags = list(plan.flags) + ([FLAG_DOWNSCALED] if entry.scale < 1.0 else [])
-            box = plan.region.scale(1.0 / entry.scale).as_list() if plan.region is not None else None
+            original = plan_in_original(plan, entry.scale)
+            flags = list(original.flags)
+            box = original.region.as_list() if original.region is not None else None
             pending.append(
                 ItemRecord(
                     path=str(entry.item.path),
@@ -226,7 +258,9 @@ def _process_batch(
     chunk.vectors.extend(vectors)
     chunk.images += len(good)
     counts["processed"] += len(good)
-    counts["added"] += len(pending)
+    counts["replaced"] += sum(str(entry.item.path) in indexed for entry, _, _ in good)
+    counts["added"] = counts["processed"] - counts["replaced"]
+    counts["items"] += len(pending)
 
 
 def _progress(total: int, enabled: bool) -> Any:

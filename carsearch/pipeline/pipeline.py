@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from carsearch.config import PipelineConfig, from_dict, load_config, to_dict
-from carsearch.data.cropping import apply_plan, needs_detector, plan_image
-from carsearch.data.images import content_hash, decode_image, read_bytes
+from carsearch.data.cropping import apply_plan, needs_detector, plan_image, plan_in_original
+from carsearch.data.images import content_hash, decode_image, limit_size, read_bytes
 from carsearch.data.sources import Split, read_source
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder
@@ -132,7 +132,12 @@ class Pipeline:
             }
         return {
             "embedder": self.embedder.identity,
-            "processing": {"crop": self.config.crop, "crop_source": self.config.crop_source, "detector": detector},
+            "processing": {
+                "crop": self.config.crop,
+                "crop_source": self.config.crop_source,
+                "detector": detector,
+                "max_image_side": self.config.runtime.max_image_side,  # queries are downscaled alike
+            },
             "config": to_dict(self.config),
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -152,10 +157,16 @@ class Pipeline:
     def embed_image(
         self, image: Image.Image, gt_box: BBox | None = None, min_score: float | None = None
     ) -> tuple[CropPlan, Image.Image, np.ndarray]:
-        """(plan, crop, vector (D,)) for the one car of a query image."""
-        plan = self.plan(image, gt_box, single=True, min_score=min_score)[0]
-        crop = apply_plan(image, plan)
-        return plan, crop, self.embedder.embed([crop])[0]
+        """(plan in ``image``'s pixels, crop, vector (D,)) for the one car of a query image.
+
+        Prepared exactly as the batch job prepares a gallery image (downscaled to ``runtime.max_image_side``
+        before detection and cropping), so an indexed image searched as a query gets its own vector back.
+        """
+        small, scale = limit_size(image, self.config.runtime.max_image_side)
+        gt_box = gt_box.scale(scale) if gt_box is not None else None
+        plan = self.plan(small, gt_box, single=True, min_score=min_score)[0]
+        crop = apply_plan(small, plan)
+        return plan_in_original(plan, scale), crop, self.embedder.embed([crop])[0]
 
     # -- jobs ----------------------------------------------------------------------------------------
 
@@ -166,12 +177,14 @@ class Pipeline:
         split: Split = "all",
         progress: bool = False,
         where: dict[str, str] | None = None,
+        prune: bool = False,
     ) -> IndexReport:
         """Crop-and-index a folder / CSV / devkit / Kaggle dataset into the index directory ``out``.
 
         ``where`` keeps only CSV rows with these column values (e.g. ``{"box_fully_visible": "1"}``).
+        ``prune``: drop indexed images the source no longer lists.
         """
-        return run_index_job(self, read_source(source, split, where), out, progress=progress)
+        return run_index_job(self, read_source(source, split, where), out, progress=progress, prune=prune)
 
     def open_index(self, index_dir: str | Path) -> GalleryIndex:
         """Load an index, refusing one built with a different embedder."""
@@ -200,7 +213,7 @@ class Pipeline:
             query = decode_image(data)
         timings = {"load": (time.perf_counter() - tic) * 1000}
         tic = time.perf_counter()
-        plan, _, vector = self.embed_image(query, min_score=min_score)
+        plan, crop, vector = self.embed_image(query, min_score=min_score)
         timings["detect_embed"] = (time.perf_counter() - tic) * 1000
         tic = time.perf_counter()
         excluded = {i for i, r in enumerate(gallery.records) if query_hash and r.content_hash == query_hash}
@@ -214,7 +227,7 @@ class Pipeline:
             hits.append(
                 SearchHit(len(hits) + 1, int(item_id), float(score), record.label, record.path, record.to_dict())
             )
-        return SearchResult(query_plan=plan, hits=tuple(hits), timings_ms=timings)
+        return SearchResult(query_plan=plan, hits=tuple(hits), timings_ms=timings, query_crop=crop)
 
     def evaluate(self, index: GalleryIndex | str | Path) -> Evaluation:
         """Leave-one-out Recall@1/2/4/8, MAP@R and R-Precision over the labelled items of an index."""

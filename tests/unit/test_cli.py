@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from carsearch.cli import main
+from carsearch.cli import build_parser, flags_markdown, main
+from carsearch.errors import ConfigError
 from tests.conftest import TEST_OVERRIDES, build_gallery
 
 SETS = sum((["--set", o] for o in TEST_OVERRIDES), [])
@@ -105,3 +106,39 @@ def test_evaluate_and_audit_take_index_settings(
     assert json.loads(capsys.readouterr().out)["items"] == 6
     assert main(["audit", str(out), "--json", "--set", "index.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+def test_readme_flag_table_is_the_parsers_table() -> None:
+    """README lists exactly the flags each command's parser takes (and so honours)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- cli-flags:start -->\n", 1)[1].split("\n<!-- cli-flags:end -->", 1)[0]
+    assert block == flags_markdown()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["search", "idx", "q.jpg", "--config", "c.yaml"],
+        ["explain", "idx", "q.jpg", "--out", "o", "--config", "c.yaml"],
+        ["demo", "idx", "--config", "c.yaml"],
+        ["evaluate", "idx", "--device", "cuda"],
+        ["audit", "idx", "--detector-weights", "w.pt"],
+    ],
+)
+def test_flags_a_command_would_ignore_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_train_and_compare_take_device(tmp_path: Path) -> None:
+    from carsearch.embedder.training.run import device_overrides, train_parser
+
+    assert device_overrides("cuda:1") == ["trainer.accelerator=gpu", "trainer.devices=1,"]
+    assert device_overrides("cpu") == ["trainer.accelerator=cpu"]
+    with pytest.raises(ConfigError, match="--device"):
+        device_overrides("tpu")
+    args = train_parser().parse_args(["--device", "cpu", "-v", "trainer.max_epochs=1"])
+    assert args.device == "cpu" and args.verbose and args.overrides == ["trainer.max_epochs=1"]
+    parsed = build_parser().parse_args(["compare", "--out", str(tmp_path), "--device", "cpu"])
+    assert parsed.device == "cpu"

@@ -34,8 +34,11 @@ class DataConfig:
     evaluated once, at the end, and never choose anything.
 
     Geometry: each crop is resized the way inference resizes it (``resize``: squash or centre crop) to
-    ``resize_to`` (default ``image_size`` × 8/7), *then* randomly cropped to ``image_size`` with
-    ``RandomResizedCrop(scale=(crop_scale, 1))``, flipped and (``jitter`` > 0) colour-jittered.
+    ``resize_to`` (default ``crop_size`` × 8/7), *then* randomly cropped to ``crop_size`` (default
+    ``image_size``, the inference size) with ``RandomResizedCrop(scale=(crop_scale, 1))``, flipped and
+    (``jitter`` > 0) colour-jittered. A random crop magnifies the car (by ~1.12 at ``crop_scale`` 0.6), so
+    ``crop_size`` ≈ ``image_size`` / 1.12 shows training cars at their inference size, in fewer pixels
+    ("FixRes", Touvron et al. 2019).
     ``cache``: keep the resized uint8 crops in a memory-mapped file under ``cache_dir`` (keyed by file
     content and preprocessing), so that epochs do not decode JPEGs.
     Batches hold ``classes_per_batch`` (P) classes × ``images_per_class`` (K) images.
@@ -55,6 +58,7 @@ class DataConfig:
     image_size: int = 224
     resize: Literal["squash", "center_crop"] = "squash"
     resize_to: int | None = None
+    crop_size: int | None = None  # training views' side; None: image_size
     crop_scale: float = 0.6  # RandomResizedCrop scale = (crop_scale, 1)
     hflip: bool = True
     jitter: float = 0.0  # ColorJitter brightness/contrast/saturation (hue = jitter / 4); 0 disables
@@ -68,9 +72,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "data.image_size must be >= 16")
         _check(
-            self.resize_to is None or self.resize_to >= self.image_size,
-            "data.resize_to must be >= data.image_size (the random crop is taken from it)",
+            self.resize_to is None or self.resize_to >= self.train_crop_size,
+            "data.resize_to must be >= data.crop_size (or data.image_size): the random crop is taken from it",
         )
+        _check(self.crop_size is None or self.crop_size >= 16, "data.crop_size must be >= 16")
         _check(0.0 < self.crop_scale <= 1.0, "data.crop_scale must be in (0, 1]")
         _check(0.0 <= self.jitter <= 1.0, "data.jitter must be in [0, 1]")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
@@ -91,7 +96,12 @@ class DataConfig:
     @property
     def train_size(self) -> int:
         """The side crops are resized to before the random crop."""
-        return self.resize_to or round(self.image_size * 8 / 7)
+        return self.resize_to or round(self.train_crop_size * 8 / 7)
+
+    @property
+    def train_crop_size(self) -> int:
+        """The side of a training view (the random crop's output)."""
+        return self.crop_size or self.image_size
 
     @property
     def batch_size(self) -> int:
@@ -110,7 +120,7 @@ class ModelConfig:
 
     backbone: str = "tf_efficientnet_lite0"
     pretrained: bool = True
-    pooling: Literal["avg", "gem"] = "avg"
+    pooling: Literal["avg", "max", "avgmax", "gem"] = "avg"
     embedding_dim: int | None = 512  # None: the pooled backbone features, no head
     head_bn: bool = False
     freeze_blocks: int = 0

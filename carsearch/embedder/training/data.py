@@ -113,9 +113,9 @@ def geometry_transform(pre: Preprocessing, size: int | None = None) -> v2.Compos
 
 
 def augment_transform(
-    pre: Preprocessing, crop_scale: float = 0.6, hflip: bool = True, jitter: float = 0.0
+    pre: Preprocessing, crop_scale: float = 0.6, hflip: bool = True, jitter: float = 0.0, size: int | None = None
 ) -> v2.Compose:
-    """uint8 (3, R, R) crop in inference geometry → augmented, normalised float (3, S, S).
+    """uint8 (3, R, R) crop in inference geometry → augmented, normalised float (3, size, size) (default S).
 
     The random crop's aspect range (3/4–4/3) applies to the already squashed (or centre-cropped) image, so a
     training view has the proportions an inference view has; with ``crop_scale=1``, no flip and R = S this
@@ -123,7 +123,10 @@ def augment_transform(
     """
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(
-            pre.image_size, scale=(crop_scale, 1.0), interpolation=interpolation_mode(pre.interpolation), antialias=True
+            size or pre.image_size,
+            scale=(crop_scale, 1.0),
+            interpolation=interpolation_mode(pre.interpolation),
+            antialias=True,
         )
     ]
     if hflip:
@@ -131,15 +134,6 @@ def augment_transform(
     if jitter > 0:
         steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 4))
     return v2.Compose([*steps, *normalise_transforms(pre)])
-
-
-def train_transform(
-    pre: Preprocessing, size: int | None = None, crop_scale: float = 0.6, hflip: bool = True, jitter: float = 0.0
-) -> v2.Compose:
-    """PIL RGB crop → augmented (3, S, S): :func:`geometry_transform` to ``size`` then :func:`augment_transform`."""
-    return v2.Compose(
-        [*geometry_transform(pre, size).transforms, *augment_transform(pre, crop_scale, hflip, jitter).transforms]
-    )
 
 
 def crop_config(mode: InputMode, detector: DetectorConfig) -> PipelineConfig:

@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
+from carsearch.data.processes import die_with_parent
 from carsearch.data.sources import SourceItem, read_source
 from carsearch.embedder.preprocessing import Preprocessing, normalise_transforms
 from carsearch.embedder.training.boxcache import cache_path, detect_cached
@@ -114,7 +115,7 @@ class EmbedderDataModule(L.LightningDataModule):
             splits = ClassSplits([c for c in splits.train if counts[c] >= cfg.min_per_class], splits.val, splits.test)
         self.splits = splits
         size = self.preprocessing.image_size
-        augment = augment_transform(self.preprocessing, cfg.crop_scale, cfg.hflip, cfg.jitter)
+        augment = augment_transform(self.preprocessing, cfg.crop_scale, cfg.hflip, cfg.jitter, cfg.train_crop_size)
         self.train_set = self._dataset(splits.train, cfg.train_size, augment)
         self.val_set = self._dataset(splits.val, size, None) if splits.val else None
         self.test_set = self._dataset(splits.test, size, None) if splits.test else None
@@ -169,6 +170,7 @@ class EmbedderDataModule(L.LightningDataModule):
             drop_last=True,
             num_workers=cfg.workers,
             persistent_workers=cfg.workers > 0,
+            worker_init_fn=die_with_parent() if cfg.workers else None,
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -192,4 +194,5 @@ class EmbedderDataModule(L.LightningDataModule):
             shuffle=False,
             num_workers=self.config.workers,
             persistent_workers=self.config.workers > 0,
+            worker_init_fn=die_with_parent() if self.config.workers else None,
         )

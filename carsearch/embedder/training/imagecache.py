@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from carsearch.data.atomic import atomic_write_json
 from carsearch.data.images import content_hash
+from carsearch.data.processes import die_with_parent
 from carsearch.embedder.training.data import CropDataset
 from carsearch.errors import ImageLoadError
 
@@ -64,7 +65,9 @@ class _Items:
 def _fill(dataset: CropDataset, out: np.ndarray, workers: int) -> list[int]:
     """Write the readable crops of ``dataset`` into ``out`` in order; returns their item indices."""
     kept: list[int] = []
-    for index, pixels, error in DataLoader(_Items(dataset), batch_size=None, num_workers=workers):
+    for index, pixels, error in DataLoader(
+        _Items(dataset), batch_size=None, num_workers=workers, worker_init_fn=die_with_parent() if workers else None
+    ):
         if pixels is None:
             logger.warning("skipping unreadable training image %s: %s", dataset.items[index].path, error)
             continue

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 from timm.models import group_modules
 from torch import nn
@@ -127,7 +128,7 @@ class EmbedderModule(L.LightningModule):
         self.miner = criterion.miner
         self._fns: tuple[nn.Module, nn.Module | None] = (self.criterion, self.miner)  # a tuple: not registered
         self._world_size = 1
-        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._val_outputs: list[tuple[torch.Tensor, ...]] = []
         self.val_history: list[dict[str, float]] = []
         self.train()  # Lightning keeps the modes it finds: frozen blocks start (and stay) in eval mode
 
@@ -138,11 +139,15 @@ class EmbedderModule(L.LightningModule):
         Chunks keep activations cache-sized on CPU (a 64-image step is ~25% faster in chunks of 16); the
         loss still sees the whole batch. With BatchNorm in training mode each chunk has its own statistics.
         """
+        return F.normalize(self.model.head(self.pooled(images)), dim=1)
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → (B, C) pooled backbone features (before the head), ``micro_batch`` images at a time."""
         if self.model_config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.micro_batch is None or len(images) <= self.micro_batch:
-            return self.model(images)
-        return torch.cat([self.model(chunk) for chunk in images.split(self.micro_batch)])
+            return self.model.features(images)
+        return torch.cat([self.model.features(chunk) for chunk in images.split(self.micro_batch)])
 
     def train(self, mode: bool = True) -> EmbedderModule:
         super().train(mode)
@@ -207,19 +212,27 @@ class EmbedderModule(L.LightningModule):
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         images, labels, index = batch
-        self._val_outputs.append((self(images).float(), labels, index))
+        features = self.pooled(images)
+        embeddings = F.normalize(self.model.head(features), dim=1)
+        self._val_outputs.append((embeddings.float(), labels, index, F.normalize(features, dim=1).float()))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:
             return
-        embeddings, labels, index = (torch.cat(parts) for parts in zip(*self._val_outputs, strict=True))
+        embeddings, labels, index, features = (torch.cat(parts) for parts in zip(*self._val_outputs, strict=True))
         self._val_outputs = []
         if self.trainer.world_size > 1:
             # Ranks hold equal-length shards (DistributedSampler pads with repeats): gather, drop the repeats.
-            embeddings, labels, index = (t.flatten(0, 1) for t in self.all_gather((embeddings, labels, index)))
+            gathered = self.all_gather((embeddings, labels, index, features))
+            embeddings, labels, index, features = (t.flatten(0, 1) for t in gathered)
             index, first = np.unique(index.cpu().numpy(), return_index=True)
-            embeddings, labels = embeddings[first], labels[first]
-        metrics = metrics_dict(leave_one_out_metrics(embeddings.cpu().numpy(), labels.cpu().tolist()))
+            embeddings, labels, features = embeddings[first], labels[first], features[first]
+        names = labels.cpu().tolist()
+        metrics = metrics_dict(leave_one_out_metrics(embeddings.cpu().numpy(), names))
+        if not isinstance(self.model.head, nn.Identity):
+            # The pooled features before the head, for comparison (the exported model embeds with the head).
+            pooled = metrics_dict(leave_one_out_metrics(features.cpu().numpy(), names))
+            metrics.update({f"pooled_{name}": pooled[name] for name in ("recall_at_1", "map_at_r")})
         self.val_history.append({"epoch": int(self.current_epoch), **metrics})
         self.log_dict(
             {f"val/{name}": value for name, value in metrics.items()},

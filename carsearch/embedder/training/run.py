@@ -295,12 +295,41 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """``carsearch train --config configs/train/cpu_quick.yaml [KEY=VALUE ...]``: prints the run directory."""
+def device_overrides(device: str | None) -> list[str]:
+    """``--device`` as trainer overrides: auto, cpu, cuda (all visible GPUs) or cuda:N (GPU N)."""
+    if device is None:
+        return []
+    if device in ("auto", "cpu"):
+        return [f"trainer.accelerator={device}"]
+    if device == "cuda":
+        return ["trainer.accelerator=gpu"]
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return ["trainer.accelerator=gpu", f"trainer.devices={device[5:]},"]
+    raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def train_parser() -> argparse.ArgumentParser:
     parser = _parser("carsearch train", "Fine-tune an embedder on class-disjoint splits (see configs/train/).")
     parser.add_argument("--config", help="training YAML (a serialised TrainConfig); defaults without it")
-    args = parser.parse_args(argv)
-    config = load_train_config(args.config, [*args.overrides, *args.more])
+    parser.add_argument("--device", help="auto (default), cpu, cuda (every visible GPU), cuda:N")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carsearch export", description="Export a training run's best model.")
+    parser.add_argument("run_dir", help="a run directory written by carsearch train")
+    parser.add_argument("out", help="inference checkpoint to write (load with embedder.checkpoint=OUT)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``carsearch train --config configs/train/cpu_quick.yaml [KEY=VALUE ...]``: prints the run directory."""
+    args = train_parser().parse_args(argv)
+    if args.verbose:
+        logging.getLogger("carsearch").setLevel(logging.DEBUG)
+    config = load_train_config(args.config, [*args.overrides, *args.more, *device_overrides(args.device)])
     run_dir = train(config)
     if not _is_ddp_child():
         print(run_dir)  # noqa: T201 - command-line output
@@ -309,9 +338,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     """``carsearch export RUN_DIR OUT.pt``: the run's best model as an inference checkpoint."""
-    parser = argparse.ArgumentParser(prog="carsearch export", description="Export a training run's best model.")
-    parser.add_argument("run_dir", help="a run directory written by carsearch train")
-    parser.add_argument("out", help="inference checkpoint to write (load with embedder.checkpoint=OUT)")
-    args = parser.parse_args(argv)
+    args = export_parser().parse_args(argv)
+    if args.verbose:
+        logging.getLogger("carsearch").setLevel(logging.DEBUG)
     print(export(args.run_dir, args.out))  # noqa: T201 - command-line output
     return 0

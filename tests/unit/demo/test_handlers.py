@@ -123,3 +123,34 @@ def test_a_result_whose_file_vanished_is_shown_but_not_explained(
     out.state.missing.add(1)
     with pytest.raises(CarSearchError, match="missing from the gallery"):
         explain_hit(backend, out.state, 1)
+
+
+def _listening(port: int) -> list[str]:
+    import psutil
+
+    return [
+        c.laddr.ip
+        for c in psutil.Process().net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+
+
+def test_the_demo_listens_on_loopback_only_unless_told_otherwise(demo: tuple[DemoBackend, Path]) -> None:
+    """The listening socket itself, not a client connection (which would also succeed on 0.0.0.0)."""
+    import socket
+
+    from carsearch.cli import build_parser
+    from carsearch.demo.app import launch
+
+    backend, _ = demo
+    assert build_parser().parse_args(["demo", "idx"]).host == "127.0.0.1"
+    for host in ("127.0.0.1", "0.0.0.0"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        kwargs = {} if host == "127.0.0.1" else {"host": host}  # the default first
+        app = launch(backend, port=port, block=False, **kwargs)
+        try:
+            assert _listening(port) == [host]
+        finally:
+            app.close()

@@ -66,6 +66,20 @@ def test_gem_pooling_runs() -> None:
     assert out.shape == (1, 1280)
 
 
+@pytest.mark.parametrize("pooling", ["avg", "max", "avgmax"])
+def test_pooling_reduces_the_feature_map_as_named(pooling: str) -> None:
+    torch.manual_seed(0)
+    model = EmbeddingModel(ModelSpec(pooling=pooling, preprocessing=Preprocessing(image_size=64)), pretrained=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fmap = model.eval().backbone(x)
+        avg, peak = fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))
+        expected = {"avg": avg, "max": peak, "avgmax": (avg + peak) / 2}[pooling]
+        assert torch.allclose(model.features(x), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        EmbeddingModel(ModelSpec(pooling="sum", preprocessing=Preprocessing(image_size=64)), pretrained=False)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = ModelSpec(embedding_dim=16, preprocessing=Preprocessing(image_size=64))

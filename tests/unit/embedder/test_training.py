@@ -38,7 +38,14 @@ from carsearch.embedder.training import (
     train_main,
 )
 from carsearch.embedder.training.config import LossConfig, ModelConfig, OptimConfig
-from carsearch.embedder.training.data import ClassSplits, CropDataset, sort_classes, split_classes, train_transform
+from carsearch.embedder.training.data import (
+    ClassSplits,
+    CropDataset,
+    augment_transform,
+    geometry_transform,
+    sort_classes,
+    split_classes,
+)
 from carsearch.embedder.training.datamodule import EmbedderDataModule
 from carsearch.embedder.training.losses import LOSSES, build_criterion
 from carsearch.embedder.training.module import freeze_backbone, warmup_cosine
@@ -369,10 +376,23 @@ def test_random_crops_keep_the_inference_aspect_of_wide_cars():
     wide = np.zeros((40, 160, 3), dtype=np.uint8)
     wide[:, :20] = (255, 0, 0)
     wide[:, -20:] = (0, 0, 255)
-    transform = train_transform(pre, size=56, crop_scale=0.9, hflip=False)
+    geometry, augment = geometry_transform(pre, size=56), augment_transform(pre, crop_scale=0.9, hflip=False)
     for _ in range(20):
-        view = transform(Image.fromarray(wide))
+        view = augment(geometry(Image.fromarray(wide)))
         assert view[0].max() > 0.5 and view[2].max() > 0.5  # red (left end) and blue (right end) both in view
+
+
+def test_crop_size_sets_the_training_views_and_evaluation_keeps_the_inference_size(tmp_path, hue_gallery):
+    overrides = [*TINY, f"data.source={hue_gallery}", "data.class_split=half", "data.crop_size=40"]
+    config = load_train_config(None, overrides)
+    assert config.data.train_size == round(40 * 8 / 7)  # the cache is sized for the training view
+    spec = model_spec(config)
+    data = EmbedderDataModule(config.data, spec.preprocessing, cache_dir=tmp_path / "cache")
+    data.setup()
+    assert data.train_set[0][0].shape == (3, 40, 40)
+    assert data.test_set[0][0].shape == (3, spec.preprocessing.image_size, spec.preprocessing.image_size) != (3, 40, 40)
+    with pytest.raises(ConfigError, match="resize_to"):
+        load_train_config(None, [*TINY, "data.crop_size=40", "data.resize_to=32"])
 
 
 def test_detector_boxes_are_cached_by_path_and_content(tmp_path, tiny_yolo, monkeypatch):

@@ -89,7 +89,38 @@ def test_load_detects_inconsistent_files(tmp_path: Path) -> None:
     make_index(5).save(tmp_path / "idx")
     items = tmp_path / "idx" / "items.jsonl"
     items.write_text("\n".join(items.read_text().splitlines()[:3]) + "\n")
+    with pytest.raises(IndexMismatchError, match="damaged: items.jsonl"):
+        GalleryIndex.load(tmp_path / "idx")
+    manifest = tmp_path / "idx" / "manifest.json"
+    legacy = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "files"}
+    manifest.write_text(json.dumps(legacy))  # an index written before checksums: the count check remains
     with pytest.raises(IndexMismatchError, match="inconsistent"):
+        GalleryIndex.load(tmp_path / "idx")
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["vectors.npy", "items.jsonl", "index.faiss"])
+def test_a_file_of_the_right_length_but_wrong_content_is_refused_with_how_to_rebuild(tmp_path: Path, name: str) -> None:
+    """Counts cannot see a half-copied or edited file of the right size; the manifest's checksums can."""
+    make_index(5).save(tmp_path / "idx")
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"vectors.npy", "items.jsonl", "index.faiss"}
+    path = tmp_path / "idx" / name
+    size = path.stat().st_size
+    _flip_byte(path, size - 3)  # inside the vectors / the last record / the faiss payload
+    assert path.stat().st_size == size
+    with pytest.raises(IndexMismatchError, match=rf"damaged: {name}.*carsearch index SOURCE --out FOLDER"):
+        GalleryIndex.load(tmp_path / "idx")
+    path.unlink()
+    if name == "index.faiss":  # derived from the vectors: rebuilt when missing
+        assert len(GalleryIndex.load(tmp_path / "idx", IndexConfig(use_gpu=False))) == 5
+        return
+    with pytest.raises(IndexMismatchError, match=rf"damaged: {name} is missing"):
         GalleryIndex.load(tmp_path / "idx")
 
 

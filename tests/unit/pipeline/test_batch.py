@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -76,8 +77,34 @@ def test_new_and_changed_files_are_picked_up(shared_models: Pipeline, tiny_galle
     make_car_image(555, CLASS_COLOURS[3]).save(tiny_gallery / "class_1" / "img_0.jpg")  # changed content
     report = pipe.index(tiny_gallery, tmp_path / "idx")
     assert (report.processed, report.skipped, report.items_in_index) == (2, 11, 13)
+    assert (report.added, report.replaced, report.pruned) == (1, 1, 0)
     paths = [i["path"] for i in read_items(tmp_path / "idx")]
     assert len(paths) == len(set(paths)) == 13
+
+
+def test_prune_drops_deleted_and_moved_files_and_the_report_says_what_changed(
+    shared_models: Pipeline, tiny_gallery: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from carsearch.cli import main
+
+    pipe = pipeline_with(shared_models, "crop=false")
+    pipe.index(tiny_gallery, tmp_path / "idx")
+    (tiny_gallery / "class_0" / "img_0.jpg").unlink()
+    (tiny_gallery / "class_1" / "img_1.jpg").rename(tiny_gallery / "class_1" / "moved.jpg")
+    make_car_image(555, CLASS_COLOURS[3]).save(tiny_gallery / "class_2" / "img_2.jpg")  # changed content
+    (tiny_gallery / "class_2" / "img_3.jpg").write_bytes(b"not an image any more")
+    kept = pipe.index(tiny_gallery, tmp_path / "idx")  # without --prune: nothing leaves the index
+    assert (kept.added, kept.replaced, kept.skipped, kept.pruned, kept.errors) == (1, 1, 8, 0, 1)
+    assert kept.items_in_index == 13
+    args = ["index", str(tiny_gallery), "--out", str(tmp_path / "idx"), "--raw", "--prune", "--json"]
+    args += sum((["--set", o] for o in TEST_OVERRIDES), [])
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["added"], report["replaced"], report["skipped"], report["pruned"]) == (0, 0, 10, 2)
+    paths = {Path(i["path"]).relative_to(tiny_gallery).as_posix() for i in read_items(tmp_path / "idx")}
+    assert "class_0/img_0.jpg" not in paths and "class_1/img_1.jpg" not in paths and "class_1/moved.jpg" in paths
+    assert len(paths) == report["items_in_index"] == 11  # 12 - 1 deleted; the moved file under its new path
+    assert "class_2/img_3.jpg" in paths  # listed but now unreadable: an error, and its old vector stays
 
 
 def test_interrupted_run_keeps_finished_batches_and_resumes(
@@ -199,7 +226,8 @@ def test_no_vehicle_found_uses_whole_image_and_flags_it(
     assert all(i["flags"] == ["no_detection"] and i["box"] is None for i in read_items(tmp_path / "idx"))
 
 
-def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_9_mid_run_leaves_no_process_then_rerun_loses_and_duplicates_nothing(tmp_path: Path, workers: int) -> None:
     root = tmp_path / "many" / "cls"
     root.mkdir(parents=True)
     for i in range(48):
@@ -218,7 +246,7 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path: Path) 
         "--batch-size",
         "4",
         "--workers",
-        "0",
+        str(workers),
         "--device",
         "cpu",
         *sum((["--set", o] for o in TEST_OVERRIDES + ["runtime.checkpoint_every=1"]), []),
@@ -230,8 +258,14 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path: Path) 
     while time.time() < deadline and len(list((out / "work").glob("chunk-*.npz"))) < 2:
         time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= workers  # the decode workers are running
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for orphan in alive:
+        orphan.kill()
+    assert not alive, f"orphaned worker processes after kill -9: {[p.pid for p in alive]}"
     assert not (out / "manifest.json").exists()
     done = subprocess.run(args + ["--json"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -240,3 +274,31 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path: Path) 
     assert report["items_in_index"] == 48
     paths = [i["path"] for i in read_items(out)]
     assert len(paths) == len(set(paths)) == 48
+
+
+def test_a_moved_checkpoint_is_the_same_embedder(tiny_gallery: Path, tmp_path: Path) -> None:
+    """An index's embedder is its weights' fingerprint: moving the checkpoint file does not orphan the index."""
+    import torch
+
+    from carsearch.embedder import EmbeddingModel, ModelSpec, Preprocessing, save_checkpoint
+
+    spec = ModelSpec(embedding_dim=16, preprocessing=Preprocessing(image_size=64))
+    torch.manual_seed(0)
+    first = tmp_path / "a" / "model.pt"
+    first.parent.mkdir()
+    save_checkpoint(EmbeddingModel(spec, pretrained=False), first)
+    overrides = [*TEST_OVERRIDES, "crop=false"]
+    Pipeline.from_config(overrides=[*overrides, f"embedder.checkpoint={first}"]).index(tiny_gallery, tmp_path / "idx")
+    moved = tmp_path / "b" / "renamed.pt"
+    moved.parent.mkdir()
+    first.rename(moved)
+    again = Pipeline.from_config(overrides=[*overrides, f"embedder.checkpoint={moved}"])
+    report = again.index(tiny_gallery, tmp_path / "idx")
+    assert (report.skipped, report.processed, report.items_in_index) == (12, 0, 12)
+    assert again.search(tmp_path / "idx", tiny_gallery / "class_0" / "img_0.jpg", k=1).hits[0].score > 0.999
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    save_checkpoint(EmbeddingModel(spec, pretrained=False), other)
+    with pytest.raises(IndexMismatchError, match="fingerprint"):
+        third = Pipeline.from_config(overrides=[*overrides, f"embedder.checkpoint={other}"])
+        third.index(tiny_gallery, tmp_path / "idx")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
 from carsearch.index import GalleryIndex
@@ -88,3 +90,40 @@ def test_unlabelled_index_cannot_be_evaluated(tmp_path: Path) -> None:
     pipe.index(folder, tmp_path / "idx")
     with pytest.raises(EmptyGalleryError, match="labelled"):
         pipe.evaluate(tmp_path / "idx")
+
+
+@pytest.mark.parametrize("mode", ["raw", "detector"])
+def test_a_large_indexed_photo_searched_as_a_query_gets_its_own_vector(
+    tmp_path: Path, tiny_yolo: Path, mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The batch job downscales photos over ``runtime.max_image_side`` before detection; queries (Python API,
+    CLI, demo) are prepared by the same function, so an indexed photo finds itself with its own vector."""
+    from carsearch.cli import main
+    from carsearch.demo.handlers import DemoBackend, search
+
+    folder = tmp_path / "big" / "cls"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        make_car_image(i, CLASS_COLOURS[i], size=(800, 600)).save(folder / f"{i}.png")
+    crop = ["crop=false"] if mode == "raw" else [f"detector.weights={tiny_yolo}", "detector.image_size=160"]
+    pipe = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "runtime.max_image_side=200", *crop])
+    pipe.index(tmp_path / "big", tmp_path / "idx")
+    gallery = pipe.open_index(tmp_path / "idx")
+    paths = [record.path for record in gallery.records]
+    query = Pipeline.for_index(tmp_path / "idx")  # as `carsearch search` and the demo build it
+    for i in range(3):
+        path = folder / f"{i}.png"
+        row = paths.index(str(path))
+        plan, _, vector = query.embed_image(Image.open(path).convert("RGB"))
+        np.testing.assert_allclose(vector, gallery.vectors[row], atol=1e-5)
+        box = gallery.records[row].box
+        assert (plan.region.as_list() if plan.region is not None else None) == box  # in the photo's pixels
+        assert "downscaled" in plan.flags and "downscaled" in gallery.records[row].flags
+    assert main(["search", str(tmp_path / "idx"), str(folder / "1.png"), "-k", "1", "--json"]) == 0
+    hit = json.loads(capsys.readouterr().out)["hits"][0]
+    assert hit["path"] == str(folder / "1.png") and hit["score"] > 1 - 1e-5
+    backend = DemoBackend.load(tmp_path / "idx")
+    out = search(backend, folder / "2.png", k=1)
+    assert out.error is None and out.state.crop is not None
+    demo_vector = backend.main.pipeline.embedder.embed([out.state.crop])[0]
+    np.testing.assert_allclose(demo_vector, gallery.vectors[paths.index(str(folder / "2.png"))], atol=1e-5)
