@@ -42,10 +42,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def jsonl_line(row: dict[str, Any]) -> bytes:
+    """One JSON-lines row as written everywhere in the project (sorted keys, newline-terminated)."""
+    return (json.dumps(row, sort_keys=True) + "\n").encode()
+
+
 def atomic_write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     def write(handle: BinaryIO) -> None:
         for row in rows:
-            handle.write((json.dumps(row, sort_keys=True) + "\n").encode())
+            handle.write(jsonl_line(row))
 
     atomic_write(path, write)
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from carsearch.config import IndexConfig
-from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
+from carsearch.data.atomic import atomic_write_bytes, atomic_write_json, jsonl_line
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
 from carsearch.index import backend
 from carsearch.index.records import ItemRecord
@@ -94,7 +94,7 @@ class GalleryIndex:
         folder.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, self._vectors)
-        items = "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in self.records).encode()
+        items = b"".join(jsonl_line(r.to_dict()) for r in self.records)  # hashed below: built in memory
         cpu_index = backend.build_index(self._vectors, self.config)
         contents = {VECTORS: buffer.getvalue(), ITEMS: items, FAISS: backend.serialize(cpu_index)}
         for name, data in contents.items():
