@@ -36,11 +36,21 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="carsearch-train-smoke-"))
     data = make_hue_gallery(tmp / "data", classes=20, per_class=8)
     overrides = [
-        f"data.source={data}", "model.backbone=tf_efficientnet_lite0", "model.pretrained=true",
-        "model.embedding_dim=128", "data.image_size=96", "data.classes_per_batch=8", "data.images_per_class=4",
-        "data.workers=2", "data.val_fraction=0.3", "loss.name=proxy_anchor", f"trainer.max_epochs={args.epochs}",
+        f"data.source={data}",
+        "model.backbone=tf_efficientnet_lite0",
+        "model.pretrained=true",
+        "model.embedding_dim=128",
+        "data.image_size=96",
+        "data.classes_per_batch=8",
+        "data.images_per_class=4",
+        "data.workers=2",
+        "data.val_fraction=0.3",
+        "loss.name=proxy_anchor",
+        f"trainer.max_epochs={args.epochs}",
         "trainer.val_every=1",
-        f"trainer.accelerator={args.accelerator}", "trainer.progress_bar=false", f"out.dir={tmp / 'runs'}",
+        f"trainer.accelerator={args.accelerator}",
+        "trainer.progress_bar=false",
+        f"out.dir={tmp / 'runs'}",
     ]
     tic = time.perf_counter()
     run_dir = train(load_train_config(None, overrides))
@@ -55,8 +65,12 @@ def main() -> None:
     pipe.index(test_csv, tmp / "index")
     evaluation = pipe.evaluate(tmp / "index")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    result = {"accelerator": args.accelerator, "train_seconds": round(train_s, 1), "run_metrics": metrics,
-              "exported_index_eval": evaluation.to_dict()}
+    result = {
+        "accelerator": args.accelerator,
+        "train_seconds": round(train_s, 1),
+        "run_metrics": metrics,
+        "exported_index_eval": evaluation.to_dict(),
+    }
     print(json.dumps(result, indent=2, default=str))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")

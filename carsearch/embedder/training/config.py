@@ -11,6 +11,7 @@ from carsearch.errors import ConfigError
 
 InputMode = Literal["raw", "gt", "detector"]
 ClassSplit = Literal["half", "all", "list"]
+ValCarve = Literal["last", "spaced"]  # validation classes: the last ones in sorted order, or evenly spaced
 LossName = Literal["triplet", "arcface", "subcenter_arcface", "proxy_anchor", "multi_similarity", "contrastive"]
 MinerName = Literal["none", "hard", "semihard", "all", "multi_similarity"]
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
@@ -30,8 +31,10 @@ class DataConfig:
     of the sorted classes trains, the second half is the test set (CARS196 protocol); ``all`` = every class
     trains, no test set; ``list`` = ``train_classes``, ``val_classes`` and ``test_classes`` (default: every
     class not named). Validation classes (they pick the epoch) come from ``val_classes`` or, when that is
-    empty, ``val_fraction`` of the training classes, evenly spaced in sorted order; test classes are
-    evaluated once, at the end, and never choose anything.
+    empty, ``val_fraction`` of the training classes (``val_carve``: ``last`` = the last ones in sorted
+    order, a block of other makes as in the half split; ``spaced`` = evenly spaced, whose same-model
+    neighbours then train: an easier, less telling validation); test classes are evaluated once, at the
+    end, and never choose anything.
 
     Geometry: each crop is resized the way inference resizes it (``resize``: squash or centre crop) to
     ``resize_to`` (default ``crop_size`` × 8/7), *then* randomly cropped to ``crop_size`` (default
@@ -51,6 +54,7 @@ class DataConfig:
     val_classes: tuple[str, ...] = ()
     test_classes: tuple[str, ...] = ()
     val_fraction: float = 0.0
+    val_carve: ValCarve = "last"
     input: InputMode = "raw"
     detector: DetectorConfig = field(default_factory=DetectorConfig)  # gt/detector crops use its margin
     cache_dir: str | None = None  # detector boxes and image cache; default <out.dir>/cache
@@ -79,6 +83,7 @@ class DataConfig:
         _check(0.0 < self.crop_scale <= 1.0, "data.crop_scale must be in (0, 1]")
         _check(0.0 <= self.jitter <= 1.0, "data.jitter must be in [0, 1]")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+        _check(self.val_carve in ("last", "spaced"), f"data.val_carve must be last or spaced, got {self.val_carve!r}")
         _check(self.classes_per_batch >= 2, "data.classes_per_batch (P) must be >= 2 (negatives need two classes)")
         _check(self.images_per_class >= 1, "data.images_per_class (K) must be >= 1")
         _check(self.min_per_class >= 0, "data.min_per_class must be >= 0")

@@ -17,7 +17,7 @@ from carsearch.data.cropping import apply_plan, plan_image
 from carsearch.data.images import load_image
 from carsearch.data.sources import SourceItem
 from carsearch.embedder.preprocessing import Preprocessing, interpolation_mode, normalise_transforms, resize_transforms
-from carsearch.embedder.training.config import InputMode
+from carsearch.embedder.training.config import InputMode, ValCarve
 from carsearch.errors import ConfigError, DataSourceError
 from carsearch.types import Detection
 
@@ -44,12 +44,21 @@ class ClassSplits:
         return {"train": self.train, "val": self.val, "test": self.test}
 
 
-def carve_out(classes: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
-    """(kept, carved): ``round(fraction × n)`` classes, evenly spaced over the sorted list, are carved out."""
+def carve_out(classes: Sequence[str], fraction: float, how: ValCarve = "last") -> tuple[list[str], list[str]]:
+    """(kept, carved): ``round(fraction × n)`` classes of the sorted list are carved out.
+
+    ``last``: the last ones, a contiguous block, as the half split cuts test classes (with CARS196's names,
+    mostly other makes). ``spaced``: evenly spaced over the list; their neighbours (often the same model in
+    another year) then train, which makes validation easier than the test split.
+    """
     ordered = sort_classes(classes)
     count = round(fraction * len(ordered))
     if count == 0:
         return ordered, []
+    if how == "last":
+        return ordered[:-count], ordered[-count:]
+    if how != "spaced":
+        raise ConfigError(f"unknown validation carve-out {how!r}; valid: last, spaced")
     picked = {ordered[int((i + 0.5) * len(ordered) / count)] for i in range(count)}
     return [c for c in ordered if c not in picked], [c for c in ordered if c in picked]
 
@@ -61,13 +70,15 @@ def split_classes(
     val_classes: Sequence[str] = (),
     test_classes: Sequence[str] = (),
     val_fraction: float = 0.0,
+    val_carve: ValCarve = "last",
 ) -> ClassSplits:
     """Disjoint train / validation / test class lists of ``labels``.
 
     ``half``: the first half of the sorted classes train, the second half test (for 196 CARS classes:
     1–98 / 99–196; an odd count gives training the extra class). ``all``: every class trains, no test.
     ``list``: ``train_classes``, ``val_classes`` and ``test_classes`` (default: every class not named).
-    Without ``val_classes``, ``val_fraction`` of the training classes are carved out to validate.
+    Without ``val_classes``, ``val_fraction`` of the training classes are carved out to validate
+    (``val_carve``: see :func:`carve_out`).
     """
     classes = sort_classes(labels)
     known = set(classes)
@@ -97,7 +108,7 @@ def split_classes(
     else:
         raise ConfigError(f"unknown class split {mode!r}; valid: half, all, list")
     if not val and val_fraction > 0:
-        train, val = carve_out(train, val_fraction)
+        train, val = carve_out(train, val_fraction, val_carve)
     if len(set(train)) < 2:
         raise ConfigError(f"need >= 2 training classes, got {len(set(train))}")
     if val and len(set(val)) < 2:

@@ -106,7 +106,13 @@ class EmbedderDataModule(L.LightningDataModule):
         cfg = self.config
         counts = class_counts(self._read())
         splits = split_classes(
-            list(counts), cfg.class_split, cfg.train_classes, cfg.val_classes, cfg.test_classes, cfg.val_fraction
+            list(counts),
+            cfg.class_split,
+            cfg.train_classes,
+            cfg.val_classes,
+            cfg.test_classes,
+            cfg.val_fraction,
+            cfg.val_carve,
         )
         if cfg.min_per_class:
             dropped = [c for c in splits.train if counts[c] < cfg.min_per_class]

@@ -37,7 +37,7 @@ from carsearch.embedder.training import (
     train,
     train_main,
 )
-from carsearch.embedder.training.config import LossConfig, ModelConfig, OptimConfig
+from carsearch.embedder.training.config import DataConfig, LossConfig, ModelConfig, OptimConfig
 from carsearch.embedder.training.data import (
     ClassSplits,
     CropDataset,
@@ -304,7 +304,13 @@ def test_split_classes():
     assert split_classes(list("abcde"), "all") == ClassSplits(list("abcde"), [], [])
     # Validation classes are carved out of the training classes, never out of the test classes.
     carved = split_classes([str(i) for i in range(1, 41)], "half", val_fraction=0.25)
-    assert carved.val == ["3", "7", "11", "15", "19"] and len(carved.train) == 15
+    assert carved.val == ["16", "17", "18", "19", "20"] and len(carved.train) == 15  # the last block (default)
+    spaced = split_classes([str(i) for i in range(1, 41)], "half", val_fraction=0.25, val_carve="spaced")
+    assert spaced.val == ["3", "7", "11", "15", "19"] and len(spaced.train) == 15
+    with pytest.raises(ConfigError, match="val_carve|carve-out"):
+        split_classes([str(i) for i in range(1, 41)], "half", val_fraction=0.25, val_carve="random")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="val_carve"):
+        DataConfig(val_carve="random")  # type: ignore[arg-type]
     assert carved.test == [str(i) for i in range(21, 41)]
     assert not set(carved.train) & set(carved.val)
     full = split_classes([str(i) for i in range(1, 99)], "all", val_fraction=0.1)
