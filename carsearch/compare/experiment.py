@@ -28,7 +28,7 @@ from carsearch.embedder import Embedder
 from carsearch.embedder.checkpoint import load_checkpoint
 from carsearch.embedder.training.boxcache import cache_path, detect_cached
 from carsearch.embedder.training.config import TrainConfig, load_train_config
-from carsearch.embedder.training.data import crop_config
+from carsearch.embedder.training.data import carve_out, crop_config
 from carsearch.embedder.training.run import export, train
 from carsearch.errors import DataSourceError
 from carsearch.metrics import leave_one_out_metrics
@@ -139,15 +139,16 @@ def _write_csv(items: list[SourceItem], path: Path) -> Path:
 def train_config(config: CompareConfig, split: Split, mode: str, out: Path) -> TrainConfig:
     """The shared recipe for one fine-tuned row; its own validation classes come from the training classes."""
     classes = sorted({str(i.label) for i in split.train})
-    n_val = max(1, round(len(classes) * config.train.val_share))
+    # At least one validation class, cut as training cuts its own (data.val_carve=last).
+    train_classes, val_classes = carve_out(classes, max(config.train.val_share, 1 / len(classes)), "last")
     data = to_dict(load_train_config(config.train.recipe, list(config.train.overrides)))
     data["data"].update(
         {
             "source": str(_write_csv(split.train, out / "data" / "train_classes.csv")),
             "where": {},
             "class_split": "list",
-            "train_classes": classes[:-n_val],
-            "val_classes": classes[-n_val:],
+            "train_classes": train_classes,
+            "val_classes": val_classes,
             "input": "detector" if mode == "ft_crop" else "raw",
             "detector": to_dict(config.detector),
             "cache_dir": str(out / "cache"),
