@@ -8,10 +8,14 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from carsearch.config import IndexConfig
+from carsearch.config import PipelineConfig, to_dict
 from carsearch.errors import CarSearchError, ConfigError
 from carsearch.types import BBox
+
+if TYPE_CHECKING:
+    from carsearch.pipeline import Evaluation
 
 
 def _common(
@@ -44,7 +48,11 @@ FROM_INDEX = "override the index's own config (its manifest), e.g. --set detecto
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    overrides = list(args.overrides)
+    from carsearch.config import rerank_overrides
+
+    # --rerank presets first, so that --set retrieval.… refines them
+    overrides = rerank_overrides(args.rerank) if getattr(args, "rerank", None) else []
+    overrides += args.overrides
     if getattr(args, "device", None):
         overrides.append(f"runtime.device={args.device}")
     if getattr(args, "detector_weights", None):
@@ -58,7 +66,15 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"crop_source={args.crop_source}")
     if getattr(args, "model", None):
         overrides.append(f"embedder.checkpoint={args.model}")
+    if getattr(args, "flip", False):
+        overrides.append("embedder.flip=true")
     return overrides
+
+
+RERANK_HELP = (
+    "search post-processing: none, aqe (query expansion), dba (database-side augmentation), kreciprocal "
+    "(k-reciprocal re-ranking), or a comma-separated combination; tune with --set retrieval.KEY=VALUE"
+)
 
 
 def _cam_options(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="decode worker processes (0 = in the main process)")
     p.add_argument("--prune", action="store_true", help="drop indexed images the source no longer lists")
+    p.add_argument(
+        "--flip", action="store_true", help="flip test-time augmentation (mean of image and mirror); queries follow"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _common(p, config=PIPELINE_YAML)
@@ -109,11 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="query image")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--exclude-self", action="store_true", help="drop gallery items with the query's exact bytes")
+    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
     p.add_argument("--json", action="store_true")
     _common(p, set_help=FROM_INDEX)
 
     p = sub.add_parser("evaluate", help="leave-one-out Recall@k, MAP@R, R-Precision of a labelled index")
     p.add_argument("index", help="index directory")
+    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP + "; reports plain and post-processed metrics")
     p.add_argument("--json", action="store_true")
     _common(p, config=INDEX_YAML, models=False, set_help=FROM_INDEX)
 
@@ -164,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--method", choices=["gradcam", "gradcam++", "eigencam"], default="gradcam")
+    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
     _common(p, set_help=FROM_INDEX)
 
     p = sub.add_parser(
@@ -283,35 +305,46 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _index_config(args: argparse.Namespace) -> IndexConfig:
-    """The index settings of the index's own config, with ``--config`` / ``--set index.…`` applied on top."""
+def _search_config(args: argparse.Namespace) -> PipelineConfig:
+    """The index's own config (its manifest), or ``--config``, with ``--set`` / ``--rerank`` applied on top."""
     from carsearch.config import load_config
     from carsearch.pipeline import Pipeline
 
     overrides = _overrides(args)
     if args.config:
-        return load_config(args.config, overrides).index
-    return Pipeline.for_index(args.index, overrides).config.index
+        return load_config(args.config, overrides)
+    return Pipeline.for_index(args.index, overrides).config
+
+
+def _print_metrics(evaluation: Evaluation, reranked: Evaluation | None, methods: str) -> None:
+    m = evaluation.metrics
+    print(
+        f"items: {evaluation.items} (labelled {evaluation.labelled_items}, no_detection {evaluation.no_detection}); "
+        f"queries: {m.num_queries} (+{m.num_lone_queries} lone, left out)"
+    )
+    rows = [(f"Recall@{k}", lambda e, k=k: e.metrics.recall_at[k]) for k in m.recall_at]
+    rows += [("MAP@R", lambda e: e.metrics.map_at_r), ("R-Prec", lambda e: e.metrics.r_precision)]
+    if reranked is not None:
+        print(f"{'':<10}{'plain':>8}  {methods}")
+    for name, value in rows:
+        print(f"{name:<10}{value(evaluation):8.4f}" + (f"  {value(reranked):.4f}" if reranked is not None else ""))
+    if m.other_year_share is not None:
+        print(f"wrong top-1 that is the same make/model in another year: {m.other_year_share:.4f}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from carsearch.index import GalleryIndex
     from carsearch.pipeline import evaluate_index
 
-    evaluation = evaluate_index(GalleryIndex.load(args.index, _index_config(args)))
+    config = _search_config(args)
+    gallery = GalleryIndex.load(args.index, config.index)
+    evaluation = evaluate_index(gallery)
+    reranked = None if config.retrieval.plain else evaluate_index(gallery, config.retrieval)
     if args.json:
-        print(json.dumps(evaluation.to_dict(), indent=2))
+        extra = {"reranked": reranked.metrics.to_dict(), "retrieval": to_dict(config.retrieval)} if reranked else {}
+        print(json.dumps({**evaluation.to_dict(), **extra}, indent=2))
         return 0
-    m = evaluation.metrics
-    print(
-        f"items: {evaluation.items} (labelled {evaluation.labelled_items}, no_detection {evaluation.no_detection}); "
-        f"queries: {m.num_queries} (+{m.num_lone_queries} lone, left out)"
-    )
-    for k, value in m.recall_at.items():
-        print(f"Recall@{k:<2} {value:.4f}")
-    print(f"MAP@R     {m.map_at_r:.4f}\nR-Prec    {m.r_precision:.4f}")
-    if m.other_year_share is not None:
-        print(f"wrong top-1 that is the same make/model in another year: {m.other_year_share:.4f}")
+    _print_metrics(evaluation, reranked, args.rerank or "post-processed")
     return 0
 
 
@@ -319,7 +352,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from carsearch.index import GalleryIndex
     from carsearch.pipeline.audit import audit_index
 
-    gallery = GalleryIndex.load(args.index, _index_config(args))
+    gallery = GalleryIndex.load(args.index, _search_config(args).index)
     report = audit_index(gallery, k=args.k, max_agree=args.max_agree, near=args.near)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -56,6 +56,7 @@ class EmbedderConfig:
     resize: Literal["squash", "center_crop"] = "squash"
     batch_size: int | None = None  # images per forward pass; None: 4 on CPU (fastest there), 64 on CUDA
     channels_last: bool = True
+    flip: bool = False  # flip test-time augmentation; an index built with it is queried with it (manifest)
 
     def __post_init__(self) -> None:
         _check(self.batch_size is None or self.batch_size >= 1, "embedder.batch_size must be >= 1")
@@ -76,6 +77,58 @@ class IndexConfig:
     def __post_init__(self) -> None:
         _check(self.ivf_threshold >= 1, "index.ivf_threshold must be >= 1")
         _check(self.nprobe >= 1, "index.nprobe must be >= 1")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Post-processing of the faiss neighbours (all off by default; README: which to use when).
+
+    ``qe_k``: query expansion, the query averaged with its top ``qe_k`` hits and searched again (AQE;
+    ``qe_alpha`` > 0 weights each hit by similarity^alpha, αQE). ``dba_k``: database-side augmentation,
+    every gallery vector averaged with its top ``dba_k`` neighbours once, when the index is opened.
+    ``kreciprocal``: k-reciprocal re-ranking (Zhong et al. 2017; ``k1``, ``k2``, ``lambda_value``) of the
+    top ``candidates`` hits, so its cost does not grow with the gallery.
+    """
+
+    qe_k: int = 0
+    qe_alpha: float = 0.0
+    dba_k: int = 0
+    dba_alpha: float = 0.0
+    kreciprocal: bool = False
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    candidates: int = 100
+
+    def __post_init__(self) -> None:
+        _check(self.qe_k >= 0 and self.dba_k >= 0, "retrieval.qe_k and retrieval.dba_k must be >= 0")
+        _check(self.qe_alpha >= 0 and self.dba_alpha >= 0, "retrieval.qe_alpha and retrieval.dba_alpha must be >= 0")
+        _check(self.k1 >= 1 and self.k2 >= 1, "retrieval.k1 and retrieval.k2 must be >= 1")
+        _check(0.0 <= self.lambda_value <= 1.0, "retrieval.lambda_value must be in [0, 1]")
+        _check(self.candidates >= 2, "retrieval.candidates must be >= 2")
+
+    @property
+    def plain(self) -> bool:
+        """True when search returns faiss's neighbours unchanged."""
+        return not (self.qe_k or self.dba_k or self.kreciprocal)
+
+
+RERANK_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"qe_k": 0, "dba_k": 0, "kreciprocal": False},
+    "aqe": {"qe_k": 2},
+    "dba": {"dba_k": 2},
+    "kreciprocal": {"kreciprocal": True},
+}
+
+
+def rerank_overrides(methods: str) -> list[str]:
+    """``"aqe,kreciprocal"`` → ``retrieval.…=…`` overrides of the named presets (``RERANK_PRESETS``)."""
+    out = []
+    for name in (m.strip() for m in methods.split(",") if m.strip()):
+        if name not in RERANK_PRESETS:
+            raise ConfigError(f"unknown re-ranking {name!r}; valid: {', '.join(RERANK_PRESETS)} (comma-separated)")
+        out += [f"retrieval.{key}={str(value).lower()}" for key, value in RERANK_PRESETS[name].items()]
+    return out
 
 
 @dataclass(frozen=True)
@@ -103,6 +156,7 @@ class PipelineConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     crop: bool = True
     crop_source: CropSource = "detector"

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from carsearch.config import IndexConfig
+from carsearch.config import IndexConfig, RetrievalConfig
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json, jsonl_line
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
-from carsearch.index import backend
+from carsearch.index import backend, rerank
 from carsearch.index.records import ItemRecord
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class GalleryIndex:
         self._vectors = np.zeros((0, dim), dtype=np.float32)
         self.records: list[ItemRecord] = []
         self._faiss: Any = None
+        self._augmented: dict[tuple[int, float], GalleryIndex] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -64,6 +65,7 @@ class GalleryIndex:
         self._vectors = np.concatenate([self._vectors, vectors]) if len(self._vectors) else vectors.copy()
         self.records.extend(records)
         self._faiss = None
+        self._augmented = {}
 
     def _search_index(self) -> Any:
         if self._faiss is None:
@@ -83,6 +85,35 @@ class GalleryIndex:
         k = max(1, min(int(k), len(self)))
         scores, ids = self._search_index().search(queries, k)
         return scores, ids
+
+    def retrieve(
+        self,
+        queries: np.ndarray,
+        k: int,
+        config: RetrievalConfig | None = None,
+        exclude: Sequence[set[int]] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` with ``config``'s post-processing (DBA, query expansion, k-reciprocal re-ranking).
+
+        ``exclude[q]``: ids never returned for query q. Ids index ``records`` as in :meth:`search`.
+        """
+        config = config or RetrievalConfig()
+        if config.plain and exclude is None:
+            return self.search(queries, k)
+        if not len(self):
+            raise EmptyGalleryError("the index is empty: add images with `carsearch index` first")
+        gallery = self.augmented(config.dba_k, config.dba_alpha) if config.dba_k else self
+        return rerank.retrieve(gallery.search, gallery.vectors, queries, k, config, exclude)
+
+    def augmented(self, k: int, alpha: float = 0.0) -> GalleryIndex:
+        """This gallery after database-side augmentation (DBA) with ``k`` neighbours; computed once."""
+        key = (int(k), float(alpha))
+        if key not in self._augmented:
+            vectors = rerank.augment_database(self._vectors, self.search, k, alpha)
+            augmented = GalleryIndex(self.dim, self.manifest, self.config)
+            augmented.add(vectors, self.records)
+            self._augmented[key] = augmented
+        return self._augmented[key]
 
     def check_embedder(self, identity: dict[str, Any]) -> None:
         """Refuse an embedder whose identity (spec, dim, weights) differs from the index's."""
@@ -179,7 +210,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def check_identity(stored: dict[str, Any], actual: dict[str, Any], where: str) -> None:
     """Raise :class:`IndexMismatchError` naming the first field where two embedder identities differ."""
-    for key in ("dim", "spec", "fingerprint"):
+    for key in ("dim", "spec", "fingerprint", "tta"):  # tta: "flip", or absent (no test-time augmentation)
         if stored.get(key) != actual.get(key):
             raise IndexMismatchError(
                 f"{where} was built with a different embedder ({key}: index has {stored.get(key)!r}, "

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from carsearch.config import PipelineConfig, from_dict, load_config, to_dict
+from carsearch.config import PipelineConfig, RetrievalConfig, from_dict, load_config, to_dict
 from carsearch.data.cropping import apply_plan, needs_detector, plan_image, plan_in_original
 from carsearch.data.images import content_hash, decode_image, limit_size, read_bytes
 from carsearch.data.sources import Split, read_source
@@ -217,11 +217,11 @@ class Pipeline:
         timings["detect_embed"] = (time.perf_counter() - tic) * 1000
         tic = time.perf_counter()
         excluded = {i for i, r in enumerate(gallery.records) if query_hash and r.content_hash == query_hash}
-        scores, ids = gallery.search(vector[None], k + len(excluded))
+        scores, ids = gallery.retrieve(vector[None], k, self.config.retrieval, exclude=[excluded] if excluded else None)
         timings["search"] = (time.perf_counter() - tic) * 1000
         hits = []
         for score, item_id in zip(scores[0], ids[0], strict=True):
-            if item_id < 0 or int(item_id) in excluded or len(hits) >= k:
+            if item_id < 0 or len(hits) >= k:
                 continue
             record = gallery.records[int(item_id)]
             hits.append(
@@ -232,14 +232,16 @@ class Pipeline:
     def evaluate(self, index: GalleryIndex | str | Path) -> Evaluation:
         """Leave-one-out Recall@1/2/4/8, MAP@R and R-Precision over the labelled items of an index."""
         gallery = index if isinstance(index, GalleryIndex) else GalleryIndex.load(index, self.config.index)
-        return evaluate_index(gallery)
+        return evaluate_index(gallery, self.config.retrieval)
 
 
-def evaluate_index(gallery: GalleryIndex) -> Evaluation:
+def evaluate_index(gallery: GalleryIndex, retrieval: RetrievalConfig | None = None) -> Evaluation:
     """Leave-one-out metrics over the labelled items of ``gallery`` (unlabelled items are left out).
 
     Searched through the gallery's own index kind (IVF/HNSW as built), so the numbers are the index's; for a
-    flat index they equal :func:`carsearch.metrics.leave_one_out_metrics` of its vectors.
+    flat index they equal :func:`carsearch.metrics.leave_one_out_metrics` of its vectors. ``retrieval``:
+    the post-processing to measure (DBA, query expansion, k-reciprocal); each query's own item is never a
+    candidate.
     """
     labelled = [i for i, r in enumerate(gallery.records) if r.label is not None]
     if len(labelled) < 2:
@@ -247,6 +249,11 @@ def evaluate_index(gallery: GalleryIndex) -> Evaluation:
     sub = GalleryIndex(gallery.dim, gallery.manifest, gallery.config)
     sub.add(gallery.vectors[labelled], [gallery.records[i] for i in labelled])
     labels = [r.label for r in sub.records]
-    metrics = evaluate_embeddings(lambda k: sub.search(sub.vectors, k)[1], labels)
+    retrieval = retrieval or RetrievalConfig()
+    if retrieval.plain:
+        metrics = evaluate_embeddings(lambda k: sub.search(sub.vectors, k)[1], labels)
+    else:
+        itself = [{i} for i in range(len(sub))]
+        metrics = evaluate_embeddings(lambda k: sub.retrieve(sub.vectors, k, retrieval, exclude=itself)[1], labels)
     no_detection = sum(FLAG_NO_DETECTION in r.flags for r in gallery.records)
     return Evaluation(metrics, len(gallery), len(labelled), no_detection)

@@ -50,6 +50,40 @@ def test_evaluate_json(cli_index: tuple[Path, Path], capsys: pytest.CaptureFixtu
     assert 0 <= data["map_at_r"] <= 1 and data["items"] == 6
 
 
+def test_evaluate_and_search_with_rerank(cli_index: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root, out = cli_index
+    rerank = ["--rerank", "aqe,kreciprocal", "--set", "retrieval.k1=2", "--set", "retrieval.qe_k=1"]
+    assert main(["evaluate", str(out), "--json", *rerank]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["retrieval"]["kreciprocal"] is True and data["retrieval"]["qe_k"] == 1  # --set refines --rerank
+    assert data["retrieval"]["k1"] == 2 and set(data["reranked"]["recall_at"]) == {"1", "2", "4", "8"}
+    assert data["reranked"]["num_queries"] == data["num_queries"] == 6
+    assert main(["evaluate", str(out), "--rerank", "kreciprocal"]) == 0
+    table = capsys.readouterr().out
+    assert "plain" in table and "kreciprocal" in table and "MAP@R" in table
+    query = root / "class_1" / "img_2.jpg"
+    assert main(["search", str(out), str(query), "-k", "3", "--json", "--exclude-self", *rerank]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert [h["rank"] for h in hits] == [1, 2, 3] and all(h["path"] != str(query) for h in hits)
+    assert main(["evaluate", str(out), "--rerank", "bogus"]) == 2
+    assert "unknown re-ranking 'bogus'" in capsys.readouterr().err
+
+
+def test_flip_index_is_searched_with_flip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = build_gallery(tmp_path / "gallery", classes=2, per_class=2)
+    out = tmp_path / "idx"
+    assert main(["index", str(root), "--out", str(out), "--raw", "--flip", "--no-progress", *SETS]) == 0
+    capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["embedder"]["tta"] == "flip" and manifest["config"]["embedder"]["flip"] is True
+    query = root / "class_1" / "img_1.jpg"
+    assert main(["search", str(out), str(query), "-k", "1", "--json"]) == 0  # queries follow the index
+    hit = json.loads(capsys.readouterr().out)["hits"][0]
+    assert hit["path"] == str(query) and hit["score"] == pytest.approx(1.0, abs=1e-4)
+    assert main(["search", str(out), str(query), "--set", "embedder.flip=false"]) == 2
+    assert "tta" in capsys.readouterr().err
+
+
 def test_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "not a carsearch index" in capsys.readouterr().err

@@ -146,3 +146,27 @@ def test_gpu_preprocessing_and_fp16_match_the_cpu_path() -> None:
     assert torch.allclose(gpu.tensors(images).cpu(), cpu.tensors(images), atol=2e-2)
     a, b = cpu.embed(images), gpu.embed(images)
     assert np.allclose((a * b).sum(1), 1.0, atol=2e-3)  # cosine between CPU fp32 and GPU fp16 embeddings
+
+
+def test_flip_tta_embeds_an_image_and_its_mirror_alike() -> None:
+    from PIL import ImageOps
+
+    from carsearch.errors import IndexMismatchError
+    from carsearch.index import check_identity
+
+    images = [make_car_image(i, CLASS_COLOURS[i % 3], size=(150, 90)) for i in range(3)]
+    mirrors = [ImageOps.mirror(image) for image in images]
+    plain = Embedder.from_config(EmbedderConfig(image_size=64))
+    flip = Embedder.from_config(EmbedderConfig(image_size=64, flip=True))
+    assert not np.allclose(plain.embed(images), plain.embed(mirrors), atol=1e-3)  # the images are asymmetric
+    both = flip.embed(images)
+    assert np.allclose(both, flip.embed(mirrors), atol=1e-5)
+    assert np.allclose(np.linalg.norm(both, axis=1), 1.0, atol=1e-5)
+    expected = plain.embed(images) + plain.embed(mirrors)
+    assert np.allclose(both, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
+    # an index built with flip TTA is never queried without it, nor the reverse
+    assert flip.identity["tta"] == "flip" and "tta" not in plain.identity
+    with pytest.raises(IndexMismatchError, match="tta"):
+        check_identity(flip.identity, plain.identity, where="this index")
+    with pytest.raises(IndexMismatchError, match="tta"):
+        check_identity(plain.identity, flip.identity, where="this index")
