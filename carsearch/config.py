@@ -57,6 +57,7 @@ class EmbedderConfig:
     batch_size: int | None = None  # images per forward pass; None: 4 on CPU (fastest there), 64 on CUDA
     channels_last: bool = True
     flip: bool = False  # flip test-time augmentation; an index built with it is queried with it (manifest)
+    runtime: Literal["torch", "onnx"] = "torch"  # onnx: onnxruntime runs the same weights (extra [onnx])
 
     def __post_init__(self) -> None:
         _check(self.batch_size is None or self.batch_size >= 1, "embedder.batch_size must be >= 1")

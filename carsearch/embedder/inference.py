@@ -13,6 +13,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from carsearch.config import EmbedderConfig
 from carsearch.embedder.checkpoint import load_checkpoint, weights_fingerprint
 from carsearch.embedder.model import EmbeddingModel, default_spec
+from carsearch.embedder.onnx import OnnxRunner
 from carsearch.embedder.preprocessing import Preprocessing, eval_transform, tensor_transform
 from carsearch.errors import ModelLoadError
 
@@ -28,6 +29,7 @@ class Embedder:
         channels_last: bool = True,
         source: str = "pretrained",
         flip: bool = False,
+        runtime: str = "torch",
     ) -> None:
         self.device = torch.device(device)
         self.channels_last = channels_last
@@ -41,6 +43,9 @@ class Embedder:
         self.transform = eval_transform(model.spec.preprocessing)
         self.device_transform = tensor_transform(model.spec.preprocessing)
         self.fingerprint = weights_fingerprint(model)
+        # runtime "onnx": the same weights run by onnxruntime (same identity: indexes need no rebuild)
+        self.runtime = runtime
+        self._onnx = OnnxRunner(model, self.fingerprint, self.device) if runtime == "onnx" else None
 
     @classmethod
     def from_config(cls, config: EmbedderConfig, device: torch.device | str = "cpu") -> Embedder:
@@ -63,7 +68,7 @@ class Embedder:
             spec = default_spec(config.backbone, config.embedding_dim, config.image_size, resize=config.resize)
             model = EmbeddingModel(spec, pretrained=config.pretrained)
             source = "pretrained" if config.pretrained else "random"
-        return cls(model, device, config.batch_size, config.channels_last, source, flip=config.flip)
+        return cls(model, device, config.batch_size, config.channels_last, source, config.flip, config.runtime)
 
     @property
     def dim(self) -> int:
@@ -110,6 +115,8 @@ class Embedder:
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 embeddings of one preprocessed chunk (fp16 autocast on CUDA)."""
+        if self._onnx is not None:
+            return torch.nn.functional.normalize(self._onnx(chunk), dim=1)
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
                 return torch.nn.functional.normalize(self.model(chunk).float(), dim=1)

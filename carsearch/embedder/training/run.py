@@ -23,10 +23,11 @@ import lightning as L
 import torch
 import yaml
 
-from carsearch.config import to_dict
+from carsearch.config import EmbedderConfig, to_dict
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
-from carsearch.embedder.checkpoint import save_checkpoint
+from carsearch.embedder.checkpoint import save_checkpoint, weights_fingerprint
 from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec
+from carsearch.embedder.onnx import export_onnx
 from carsearch.embedder.training.config import TrainConfig, TrainerConfig, load_train_config
 from carsearch.embedder.training.datamodule import EmbedderDataModule
 from carsearch.embedder.training.module import MONITOR, EmbedderModule
@@ -270,20 +271,33 @@ def load_trained_model(checkpoint: str | Path) -> EmbeddingModel:
     return model.eval()
 
 
-def export(run_dir: str | Path, out_path: str | Path) -> Path:
-    """Write the run's best model as an inference checkpoint (``EmbedderConfig(checkpoint=out_path)`` loads it)."""
-    run_dir = Path(run_dir)
-    source = best_checkpoint(run_dir)
-    model = load_trained_model(source)
-    extra: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "lightning_checkpoint": source.name}
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.exists():
-        recorded = json.loads(metrics_file.read_text())
-        for name in ("test", "zero_shot"):
-            if recorded.get(name):
-                extra[f"{name}_metrics"] = recorded[name]
-    save_checkpoint(model, out_path, extra=extra)
-    logger.info("exported %s → %s", source, out_path)
+def export(run_dir: str | Path | None, out_path: str | Path, fmt: str = "pt") -> Path:
+    """Write the run's best model (without a run: the default pretrained backbone) for inference.
+
+    ``fmt="pt"``: an inference checkpoint (``EmbedderConfig(checkpoint=out_path)`` loads it); ``"onnx"``: an
+    ONNX graph of the same model (preprocessed batch in, embeddings out) for onnxruntime and other engines.
+    """
+    extra: dict[str, Any] = {}
+    if run_dir is None:
+        model, source = EmbeddingModel(default_spec(EmbedderConfig().backbone), pretrained=True), "pretrained"
+    else:
+        run_dir = Path(run_dir)
+        checkpoint = best_checkpoint(run_dir)
+        model, source = load_trained_model(checkpoint), str(checkpoint)
+        extra = {"run_dir": str(run_dir.resolve()), "lightning_checkpoint": checkpoint.name}
+        metrics_file = run_dir / "metrics.json"
+        if metrics_file.exists():
+            recorded = json.loads(metrics_file.read_text())
+            for name in ("test", "zero_shot"):
+                if recorded.get(name):
+                    extra[f"{name}_metrics"] = recorded[name]
+    if fmt == "onnx":
+        export_onnx(model, out_path, weights_fingerprint(model))
+    elif fmt == "pt":
+        save_checkpoint(model, out_path, extra=extra)
+    else:
+        raise ConfigError(f"unknown export format {fmt!r}; valid: pt, onnx")
+    logger.info("exported %s → %s (%s)", source, out_path, fmt)
     return Path(out_path)
 
 
@@ -318,8 +332,11 @@ def train_parser() -> argparse.ArgumentParser:
 
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carsearch export", description="Export a training run's best model.")
-    parser.add_argument("run_dir", help="a run directory written by carsearch train")
-    parser.add_argument("out", help="inference checkpoint to write (load with embedder.checkpoint=OUT)")
+    parser.add_argument(
+        "run_dir", nargs="?", help="a run directory written by carsearch train (omitted: the pretrained backbone)"
+    )
+    parser.add_argument("out", help="file to write: OUT.pt (load with embedder.checkpoint=OUT) or OUT.onnx")
+    parser.add_argument("--format", choices=["pt", "onnx"], help="default: onnx for a .onnx OUT, else pt")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -337,9 +354,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    """``carsearch export RUN_DIR OUT.pt``: the run's best model as an inference checkpoint."""
+    """``carsearch export [RUN_DIR] OUT.pt|OUT.onnx``: the run's best model (or the pretrained backbone)."""
     args = export_parser().parse_args(argv)
     if args.verbose:
         logging.getLogger("carsearch").setLevel(logging.DEBUG)
-    print(export(args.run_dir, args.out))  # noqa: T201 - command-line output
+    fmt = args.format or ("onnx" if str(args.out).endswith(".onnx") else "pt")
+    print(export(args.run_dir, args.out, fmt))  # noqa: T201 - command-line output
     return 0

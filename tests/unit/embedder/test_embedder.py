@@ -170,3 +170,18 @@ def test_flip_tta_embeds_an_image_and_its_mirror_alike() -> None:
         check_identity(flip.identity, plain.identity, where="this index")
     with pytest.raises(IndexMismatchError, match="tta"):
         check_identity(plain.identity, flip.identity, where="this index")
+
+
+def test_onnx_runtime_embeds_like_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARSEARCH_CACHE", str(tmp_path))
+    images = [make_car_image(i, CLASS_COLOURS[i % 3]) for i in range(5)]
+    torch_embedder = Embedder.from_config(EmbedderConfig(image_size=64, embedding_dim=32))
+    onnx_embedder = Embedder(torch_embedder.model, runtime="onnx")
+    assert onnx_embedder.identity == torch_embedder.identity  # same weights: indexes need no rebuild
+    exported = sorted((tmp_path / "onnx").glob("*.onnx"))
+    assert len(exported) == 1 and exported[0].name.startswith(torch_embedder.fingerprint)
+    np.testing.assert_allclose(onnx_embedder.embed(images), torch_embedder.embed(images), atol=1e-4)
+    stamp = exported[0].stat().st_mtime_ns
+    again = Embedder(torch_embedder.model, runtime="onnx")  # exported once per weights and spec
+    assert exported[0].stat().st_mtime_ns == stamp
+    np.testing.assert_allclose(again.embed(images[:2]), torch_embedder.embed(images[:2]), atol=1e-4)

@@ -697,3 +697,28 @@ def test_image_cache_skips_unreadable_images_and_is_reused(tmp_path, caplog):
     (root / "t02" / "1.png").unlink()  # the data changed: a new cache entry
     EmbedderDataModule(config, pre, cache_dir=tmp_path / "cache").setup()
     assert len(list((tmp_path / "cache").glob("images_*.npy"))) == 2
+
+
+def test_export_onnx_runs_in_onnxruntime_like_torch(trained_run, hue_gallery, tmp_path):
+    import onnxruntime as ort
+
+    from carsearch.embedder.onnx import onnx_metadata
+
+    assert export_main([str(trained_run), str(tmp_path / "embedder.onnx")]) == 0  # format from the suffix
+    assert export_main([str(trained_run), str(tmp_path / "embedder.pt")]) == 0
+    embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(tmp_path / "embedder.pt")))
+    meta = onnx_metadata(tmp_path / "embedder.onnx")
+    assert meta["spec"] == embedder.model.spec.to_dict() and meta["fingerprint"] == embedder.fingerprint
+    images = [Image.open(p).convert("RGB") for p in sorted(hue_gallery.rglob("*.png"))[:5]]
+    batch = embedder.tensors(images).numpy()
+    session = ort.InferenceSession(str(tmp_path / "embedder.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"images": batch})[0]
+    np.testing.assert_allclose(out / np.linalg.norm(out, axis=1, keepdims=True), embedder.embed(images), atol=1e-4)
+
+
+def test_export_without_a_run_writes_the_pretrained_backbone(tmp_path):
+    assert export_main([str(tmp_path / "pretrained.pt")]) == 0
+    exported = Embedder.from_config(EmbedderConfig(checkpoint=str(tmp_path / "pretrained.pt")))
+    assert exported.fingerprint == Embedder.from_config(EmbedderConfig()).fingerprint and exported.dim == 1280
+    with pytest.raises(SystemExit):
+        export_main([str(tmp_path / "x.pt"), "--format", "tflite"])

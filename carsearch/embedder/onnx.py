@@ -1,0 +1,98 @@
+"""ONNX export of an :class:`EmbeddingModel` and an onnxruntime session that embeds as the torch model does.
+
+The graph takes the preprocessed (B, 3, S, S) float32 batch (dynamic B) and returns the model's (B, D)
+output; the caller L2-normalises, as for torch. The model's spec and weights fingerprint are stored in the
+file's metadata, so an ONNX file names the model it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from carsearch.embedder.model import EmbeddingModel
+from carsearch.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+INPUT, OUTPUT = "images", "embeddings"
+INSTALL = "pip install -e '.[onnx]' (onnx, onnxruntime, onnxscript)"
+
+
+def export_onnx(model: EmbeddingModel, path: str | Path, fingerprint: str | None = None, opset: int = 18) -> Path:
+    """Write ``model`` as ONNX (torch's dynamo exporter, dynamic batch), atomically; returns ``path``."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ModelLoadError(f"ONNX export needs the onnx packages: {INSTALL}") from exc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = model.spec.preprocessing.image_size
+    example = torch.zeros(2, 3, size, size)
+    model = copy.deepcopy(model).eval().cpu().to(memory_format=torch.contiguous_format)  # the caller's stays as is
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(
+        model, (example,), input_names=[INPUT], output_names=[OUTPUT], dynamic_shapes=({0: batch},),
+        dynamo=True, opset_version=opset, verbose=False,
+    )  # fmt: skip
+    proto = program.model_proto
+    meta = {"carsearch_spec": json.dumps(model.spec.to_dict()), "carsearch_fingerprint": fingerprint or ""}
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        onnx.save_model(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    logger.info("exported ONNX model (%d px, dim %d) to %s", size, model.dim, path)
+    return path
+
+
+def onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The carsearch spec and fingerprint stored in an exported file (empty for foreign files)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    spec = props.get("carsearch_spec")
+    return {"spec": json.loads(spec) if spec else None, "fingerprint": props.get("carsearch_fingerprint") or None}
+
+
+def cache_dir() -> Path:
+    """Where exported runtime models are kept: ``$CARSEARCH_CACHE`` or ``~/.cache/carsearch``."""
+    return Path(os.environ.get("CARSEARCH_CACHE") or Path.home() / ".cache" / "carsearch") / "onnx"
+
+
+class OnnxRunner:
+    """An onnxruntime session over the ONNX export of ``model``; exported once per weights fingerprint."""
+
+    def __init__(self, model: EmbeddingModel, fingerprint: str, device: torch.device, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ModelLoadError(f"embedder.runtime=onnx needs onnxruntime: {INSTALL}") from exc
+        spec = hashlib.blake2b(json.dumps(model.spec.to_dict(), sort_keys=True).encode(), digest_size=4).hexdigest()
+        self.path = cache_dir() / f"{fingerprint}-{spec}.onnx"  # weights and spec (pooling has no weights)
+        if not self.path.exists():
+            export_onnx(model, self.path, fingerprint)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → (B, D) float32 (CPU)."""
+        images = np.ascontiguousarray(batch.detach().float().cpu().numpy())
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: images})[0])
