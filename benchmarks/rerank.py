@@ -75,26 +75,29 @@ def build(work: Path, name: str, source: Path, overrides: list[str]) -> GalleryI
 
 
 def tune(gallery: GalleryIndex) -> tuple[dict[str, RetrievalConfig], list[dict]]:
-    """Per method, the setting with the best MAP@R whose R@1 is not below plain search (tuning classes)."""
+    """Per method, the setting with the best MAP@R whose R@1 is not below plain search (tuning classes);
+    when none keeps R@1, the one that loses least R@1 (ties: higher MAP@R)."""
     plain = metrics_of(gallery, RetrievalConfig())
     grid = {
         "aqe": [RetrievalConfig(qe_k=k, qe_alpha=a) for k, a in itertools.product((1, 2, 3, 5), (0.0, 3.0))],
         "dba": [RetrievalConfig(dba_k=k, dba_alpha=a) for k, a in itertools.product((1, 2, 3, 5), (0.0, 3.0))],
         "kreciprocal": [
             RetrievalConfig(kreciprocal=True, k1=k1, k2=k2, lambda_value=lam)
-            for k1, k2, lam in itertools.product((10, 20), (3, 6), (0.1, 0.3, 0.6))
+            for k1, k2, lam in itertools.product((10, 20), (3, 6), (0.1, 0.3, 0.6, 0.8))
         ],
     }
     chosen, rows = {}, [{"method": "plain", **plain}]
     for method, configs in grid.items():
-        best = None
+        measured = []
         for config in configs:
             m = metrics_of(gallery, config)
             rows.append({"method": method, "config": _short(config), **m})
-            ok = m["recall_at_1"] >= plain["recall_at_1"]
-            if ok and (best is None or m["map_at_r"] > best[1]["map_at_r"]):
-                best = (config, m)
-        chosen[method] = best[0] if best else configs[0]
+            measured.append((config, m))
+        keep = [(c, m) for c, m in measured if m["recall_at_1"] >= plain["recall_at_1"]]
+        if keep:
+            chosen[method] = max(keep, key=lambda cm: cm[1]["map_at_r"])[0]
+        else:
+            chosen[method] = max(measured, key=lambda cm: (cm[1]["recall_at_1"], cm[1]["map_at_r"]))[0]
         print(f"  tuned {method}: {_short(chosen[method])}", flush=True)
     return chosen, rows
 

@@ -54,7 +54,7 @@ class EmbedderConfig:
     embedding_dim: int | None = None
     image_size: int | None = None
     resize: Literal["squash", "center_crop"] = "squash"
-    batch_size: int | None = None  # images per forward pass; None: 4 on CPU (fastest there), 64 on CUDA
+    batch_size: int | None = None  # images per pass; None: 4 on CPU (32 with runtime onnx), 64 on CUDA
     channels_last: bool = True
     flip: bool = False  # flip test-time augmentation; an index built with it is queried with it (manifest)
     runtime: Literal["torch", "onnx"] = "torch"  # onnx: onnxruntime runs the same weights (extra [onnx])
@@ -114,11 +114,12 @@ class RetrievalConfig:
         return not (self.qe_k or self.dba_k or self.kreciprocal)
 
 
+# Settings chosen by benchmarks/rerank.py on the tuning classes (the first 49 of the shared crops, zero-shot).
 RERANK_PRESETS: dict[str, dict[str, Any]] = {
     "none": {"qe_k": 0, "dba_k": 0, "kreciprocal": False},
-    "aqe": {"qe_k": 2},
-    "dba": {"dba_k": 2},
-    "kreciprocal": {"kreciprocal": True},
+    "aqe": {"qe_k": 2, "qe_alpha": 3.0},
+    "dba": {"dba_k": 5, "dba_alpha": 3.0},
+    "kreciprocal": {"kreciprocal": True, "k1": 20, "k2": 6, "lambda_value": 0.8},
 }
 
 

@@ -185,3 +185,4 @@ def test_onnx_runtime_embeds_like_torch(tmp_path: Path, monkeypatch: pytest.Monk
     again = Embedder(torch_embedder.model, runtime="onnx")  # exported once per weights and spec
     assert exported[0].stat().st_mtime_ns == stamp
     np.testing.assert_allclose(again.embed(images[:2]), torch_embedder.embed(images[:2]), atol=1e-4)
+    assert onnx_embedder.batch_size == 32 and torch_embedder.batch_size == 4  # each runtime's fastest on CPU

@@ -129,7 +129,13 @@ def test_leave_one_out_never_returns_the_query_itself() -> None:
 
 
 def test_rerank_presets_and_validation() -> None:
-    assert rerank_overrides("aqe, kreciprocal") == ["retrieval.qe_k=2", "retrieval.kreciprocal=true"]
+    assert rerank_overrides("aqe, dba") == [
+        "retrieval.qe_k=2",
+        "retrieval.qe_alpha=3.0",
+        "retrieval.dba_k=5",
+        "retrieval.dba_alpha=3.0",
+    ]
+    assert "retrieval.kreciprocal=true" in rerank_overrides("kreciprocal")
     assert "retrieval.kreciprocal=false" in rerank_overrides("none")
     with pytest.raises(ConfigError, match="unknown re-ranking 'bogus'"):
         rerank_overrides("bogus")
