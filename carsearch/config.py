@@ -113,6 +113,17 @@ class RetrievalConfig:
         """True when search returns faiss's neighbours unchanged."""
         return not (self.qe_k or self.dba_k or self.kreciprocal)
 
+    def describe(self) -> str:
+        """Human-readable settings, e.g. ``"DBA (k 5, α 3) + AQE (k 2, α 3)"``; empty when plain."""
+        parts = []
+        if self.dba_k:
+            parts.append(f"DBA (k {self.dba_k}, α {self.dba_alpha:g})")
+        if self.qe_k:
+            parts.append(f"AQE (k {self.qe_k}, α {self.qe_alpha:g})")
+        if self.kreciprocal:
+            parts.append(f"k-reciprocal re-ranking (k1 {self.k1}, k2 {self.k2}, λ {self.lambda_value:g})")
+        return " + ".join(parts)
+
 
 # Settings chosen by benchmarks/rerank.py on the tuning classes (the first 49 of the shared crops, zero-shot).
 RERANK_PRESETS: dict[str, dict[str, Any]] = {

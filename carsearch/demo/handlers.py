@@ -184,7 +184,10 @@ def search(
     plan, crop = result.query_plan, result.query_crop  # the crop embedded (from the photo prepared as the gallery's)
     hits = _hits(result)
     box = plan.detection.box if plan.detection else None
-    out = SearchOutput(message=_message(plan, confidence, len(hits)), crop=_display(crop, CROP_MIN_SIDE), hits=hits)
+    message = _message(plan, confidence, len(hits))
+    if not main.pipeline.config.retrieval.plain:
+        message += f" Post-processed: {main.pipeline.config.retrieval.describe()}."
+    out = SearchOutput(message=message, crop=_display(crop, CROP_MIN_SIDE), hits=hits)
     shown = _display(image)
     out.annotated = (
         draw_box(

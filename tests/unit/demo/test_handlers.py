@@ -154,3 +154,15 @@ def test_the_demo_listens_on_loopback_only_unless_told_otherwise(demo: tuple[Dem
             assert _listening(port) == [host]
         finally:
             app.close()
+
+
+def test_post_processing_is_applied_and_named(tmp_path: Path, tiny_yolo: Path) -> None:
+    gallery, cropped, _ = build_demo_indexes(tmp_path, tiny_yolo)
+    settings = ["retrieval.dba_k=2", "retrieval.qe_k=1", "retrieval.kreciprocal=true"]
+    backend = DemoBackend.load(cropped, overrides=settings)
+    assert backend.main.pipeline.config.retrieval.dba_k == 2  # searches use it (Pipeline.search)
+    out = search(backend, gallery / "class_1" / "img_0.jpg", k=4, confidence=0.05)
+    assert out.error is None and len(out.hits) == 4
+    assert "Post-processed: DBA (k 2, α 0) + AQE (k 1, α 0) + k-reciprocal re-ranking" in out.message
+    plain = search(DemoBackend.load(cropped), gallery / "class_1" / "img_0.jpg", k=4, confidence=0.05)
+    assert "Post-processed" not in plain.message
