@@ -103,14 +103,7 @@ def tune(gallery: GalleryIndex) -> tuple[dict[str, RetrievalConfig], list[dict]]
 
 
 def _short(config: RetrievalConfig) -> str:
-    parts = []
-    if config.dba_k:
-        parts.append(f"dba k={config.dba_k} a={config.dba_alpha:g}")
-    if config.qe_k:
-        parts.append(f"aqe k={config.qe_k} a={config.qe_alpha:g}")
-    if config.kreciprocal:
-        parts.append(f"krec k1={config.k1} k2={config.k2} l={config.lambda_value:g}")
-    return " + ".join(parts) or "plain"
+    return config.describe() or "plain"
 
 
 def combinations(chosen: dict[str, RetrievalConfig]) -> dict[str, RetrievalConfig]:
