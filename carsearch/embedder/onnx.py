@@ -74,9 +74,9 @@ def cache_dir() -> Path:
 
 
 class OnnxRunner:
-    """An onnxruntime session over the ONNX export of ``model``; exported once per weights fingerprint."""
+    """An onnxruntime session over the ONNX export of ``model``; exported once per weights and spec."""
 
-    def __init__(self, model: EmbeddingModel, fingerprint: str, device: torch.device, threads: int | None = None):
+    def __init__(self, model: EmbeddingModel, fingerprint: str, device: torch.device) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -86,7 +86,7 @@ class OnnxRunner:
         if not self.path.exists():
             export_onnx(model, self.path, fingerprint)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = torch.get_num_threads()  # as configured for torch (runtime.threads)
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")

@@ -46,6 +46,17 @@ def expand(
     return normalise(vectors + np.einsum("qk,qkd->qd", weights, gathered))
 
 
+def reciprocal_neighbours(rank: np.ndarray, k: int) -> np.ndarray:
+    """(M, M) bool, R(i, k): j is among i's k nearest and i among j's (each item counts as its own nearest).
+
+    ``rank[i]``: the item ids ordered by distance from item i, itself first.
+    """
+    size = len(rank)
+    forward = np.zeros((size, size), dtype=bool)
+    forward[np.arange(size)[:, None], rank[:, : min(k, size - 1) + 1]] = True
+    return forward & forward.T
+
+
 def k_reciprocal_distances(
     query: np.ndarray, candidates: np.ndarray, k1: int, k2: int, lambda_value: float
 ) -> np.ndarray:
@@ -61,15 +72,8 @@ def k_reciprocal_distances(
     dist = np.clip(2.0 - 2.0 * local @ local.T, 0.0, None)
     dist = dist / np.maximum(dist.max(axis=0, keepdims=True), 1e-12)
     rank = np.argsort(dist, axis=1, kind="stable")
-    rows = np.arange(size)[:, None]
-
-    def reciprocal(k: int) -> np.ndarray:
-        forward = np.zeros((size, size), dtype=bool)
-        forward[rows, rank[:, : min(k, size - 1) + 1]] = True
-        return forward & forward.T  # j in i's top k and i in j's top k
-
-    sets = reciprocal(k1)
-    halves = reciprocal(max(1, round(k1 / 2))).astype(np.float64)
+    sets = reciprocal_neighbours(rank, k1)
+    halves = reciprocal_neighbours(rank, max(1, round(k1 / 2))).astype(np.float64)
     overlap = sets.astype(np.float64) @ halves.T  # overlap[i, j] = |R(i, k1) ∩ R(j, k1/2)|
     absorb = sets & (overlap > (2.0 / 3.0) * halves.sum(axis=1)[None, :])
     expanded = sets | ((absorb.astype(np.float64) @ halves) > 0)

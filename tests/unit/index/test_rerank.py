@@ -8,7 +8,7 @@ import pytest
 from carsearch.config import IndexConfig, RetrievalConfig, rerank_overrides
 from carsearch.errors import ConfigError
 from carsearch.index import GalleryIndex, ItemRecord
-from carsearch.index.rerank import expand, k_reciprocal_distances, normalise
+from carsearch.index.rerank import expand, k_reciprocal_distances, normalise, reciprocal_neighbours
 from carsearch.pipeline import evaluate_index
 
 DIM = 16
@@ -41,12 +41,27 @@ def hub_case() -> tuple[np.ndarray, np.ndarray]:
     return normalise(e[0] + 0.9 * e[1]), np.concatenate([hub[None], same, others])
 
 
-def test_k_reciprocal_moves_mutual_neighbours_above_a_one_sided_nearest_item() -> None:
+def test_k_reciprocal_puts_the_querys_cluster_above_a_nearest_item_of_another_cluster() -> None:
     query, candidates = hub_case()
     assert np.argmax(candidates @ query) == 0  # plain search: the other class first
     order = np.argsort(k_reciprocal_distances(query, candidates, k1=4, k2=1, lambda_value=0.3))
     assert set(order[:3]) <= {1, 2, 3, 4}  # after re-ranking: the query's class first
     assert order.tolist().index(0) >= 3
+
+
+def test_reciprocal_neighbours_need_both_directions() -> None:
+    # points on a line at 0, 1, 3, 10: nearest of 0 is 1 and of 1 is 0 (mutual); 3 -> 1 and 10 -> 3 are one-sided
+    positions = np.array([0.0, 1.0, 3.0, 10.0])
+    rank = np.argsort(np.abs(positions[:, None] - positions[None, :]), axis=1, kind="stable")
+    sets = reciprocal_neighbours(rank, 1)
+    assert {(int(i), int(j)) for i, j in zip(*np.nonzero(sets), strict=True) if i != j} == {(0, 1), (1, 0)}
+    assert sets.diagonal().all() and (sets == sets.T).all()
+    # against the definition on random points
+    points = np.random.default_rng(0).normal(size=(30, 4))
+    rank = np.argsort(((points[:, None] - points[None]) ** 2).sum(-1), axis=1, kind="stable")
+    sets = reciprocal_neighbours(rank, 5)
+    top = [set(row[:6].tolist()) for row in rank]
+    assert all(sets[i, j] == (j in top[i] and i in top[j]) for i in range(30) for j in range(30))
 
 
 def test_k_reciprocal_with_lambda_one_is_the_plain_order() -> None:
