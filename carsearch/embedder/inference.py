@@ -37,7 +37,7 @@ class Embedder:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Measured on a 2-core CPU: 50 img/s at 1-4 images per pass, 38 at 32, 29 at 64 (cache-bound).
-        # onnxruntime on 2 CPU cores: 66 img/s at 1 image per pass, 126 at 4, 140 at 32 (benchmarks/rerank.py).
+        # onnxruntime on 2 CPU cores: 65 img/s at 1 image per pass, 118 at 4, 152 at 32 (benchmarks/rerank.py).
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 32 if runtime == "onnx" else 4)
         self.source = source
         self.flip = flip  # test-time augmentation: mean of the image's and its mirror image's embeddings

@@ -230,7 +230,8 @@ class Pipeline:
         return SearchResult(query_plan=plan, hits=tuple(hits), timings_ms=timings, query_crop=crop)
 
     def evaluate(self, index: GalleryIndex | str | Path) -> Evaluation:
-        """Leave-one-out Recall@1/2/4/8, MAP@R and R-Precision over the labelled items of an index."""
+        """Leave-one-out Recall@1/2/4/8, MAP@R and R-Precision over the labelled items of an index, searched
+        with this pipeline's ``retrieval`` post-processing (plain search when it is off)."""
         gallery = index if isinstance(index, GalleryIndex) else GalleryIndex.load(index, self.config.index)
         return evaluate_index(gallery, self.config.retrieval)
 
