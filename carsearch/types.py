@@ -104,20 +104,25 @@ class SearchHit:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The answer to one query: how the query was cropped, the ranked hits, and the crop that was embedded."""
+    """The answer to one query: how the query was cropped, the ranked hits, and the crop that was embedded.
+
+    Hits are sorted by decreasing score unless ``reranked``: k-reciprocal re-ranking re-orders hits while
+    their scores stay cosine similarities.
+    """
 
     query_plan: CropPlan
     hits: tuple[SearchHit, ...]
     timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
     query_crop: Any = field(default=None, compare=False, repr=False)  # PIL image (prepared like the gallery's)
+    reranked: bool = False
 
     def __post_init__(self) -> None:
         ranks = [h.rank for h in self.hits]
         if ranks != list(range(1, len(ranks) + 1)):
             raise ValueError(f"hits must be ranked 1..n in order, got ranks {ranks}")
         scores = [h.score for h in self.hits]
-        if any(a < b - 1e-6 for a, b in zip(scores, scores[1:], strict=False)):
-            raise ValueError("hits must be sorted by decreasing score")
+        if not self.reranked and any(a < b - 1e-6 for a, b in zip(scores, scores[1:], strict=False)):
+            raise ValueError("hits must be sorted by decreasing score (unless reranked)")
         ids = [h.item_id for h in self.hits]
         if len(set(ids)) != len(ids):
             raise ValueError("hit ids must be unique")

@@ -227,7 +227,8 @@ class Pipeline:
             hits.append(
                 SearchHit(len(hits) + 1, int(item_id), float(score), record.label, record.path, record.to_dict())
             )
-        return SearchResult(query_plan=plan, hits=tuple(hits), timings_ms=timings, query_crop=crop)
+        reranked = self.config.retrieval.kreciprocal
+        return SearchResult(plan, tuple(hits), timings_ms=timings, query_crop=crop, reranked=reranked)
 
     def evaluate(self, index: GalleryIndex | str | Path) -> Evaluation:
         """Leave-one-out Recall@1/2/4/8, MAP@R and R-Precision over the labelled items of an index, searched

@@ -164,5 +164,7 @@ def test_post_processing_is_applied_and_named(tmp_path: Path, tiny_yolo: Path) -
     out = search(backend, gallery / "class_1" / "img_0.jpg", k=4, confidence=0.05)
     assert out.error is None and len(out.hits) == 4
     assert "Post-processed: DBA (k 2, α 0) + AQE (k 1, α 0) + k-reciprocal re-ranking" in out.message
+    main = backend.main
+    assert main.pipeline.search(main.gallery, gallery / "class_1" / "img_0.jpg", k=4, min_score=0.05).reranked
     plain = search(DemoBackend.load(cropped), gallery / "class_1" / "img_0.jpg", k=4, confidence=0.05)
     assert "Post-processed" not in plain.message

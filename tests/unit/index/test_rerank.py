@@ -10,6 +10,7 @@ from carsearch.errors import ConfigError
 from carsearch.index import GalleryIndex, ItemRecord
 from carsearch.index.rerank import expand, k_reciprocal_distances, normalise, reciprocal_neighbours
 from carsearch.pipeline import evaluate_index
+from carsearch.types import CropPlan, SearchHit, SearchResult
 
 DIM = 16
 
@@ -79,6 +80,13 @@ def test_retrieve_reranks_the_gallery_search_and_keeps_cosine_scores() -> None:
     scores, ids = gallery.retrieve(query[None], 3, RetrievalConfig(kreciprocal=True, k1=4, k2=1, candidates=11))
     assert plain[0, 0] == 0 and set(ids[0]) <= {1, 2, 3, 4}
     assert np.allclose(scores[0], gallery.vectors[ids[0]] @ query, atol=1e-5)
+
+
+def test_search_results_allow_unsorted_cosine_scores_only_when_reranked() -> None:
+    hits = (SearchHit(1, 7, 0.62, "a", "7.jpg"), SearchHit(2, 3, 0.80, "b", "3.jpg"))
+    with pytest.raises(ValueError, match="decreasing score"):
+        SearchResult(CropPlan(None, None), hits)
+    assert SearchResult(CropPlan(None, None), hits, reranked=True).hits == hits
 
 
 def test_expand_is_the_normalised_weighted_sum_and_no_neighbours_change_nothing() -> None:
