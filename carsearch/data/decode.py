@@ -40,23 +40,28 @@ class DecodeDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, position: int) -> Decoded:
-        item = self.items[position]
-        try:
-            data = Path(item.path).read_bytes()
-        except OSError as exc:
-            return Decoded(position, item, None, "error", f"cannot read file: {exc.strerror or exc}")
-        digest = content_hash(data)
-        if self.done.get(str(item.path)) == digest:
-            return Decoded(position, item, digest, "skip")
-        try:
-            image = decode_image(data)
-        except ImageLoadError as exc:
-            return Decoded(position, item, digest, "error", str(exc))
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the batch
-            return Decoded(position, item, digest, "error", f"decoder failed: {type(exc).__name__}: {exc}")
-        original = image.size
-        image, scale = limit_size(image, self.max_side)
-        return Decoded(position, item, digest, "ok", image=np.asarray(image), scale=scale, original_size=original)
+        return decode_item(position, self.items[position], self.done, self.max_side)
+
+
+def decode_item(position: int, item: SourceItem, done: dict[str, str], max_side: int) -> Decoded:
+    """Read, hash and decode one input; ``skip`` when ``done[path]`` equals its content hash, ``error`` with
+    a reason when it cannot be read or decoded (never raises for bad files)."""
+    try:
+        data = Path(item.path).read_bytes()
+    except OSError as exc:
+        return Decoded(position, item, None, "error", f"cannot read file: {exc.strerror or exc}")
+    digest = content_hash(data)
+    if done.get(str(item.path)) == digest:
+        return Decoded(position, item, digest, "skip")
+    try:
+        image = decode_image(data)
+    except ImageLoadError as exc:
+        return Decoded(position, item, digest, "error", str(exc))
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the batch
+        return Decoded(position, item, digest, "error", f"decoder failed: {type(exc).__name__}: {exc}")
+    original = image.size
+    image, scale = limit_size(image, max_side)
+    return Decoded(position, item, digest, "ok", image=np.asarray(image), scale=scale, original_size=original)
 
 
 def _as_list(batch: list[Decoded]) -> list[Decoded]:

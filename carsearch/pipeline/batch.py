@@ -1,4 +1,7 @@
-"""The batch crop-and-index job: decode in worker processes, detect and embed in batches, resume safely."""
+"""The batch crop-and-index job: decode in worker processes, detect and embed in batches, resume safely.
+
+:class:`IndexJob` holds what every engine shares (resume state, counting, chunks, merge, atomic save);
+:func:`run_index_job` is the local engine, ``ray_engine`` the Ray Data one."""
 
 from __future__ import annotations
 
@@ -10,17 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from carsearch.data.atomic import atomic_write_jsonl, read_jsonl
-from carsearch.data.cropping import apply_plan, needs_detector, plan_image, plan_in_original
-from carsearch.data.decode import Decoded, DecodeDataset, decode_loader
+from carsearch.data.decode import DecodeDataset, decode_loader
 from carsearch.data.sources import SourceItem
 from carsearch.errors import IndexMismatchError
 from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest
 from carsearch.index.records import ItemRecord
 from carsearch.pipeline.chunks import Chunk, ChunkStore
-from carsearch.types import BBox
+from carsearch.pipeline.stages import Outcome, attach_vectors, crop_decoded
+from carsearch.types import FLAG_NO_DETECTION
 
 if TYPE_CHECKING:
     from carsearch.pipeline.pipeline import Pipeline
@@ -101,166 +103,144 @@ def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
         )
 
 
+class IndexJob:
+    """One run of the batch job over an index directory, whatever engine produces the outcomes.
+
+    Opening it checks that ``out`` may be continued and collects what is already done (the index and a
+    killed run's chunks); :meth:`record` takes outcomes in source order and writes a chunk every
+    ``runtime.checkpoint_every`` images; :meth:`finish` merges everything and saves the index atomically.
+    """
+
+    def __init__(self, pipeline: Pipeline, items: list[SourceItem], out: str | Path, progress: bool = False) -> None:
+        self.start = time.perf_counter()
+        self.pipeline = pipeline
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.manifest = pipeline.manifest()
+        check_resumable(self.out, self.manifest)
+        self.existing = GalleryIndex.load(self.out, pipeline.config.index) if (self.out / MANIFEST).exists() else None
+        self.store = ChunkStore(self.out / WORK)
+        self.done: dict[str, str] = {}  # path -> content hash of what the index (or a killed run) holds
+        for record in self.existing.records if self.existing else []:
+            self.done[record.key] = record.content_hash
+        for chunk in self.store.read_all():
+            for record in chunk.records:
+                self.done[record.key] = record.content_hash
+        seen: set[str] = set()
+        self.items: list[SourceItem] = []
+        for item in items:
+            if str(item.path) not in seen:
+                seen.add(str(item.path))
+                self.items.append(item)
+        if len(self.items) < len(items):
+            logger.warning("%d duplicate paths in the source were ignored", len(items) - len(self.items))
+        self.counts = dict.fromkeys(("processed", "skipped", "errors", "replaced", "items", "no_detection"), 0)
+        self.timings = {"detect": 0.0, "embed": 0.0}
+        self.chunk = Chunk()
+        self.bar = _progress(len(self.items), progress)
+
+    def record(self, outcomes: list[Outcome]) -> None:
+        """Count a batch of images' outcomes and keep their items (or errors) for the next chunk, which is
+        written once it holds ``runtime.checkpoint_every`` images (at batch boundaries)."""
+        counts = self.counts
+        for outcome in outcomes:
+            if outcome.status == "skip":
+                counts["skipped"] += 1
+            elif outcome.status == "error":
+                counts["errors"] += 1
+                self.chunk.images += 1
+                self.chunk.errors.append(outcome.error or {"path": outcome.path, "reason": "unknown"})
+            else:
+                if outcome.vectors is None or len(outcome.vectors) != len(outcome.records):
+                    raise ValueError(f"{outcome.path}: {len(outcome.records)} records without their vectors")
+                self.chunk.images += 1
+                self.chunk.records.extend(outcome.records)
+                self.chunk.vectors.extend(outcome.vectors)
+                counts["processed"] += 1
+                counts["replaced"] += outcome.path in self.done
+                counts["items"] += len(outcome.records)
+                counts["no_detection"] += sum(FLAG_NO_DETECTION in r.flags for r in outcome.records)
+        if self.chunk.images >= self.pipeline.config.runtime.checkpoint_every:
+            self.flush()
+        if self.bar is not None:
+            self.bar.update(len(outcomes))
+            self.bar.set_postfix(errors=counts["errors"], skipped=counts["skipped"], refresh=False)
+
+    def flush(self) -> None:
+        """Write the pending chunk (atomically), e.g. before stopping."""
+        if self.chunk:
+            self.store.write(self.chunk, self.pipeline.embedder.dim)
+            self.chunk = Chunk()
+
+    def close(self) -> None:
+        """Keep finished work even when interrupted: flush and close the progress bar."""
+        self.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def finish(self, prune: bool = False) -> IndexReport:
+        """Merge the index with this run's chunks, save it atomically, clear the chunks; the run's report."""
+        self.close()
+        dim = self.pipeline.embedder.dim
+        chunks = self.store.read_all()
+        records, vectors = _merge(self.existing, chunks, dim)
+        pruned = 0
+        listed = {str(item.path) for item in self.items}
+        if prune:
+            stale = {r.path for r in records if r.path not in listed}
+            keep = [i for i, r in enumerate(records) if r.path in listed]
+            records, vectors, pruned = [records[i] for i in keep], vectors[keep], len(stale)
+            if stale:
+                logger.info("pruned %d images the source no longer lists", pruned)
+        index = GalleryIndex(dim, self.manifest, self.pipeline.config.index)
+        if len(records):
+            index.add(vectors, records)
+        errors = _merge_errors(read_jsonl(self.out / ERRORS), chunks, {r.key for r in records})
+        if prune:
+            errors = [e for e in errors if e["path"] in listed]
+        atomic_write_jsonl(self.out / ERRORS, errors)
+        index.save(self.out)
+        self.store.clear()
+        seconds = time.perf_counter() - self.start
+        counts = self.counts
+        return IndexReport(
+            out=str(self.out),
+            total=len(self.items),
+            processed=counts["processed"],
+            skipped=counts["skipped"],
+            errors=counts["errors"],
+            added=counts["processed"] - counts["replaced"],
+            replaced=counts["replaced"],
+            pruned=pruned,
+            items_added=counts["items"],
+            items_in_index=len(index),
+            no_detection=counts["no_detection"],
+            seconds=round(seconds, 3),
+            images_per_second=round(counts["processed"] / seconds, 2) if seconds > 0 else 0.0,
+            detect_seconds=round(self.timings["detect"], 3),
+            embed_seconds=round(self.timings["embed"], 3),
+        )
+
+
 def run_index_job(
     pipeline: Pipeline, items: list[SourceItem], out: str | Path, progress: bool = False, prune: bool = False
 ) -> IndexReport:
-    """Index ``items`` into the directory ``out``; re-running continues where a killed run stopped.
-
-    ``prune``: also drop indexed images that ``items`` no longer lists (deleted or moved files).
-    """
-    start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = pipeline.config
-    embedder = pipeline.embedder
-    manifest = pipeline.manifest()
-    check_resumable(out, manifest)
-    existing = GalleryIndex.load(out, config.index) if (out / MANIFEST).exists() else None
-    store = ChunkStore(out / WORK)
-    earlier = store.read_all()
-    done: dict[str, str] = {}
-    for record in existing.records if existing else []:
-        done[record.key] = record.content_hash
-    for chunk in earlier:
-        for record in chunk.records:
-            done[record.key] = record.content_hash
-
-    seen: set[str] = set()
-    unique: list[SourceItem] = []
-    for item in items:
-        if str(item.path) not in seen:
-            seen.add(str(item.path))
-            unique.append(item)
-    if len(unique) < len(items):
-        logger.warning("%d duplicate paths in the source were ignored", len(items) - len(unique))
-
-    batch_size = config.runtime.batch_size
-    loader = decode_loader(
-        DecodeDataset(unique, done, config.runtime.max_image_side), batch_size, config.runtime.workers
-    )
-    bar = _progress(len(unique), progress)
-    counts = {"processed": 0, "skipped": 0, "errors": 0, "added": 0, "replaced": 0, "items": 0, "no_detection": 0}
-    indexed = set(done)  # paths the index (or a killed run's chunks) already holds
-    timings = {"detect": 0.0, "embed": 0.0}
-    chunk = Chunk()
+    """Index ``items`` into the directory ``out`` in this process; re-running continues where a killed run
+    stopped. ``prune``: also drop indexed images that ``items`` no longer lists (deleted or moved files)."""
+    job = IndexJob(pipeline, items, out, progress)
+    runtime = pipeline.config.runtime
+    dataset = DecodeDataset(job.items, job.done, runtime.max_image_side)
     try:
-        for batch in loader:
-            _process_batch(pipeline, batch, chunk, counts, timings, indexed)
-            if chunk.images >= config.runtime.checkpoint_every:
-                store.write(chunk, embedder.dim)
-                chunk = Chunk()
-            if bar is not None:
-                bar.update(len(batch))
-                bar.set_postfix(errors=counts["errors"], skipped=counts["skipped"], refresh=False)
+        for batch in decode_loader(dataset, runtime.batch_size, runtime.workers):
+            outcomes, crops = crop_decoded(pipeline, batch, job.timings)
+            tic = time.perf_counter()
+            vectors = pipeline.embedder.embed(crops) if crops else np.zeros((0, pipeline.embedder.dim), np.float32)
+            job.timings["embed"] += time.perf_counter() - tic
+            job.record(attach_vectors(outcomes, vectors))
     finally:
-        if chunk:
-            store.write(chunk, embedder.dim)  # keep finished work even when interrupted
-        if bar is not None:
-            bar.close()
-
-    chunks = store.read_all()
-    records, vectors = _merge(existing, chunks, embedder.dim)
-    pruned = 0
-    if prune:
-        listed = {str(item.path) for item in unique}
-        stale = {r.path for r in records if r.path not in listed}
-        keep = [i for i, r in enumerate(records) if r.path in listed]
-        records, vectors, pruned = [records[i] for i in keep], vectors[keep], len(stale)
-        if stale:
-            logger.info("pruned %d images the source no longer lists", pruned)
-    index = GalleryIndex(embedder.dim, manifest, config.index)
-    if len(records):
-        index.add(vectors, records)
-    errors = _merge_errors(read_jsonl(out / ERRORS), chunks, {r.key for r in records})
-    if prune:
-        errors = [e for e in errors if e["path"] in listed]
-    atomic_write_jsonl(out / ERRORS, errors)
-    index.save(out)
-    store.clear()
-    seconds = time.perf_counter() - start
-    return IndexReport(
-        out=str(out),
-        total=len(unique),
-        processed=counts["processed"],
-        skipped=counts["skipped"],
-        errors=counts["errors"],
-        added=counts["added"],
-        replaced=counts["replaced"],
-        pruned=pruned,
-        items_added=counts["items"],
-        items_in_index=len(index),
-        no_detection=counts["no_detection"],
-        seconds=round(seconds, 3),
-        images_per_second=round(counts["processed"] / seconds, 2) if seconds > 0 else 0.0,
-        detect_seconds=round(timings["detect"], 3),
-        embed_seconds=round(timings["embed"], 3),
-    )
-
-
-def _process_batch(
-    pipeline: Pipeline,
-    batch: list[Decoded],
-    chunk: Chunk,
-    counts: dict[str, int],
-    timings: dict[str, float],
-    indexed: set[str],
-) -> None:
-    config = pipeline.config
-    good: list[tuple[Decoded, Image.Image, BBox | None]] = []
-    for entry in batch:
-        if entry.status == "skip":
-            counts["skipped"] += 1
-        elif entry.status == "error":
-            counts["errors"] += 1
-            chunk.images += 1
-            chunk.errors.append(
-                {"path": str(entry.item.path), "reason": entry.reason, "content_hash": entry.content_hash}
-            )
-        else:
-            gt = entry.item.box.scale(entry.scale) if entry.item.box is not None else None
-            good.append((entry, Image.fromarray(entry.image), gt))
-    if not good:
-        return
-    to_detect = [i for i, (_, _, gt) in enumerate(good) if needs_detector(config, gt)]
-    detections: dict[int, list] = {}
-    if to_detect:
-        tic = time.perf_counter()
-        found = pipeline.detector.detect([good[i][1] for i in to_detect])
-        timings["detect"] += time.perf_counter() - tic
-        detections = dict(zip(to_detect, found, strict=True))
-    crops: list[Image.Image] = []
-    pending: list[ItemRecord] = []
-    for i, (entry, image, gt) in enumerate(good):
-        plans = plan_image(config, image.width, image.height, detections.get(i), gt)
-        for crop_index, plan in enumerate(plans):
-            crops.append(apply_plan(image, plan))
-            original = plan_in_original(plan, entry.scale)
-            flags = list(original.flags)
-            box = original.region.as_list() if original.region is not None else None
-            pending.append(
-                ItemRecord(
-                    path=str(entry.item.path),
-                    label=entry.item.label,
-                    content_hash=entry.content_hash or "",
-                    box=box,
-                    det_score=round(plan.detection.score, 4) if plan.detection else None,
-                    det_class=plan.detection.class_name if plan.detection else None,
-                    flags=flags,
-                    image_size=list(entry.original_size) if entry.original_size else None,
-                    crop_index=crop_index,
-                )
-            )
-            counts["no_detection"] += "no_detection" in plan.flags
-    tic = time.perf_counter()
-    vectors = pipeline.embedder.embed(crops)
-    timings["embed"] += time.perf_counter() - tic
-    chunk.records.extend(pending)
-    chunk.vectors.extend(vectors)
-    chunk.images += len(good)
-    counts["processed"] += len(good)
-    counts["replaced"] += sum(str(entry.item.path) in indexed for entry, _, _ in good)
-    counts["added"] = counts["processed"] - counts["replaced"]
-    counts["items"] += len(pending)
+        job.close()
+    return job.finish(prune)
 
 
 def _progress(total: int, enabled: bool) -> Any:
