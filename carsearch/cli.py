@@ -16,6 +16,7 @@ from carsearch.types import BBox
 
 if TYPE_CHECKING:
     from carsearch.pipeline import Evaluation
+    from carsearch.pipeline.ray_engine import RayOptions
 
 
 def _common(
@@ -116,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="decode worker processes (0 = in the main process)")
     p.add_argument("--prune", action="store_true", help="drop indexed images the source no longer lists")
+    p.add_argument(
+        "--engine", choices=["local", "ray"], default="local", help="ray: Ray Data actors (pip install '.[ray]')"
+    )
+    p.add_argument("--ray-address", help="existing Ray cluster (e.g. auto, ray://head:10001); default: a local one")
+    p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray cluster (default: all cores)")
+    p.add_argument("--ray-actors", type=int, default=1, metavar="N", help="detector and embedder actors, each")
+    p.add_argument("--ray-gpus-per-actor", type=float, help="GPUs per embedder actor (default 1 when GPUs exist)")
     p.add_argument(
         "--flip", action="store_true", help="flip test-time augmentation (mean of image and mirror); queries follow"
     )
@@ -253,6 +261,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         where=_where(args.where),
         prune=args.prune,
+        engine=args.engine,
+        ray=_ray_options(args) if args.engine == "ray" else None,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -265,6 +275,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
             f"{report.no_detection} without a detected vehicle; index now holds {report.items_in_index} items"
         )
     return 0
+
+
+def _ray_options(args: argparse.Namespace) -> RayOptions:
+    from carsearch.pipeline.ray_engine import RayOptions
+
+    actors = (args.ray_actors, args.ray_actors)
+    return RayOptions(args.ray_address, args.ray_cpus, actors, actors, args.ray_gpus_per_actor)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

@@ -33,3 +33,39 @@ def die_with_parent() -> Callable[[int], None] | None:
     if not sys.platform.startswith("linux"):
         return None
     return functools.partial(_die_with, os.getpid())
+
+
+class ProcessSweeper:
+    """Marks the processes this one starts from now on and kills them when it is gone, however it goes.
+
+    Sets ``variable=<random token>`` in ``os.environ`` (children inherit it) and starts a watchdog process
+    (``carsearch/data/watchdog.py``) that keeps noting the marked processes and their descendants and,
+    once this process closes its pipe — by :meth:`stop` or by dying, ``kill -9`` included — SIGKILLs
+    those still running. Used around a local Ray cluster, some of
+    whose processes outlive a killed driver. Linux (``/proc``) only.
+    """
+
+    def __init__(self, variable: str) -> None:
+        import secrets
+        import subprocess
+        from pathlib import Path
+
+        self.variable = variable
+        self.token = secrets.token_hex(8)
+        script = Path(__file__).with_name("watchdog.py")
+        env = {k: v for k, v in os.environ.items() if k != variable}
+        self._watchdog = subprocess.Popen(
+            [sys.executable, str(script), variable, self.token], stdin=subprocess.PIPE, env=env
+        )
+        self._previous = os.environ.get(variable)
+        os.environ[variable] = self.token
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Kill what is left of the marked processes now and wait for the watchdog to finish."""
+        if self._previous is None:
+            os.environ.pop(self.variable, None)
+        else:
+            os.environ[self.variable] = self._previous
+        if self._watchdog.stdin is not None:
+            self._watchdog.stdin.close()
+        self._watchdog.wait(timeout)

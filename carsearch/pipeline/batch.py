@@ -111,7 +111,14 @@ class IndexJob:
     ``runtime.checkpoint_every`` images; :meth:`finish` merges everything and saves the index atomically.
     """
 
-    def __init__(self, pipeline: Pipeline, items: list[SourceItem], out: str | Path, progress: bool = False) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        items: list[SourceItem],
+        out: str | Path,
+        progress: bool = False,
+        chunk_format: str = "npz",
+    ) -> None:
         self.start = time.perf_counter()
         self.pipeline = pipeline
         self.out = Path(out)
@@ -119,7 +126,7 @@ class IndexJob:
         self.manifest = pipeline.manifest()
         check_resumable(self.out, self.manifest)
         self.existing = GalleryIndex.load(self.out, pipeline.config.index) if (self.out / MANIFEST).exists() else None
-        self.store = ChunkStore(self.out / WORK)
+        self.store = ChunkStore(self.out / WORK, chunk_format)
         self.done: dict[str, str] = {}  # path -> content hash of what the index (or a killed run) holds
         for record in self.existing.records if self.existing else []:
             self.done[record.key] = record.content_hash

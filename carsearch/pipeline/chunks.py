@@ -28,27 +28,48 @@ class Chunk:
 
 
 class ChunkStore:
-    """``work/chunk-NNNNNN.npz`` files in an index directory; a killed job leaves only whole chunks."""
+    """``work/chunk-NNNNNN.{npz,parquet}`` files in an index directory; a killed job leaves only whole chunks.
 
-    def __init__(self, folder: str | Path) -> None:
+    The local engine writes ``.npz``; the Ray engine Parquet (``fmt="parquet"``: one row per item, the
+    record as JSON and the vector, errors and image count in the schema metadata; needs pyarrow). Either
+    engine resumes from both.
+    """
+
+    FORMATS = ("npz", "parquet")
+
+    def __init__(self, folder: str | Path, fmt: str = "npz") -> None:
+        if fmt not in self.FORMATS:
+            raise ValueError(f"chunk format must be one of {self.FORMATS}, got {fmt!r}")
         self.folder = Path(folder)
+        self.fmt = fmt
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".chunk-*.tmp"):
             stale.unlink(missing_ok=True)  # half-written by a killed run
-        existing = sorted(self.folder.glob("chunk-*.npz"))
+        existing = self._files()
         self._next = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+
+    def _files(self) -> list[Path]:
+        files = [p for fmt in self.FORMATS for p in self.folder.glob(f"chunk-*.{fmt}")]
+        return sorted(files, key=lambda p: p.stem)
 
     def write(self, chunk: Chunk, dim: int) -> None:
         vectors = np.stack(chunk.vectors).astype(np.float32) if chunk.vectors else np.zeros((0, dim), np.float32)
-        meta = {"records": [r.to_dict() for r in chunk.records], "errors": chunk.errors, "images": chunk.images}
-        buffer = io.BytesIO()
-        np.savez(buffer, vectors=vectors, meta=np.array(json.dumps(meta)))
-        atomic_write_bytes(self.folder / f"chunk-{self._next:06d}.npz", buffer.getvalue())
+        path = self.folder / f"chunk-{self._next:06d}.{self.fmt}"
+        if self.fmt == "parquet":
+            atomic_write_bytes(path, _parquet_bytes(chunk, vectors))
+        else:
+            meta = {"records": [r.to_dict() for r in chunk.records], "errors": chunk.errors, "images": chunk.images}
+            buffer = io.BytesIO()
+            np.savez(buffer, vectors=vectors, meta=np.array(json.dumps(meta)))
+            atomic_write_bytes(path, buffer.getvalue())
         self._next += 1
 
     def read_all(self) -> list[Chunk]:
         chunks = []
-        for path in sorted(self.folder.glob("chunk-*.npz")):
+        for path in self._files():
+            if path.suffix == ".parquet":
+                chunks.append(_read_parquet(path))
+                continue
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 vectors = data["vectors"]
@@ -57,9 +78,38 @@ class ChunkStore:
         return chunks
 
     def clear(self) -> None:
-        for path in self.folder.glob("chunk-*.npz"):
+        for path in self._files():
             path.unlink(missing_ok=True)
         try:
             self.folder.rmdir()
         except OSError:
             pass
+
+
+def _parquet_bytes(chunk: Chunk, vectors: np.ndarray) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dim = vectors.shape[1]
+    table = pa.table(
+        {
+            "record": pa.array([json.dumps(r.to_dict()) for r in chunk.records], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+        }
+    )
+    meta = {"errors": chunk.errors, "images": chunk.images, "dim": dim}
+    table = table.replace_schema_metadata({"carsearch": json.dumps(meta)})
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return buffer.getvalue().to_pybytes()
+
+
+def _read_parquet(path: Path) -> Chunk:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"carsearch"])
+    column = table.column("vector").combine_chunks()
+    vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(table), int(meta["dim"]))
+    records = [ItemRecord.from_dict(json.loads(r)) for r in table.column("record").to_pylist()]
+    return Chunk(records, list(vectors.astype(np.float32)), meta["errors"], int(meta["images"]))

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -27,12 +27,15 @@ from carsearch.data.images import content_hash, decode_image, limit_size, read_b
 from carsearch.data.sources import Split, read_source
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder
-from carsearch.errors import EmptyGalleryError
+from carsearch.errors import ConfigError, EmptyGalleryError
 from carsearch.index import GalleryIndex, read_manifest
 from carsearch.metrics import RetrievalMetrics, evaluate_embeddings
 from carsearch.pipeline.batch import IndexReport, run_index_job
 from carsearch.runtime import configure_threads, resolve_device
 from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, SearchHit, SearchResult
+
+if TYPE_CHECKING:
+    from carsearch.pipeline.ray_engine import RayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +181,23 @@ class Pipeline:
         progress: bool = False,
         where: dict[str, str] | None = None,
         prune: bool = False,
+        engine: str = "local",
+        ray: RayOptions | None = None,
     ) -> IndexReport:
         """Crop-and-index a folder / CSV / devkit / Kaggle dataset into the index directory ``out``.
 
         ``where`` keeps only CSV rows with these column values (e.g. ``{"box_fully_visible": "1"}``).
-        ``prune``: drop indexed images the source no longer lists.
+        ``prune``: drop indexed images the source no longer lists. ``engine``: ``local`` (this process and
+        its decode workers) or ``ray`` (Ray Data actors; ``ray`` options: cluster address, pool sizes, GPUs).
         """
-        return run_index_job(self, read_source(source, split, where), out, progress=progress, prune=prune)
+        items = read_source(source, split, where)
+        if engine == "ray":
+            from carsearch.pipeline.ray_engine import run_ray_index_job
+
+            return run_ray_index_job(self, items, out, ray, progress=progress, prune=prune)
+        if engine != "local":
+            raise ConfigError(f"unknown engine {engine!r}; valid: local, ray")
+        return run_index_job(self, items, out, progress=progress, prune=prune)
 
     def open_index(self, index_dir: str | Path) -> GalleryIndex:
         """Load an index, refusing one built with a different embedder."""

@@ -1,0 +1,275 @@
+"""The batch job on Ray Data: decode tasks → detector actors (detect + crop) → embedder actors, streamed in
+source order to this process, which writes Parquet chunks and merges them exactly like the local engine.
+
+Same resume state, chunk rules, errors and atomic save as :func:`carsearch.pipeline.batch.run_index_job`
+(both go through :class:`~carsearch.pipeline.batch.IndexJob`), so an index cannot tell which engine
+built it. Without an address a local Ray cluster is started for the job and torn down after it, even
+when the job is killed (:class:`~carsearch.data.processes.ProcessSweeper`). Needs ``pip install
+'carsearch[ray]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from carsearch.config import PipelineConfig, apply_overrides, from_dict, to_dict
+from carsearch.data.decode import Decoded, decode_item
+from carsearch.data.processes import ProcessSweeper
+from carsearch.data.sources import SourceItem
+from carsearch.errors import ConfigError
+from carsearch.index.records import ItemRecord
+from carsearch.pipeline.batch import IndexJob, IndexReport
+from carsearch.pipeline.stages import Outcome, crop_decoded
+from carsearch.types import BBox
+
+if TYPE_CHECKING:
+    from carsearch.pipeline.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+MARKER = "CARSEARCH_RAY_JOB"  # environment variable that marks the processes of a job's local cluster
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide the Ray engine runs.
+
+    ``address``: an existing cluster (``ray start --head`` / KubeRay; ``auto`` finds a local one); None
+    starts a local cluster with ``num_cpus`` (None: all cores) for this job only. ``detector_actors`` and
+    ``embedder_actors``: pool sizes (``(min, max)`` autoscaling when max > min). ``gpus_per_actor``: GPUs
+    each embedder actor reserves (fractional allowed); None: 1 when the cluster has GPUs, else 0.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    detector_actors: tuple[int, int] = (1, 1)
+    embedder_actors: tuple[int, int] = (1, 1)
+    gpus_per_actor: float | None = None
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("the Ray engine needs Ray Data: pip install -e '.[ray]'") from exc
+    return ray
+
+
+@contextmanager
+def ray_session(options: RayOptions) -> Iterator[Any]:
+    """Ray, connected for the block: a fresh local cluster (killed afterwards) or ``options.address``."""
+    ray = _ray()
+    if ray.is_initialized():  # the caller's own session: use it, leave it running
+        yield ray
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    sweeper = ProcessSweeper(MARKER) if options.address is None else None
+    try:
+        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+        if options.address is None:
+            kwargs.update(num_cpus=options.num_cpus or os.cpu_count() or 1, include_dashboard=False)
+        ray.init(address=options.address, **kwargs)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+    finally:
+        if sweeper is not None:
+            sweeper.stop()
+
+
+def run_ray_index_job(
+    pipeline: Pipeline,
+    items: list[SourceItem],
+    out: str | Path,
+    options: RayOptions | None = None,
+    progress: bool = False,
+    prune: bool = False,
+) -> IndexReport:
+    """:func:`~carsearch.pipeline.batch.run_index_job` with the stages on Ray Data actors."""
+    options = options or RayOptions()
+    job = IndexJob(pipeline, items, out, progress, chunk_format="parquet")
+    if not job.items:
+        return job.finish(prune)
+    with ray_session(options) as ray:
+        dataset = _dataset(ray, job, pipeline.config, options)
+        grouper = OutcomeGrouper()
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                job.timings["detect"] += float(np.sum(batch["detect_s"]))
+                job.timings["embed"] += float(np.sum(batch["embed_s"]))
+                job.record(grouper.add(batch))
+            job.record(grouper.finish())
+        finally:
+            job.close()
+    return job.finish(prune)
+
+
+def _dataset(ray: Any, job: IndexJob, config: PipelineConfig, options: RayOptions) -> Any:
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # outcomes reach the chunks in source order
+    context.enable_progress_bars = False
+    batch = config.runtime.batch_size
+    rows = [
+        {"position": i, "item": json.dumps([str(it.path), it.label, it.box.as_list() if it.box else None])}
+        for i, it in enumerate(job.items)
+    ]
+    gpus = options.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    settings = to_dict(config)
+    return (
+        ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
+        .map_batches(_decode, batch_size=batch, fn_kwargs={"done": job.done, "max_side": config.runtime.max_image_side},
+                     num_cpus=0.25)
+        .map_batches(_CropActor, batch_size=batch, fn_constructor_args=(settings,),
+                     compute=_pool(ray, options.detector_actors), num_cpus=0.5)
+        .map_batches(_EmbedActor, batch_size=batch, fn_constructor_args=(settings,),
+                     compute=_pool(ray, options.embedder_actors), num_cpus=1, num_gpus=gpus)
+    )  # fmt: skip
+
+
+def _pool(ray: Any, sizes: tuple[int, int]) -> Any:
+    return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=max(sizes))
+
+
+def _decode(batch: dict[str, np.ndarray], done: dict[str, str], max_side: int) -> dict[str, np.ndarray]:
+    """Read, hash and decode: the image as raw RGB bytes + its shape, or the skip / error."""
+    out: dict[str, list[Any]] = {k: [] for k in ("position", "item", "status", "reason", "hash", "pixels", "shape")}
+    for position, item in zip(batch["position"], batch["item"], strict=True):
+        path, label, box = json.loads(item)
+        source = SourceItem(Path(path), label, BBox(*box) if box else None)
+        decoded = decode_item(int(position), source, done, max_side)
+        pixels = decoded.image if decoded.image is not None else np.zeros((0, 0, 3), np.uint8)
+        out["position"].append(int(position))
+        out["item"].append(item)
+        out["status"].append(decoded.status)
+        out["reason"].append(decoded.reason)
+        out["hash"].append(decoded.content_hash or "")
+        out["pixels"].append(pixels.tobytes())
+        size = decoded.original_size or (0, 0)
+        out["shape"].append(json.dumps([*pixels.shape[:2], decoded.scale, *size]))
+    return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+
+def _pipeline_in_actor(settings: dict[str, Any]) -> Pipeline:
+    from carsearch.pipeline.pipeline import Pipeline
+
+    # one thread per actor: the cluster's CPUs are shared out by actors, not by intra-op threads
+    return Pipeline(from_dict(PipelineConfig, apply_overrides(settings, ["runtime.threads=1"])))
+
+
+class _CropActor:
+    """Detector actor: decoded images in, one row per crop (its pixels) or per skipped / failed image out."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.pipeline = _pipeline_in_actor(settings)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        decoded = []
+        for position, item, status, reason, digest, pixels, shape in zip(
+            *(batch[k] for k in ("position", "item", "status", "reason", "hash", "pixels", "shape")), strict=True
+        ):
+            path, label, box = json.loads(item)
+            height, width, scale, *size = json.loads(shape)
+            image = np.frombuffer(pixels, np.uint8).reshape(height, width, 3) if status == "ok" else None
+            decoded.append(
+                Decoded(int(position), SourceItem(Path(path), label, BBox(*box) if box else None), digest or None,
+                        status, reason, image, scale, tuple(size) if size[0] else None)
+            )  # fmt: skip
+        timings = {"detect": 0.0}
+        outcomes, crops = crop_decoded(self.pipeline, decoded, timings)
+        return _crop_rows(outcomes, crops, timings["detect"])
+
+
+def _crop_rows(outcomes: list[Outcome], crops: list[Image.Image], detect_seconds: float) -> dict[str, np.ndarray]:
+    rows: dict[str, list[Any]] = {k: [] for k in ("kind", "head", "meta", "pixels", "shape")}
+    pending = iter(crops)
+    for outcome in outcomes:
+        entries = [r.to_dict() for r in outcome.records] if outcome.status == "ok" else [outcome.error]
+        for j, entry in enumerate(entries):
+            crop = np.asarray(next(pending)) if outcome.status == "ok" else np.zeros((0, 0, 3), np.uint8)
+            rows["kind"].append(outcome.status)
+            rows["head"].append(j == 0)
+            rows["meta"].append(json.dumps({"path": outcome.path, "entry": entry}))
+            rows["pixels"].append(crop.tobytes())
+            rows["shape"].append(json.dumps(crop.shape[:2]))
+    out = {k: np.array(v, dtype=object) for k, v in rows.items()}
+    out["detect_s"] = np.zeros(len(rows["kind"]), np.float64)
+    if len(out["detect_s"]):
+        out["detect_s"][0] = detect_seconds  # the batch's detector time, once
+    return out
+
+
+class _EmbedActor:
+    """Embedder actor: crop rows in, their vectors (N, D) out (zeros for rows without a crop)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.pipeline = _pipeline_in_actor(settings)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
+        embedder = self.pipeline.embedder
+        ok = np.array([kind == "ok" for kind in batch["kind"]], dtype=bool)
+        crops = [
+            Image.fromarray(np.frombuffer(pixels, np.uint8).reshape(*json.loads(shape), 3))
+            for pixels, shape, keep in zip(batch["pixels"], batch["shape"], ok, strict=True)
+            if keep
+        ]
+        vectors = np.zeros((len(ok), embedder.dim), np.float32)
+        tic = time.perf_counter()
+        if crops:
+            vectors[ok] = embedder.embed(crops)
+        embed_s = np.zeros(len(ok), np.float64)
+        if len(ok):
+            embed_s[0] = time.perf_counter() - tic
+        keep = ("kind", "head", "meta", "detect_s")
+        return {**{k: batch[k] for k in keep}, "vector": vectors, "embed_s": embed_s}
+
+
+class OutcomeGrouper:
+    """Regroups the embedder's rows (one per crop; an image's first row is its ``head``) into one
+    :class:`Outcome` per image. An image's rows may span batches: the last one is held back until the next
+    head (or :meth:`finish`) shows it complete."""
+
+    def __init__(self) -> None:
+        self._open: Outcome | None = None
+        self._vectors: list[np.ndarray] = []
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[Outcome]:
+        """The outcomes this batch completes, in order."""
+        done: list[Outcome] = []
+        for kind, head, meta, vector in zip(batch["kind"], batch["head"], batch["meta"], batch["vector"], strict=True):
+            data = json.loads(meta)
+            if head:
+                done.extend(self.finish())
+                self._open = Outcome(data["path"], str(kind))
+            if self._open is None or self._open.path != data["path"]:
+                raise RuntimeError(f"Ray engine: rows of {data['path']} arrived without their first row")
+            if kind == "ok":
+                self._open.records.append(ItemRecord.from_dict(data["entry"]))
+                self._vectors.append(np.asarray(vector, np.float32))
+            elif kind == "error":
+                self._open.error = data["entry"]
+        return done
+
+    def finish(self) -> list[Outcome]:
+        """The outcome still open, if any (call after the last batch)."""
+        if self._open is None:
+            return []
+        outcome, self._open = self._open, None
+        if outcome.status == "ok":
+            outcome.vectors = np.stack(self._vectors)
+        self._vectors = []
+        return [outcome]

@@ -1,0 +1,126 @@
+"""The Ray Data engine: same index as the local engine, resume, bad inputs, kill -9, no Ray process left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carsearch.data.watchdog import marked_processes
+from carsearch.index import GalleryIndex
+from carsearch.pipeline import Pipeline
+from carsearch.pipeline.ray_engine import RayOptions
+from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, build_gallery, make_car_image
+
+ray = pytest.importorskip("ray")
+
+REPO = str(Path(__file__).resolve().parents[3])
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray (2 CPUs) for the in-process tests; the engine uses a running session as it is."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def index_contents(folder: Path) -> tuple[list[dict], np.ndarray, list[dict]]:
+    index = GalleryIndex.load(folder)
+    errors = [json.loads(line) for line in (folder / "errors.jsonl").read_text().splitlines()]
+    return [r.to_dict() for r in index.records], index.vectors, errors
+
+
+def test_ray_engine_builds_the_local_engines_index_and_skips_unchanged_files(
+    local_ray: None, tmp_path: Path, tiny_yolo: Path
+) -> None:
+    gallery = build_gallery(tmp_path / "gallery")
+    (gallery / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # bad input: recorded, not fatal
+    make_car_image(7, CLASS_COLOURS[1]).convert("L").save(gallery / "class_1" / "grey.png")
+    make_car_image(8, CLASS_COLOURS[2]).convert("CMYK").save(gallery / "class_2" / "cmyk.jpg")
+    settings = [
+        *TEST_OVERRIDES,
+        f"detector.weights={tiny_yolo}",
+        "detector.selection=all",  # several crops per image: rows of one image travel together
+        "detector.confidence=0.05",
+        # one image per detector call and one thread in both engines (Ray actors run one thread each): this
+        # random-weight YOLO's boxes shift with the batch and the thread count (its box distributions are
+        # flat), which would compare arithmetic, not engines
+        "runtime.batch_size=1",
+        "runtime.threads=1",
+        "runtime.checkpoint_every=3",
+    ]
+    pipeline = Pipeline.from_config(overrides=settings)
+    local = pipeline.index(gallery, tmp_path / "local")
+    on_ray = pipeline.index(gallery, tmp_path / "ray", engine="ray", ray=RayOptions(num_cpus=2))
+    records, vectors, errors = index_contents(tmp_path / "local")
+    ray_records, ray_vectors, ray_errors = index_contents(tmp_path / "ray")
+    assert local.items_added > local.processed == 14  # detector.selection=all found several cars per image
+    assert ray_records == records  # same items, same order, same boxes and flags
+    assert np.abs(ray_vectors - vectors).max() <= 1e-5
+    assert ray_errors == errors and [Path(e["path"]).name for e in errors] == ["broken.jpg"]
+    fields = ("total", "processed", "skipped", "errors", "added", "items_added", "items_in_index", "no_detection")
+    assert [getattr(on_ray, f) for f in fields] == [getattr(local, f) for f in fields]
+    assert on_ray.detect_seconds > 0 and on_ray.embed_seconds > 0
+    assert GalleryIndex.load(tmp_path / "ray").manifest["embedder"] == GalleryIndex.load(tmp_path / "local").manifest[
+        "embedder"
+    ]
+
+    make_car_image(99, CLASS_COLOURS[0]).save(gallery / "class_0" / "img_1.jpg")  # changed content
+    again = pipeline.index(gallery, tmp_path / "ray", engine="ray")
+    assert (again.processed, again.replaced, again.skipped, again.errors) == (1, 1, 13, 1)
+    assert not (tmp_path / "ray" / "work").exists()
+
+
+def test_ray_engine_survives_kill_9_leaves_no_ray_process_and_resumes(tmp_path: Path) -> None:
+    root = tmp_path / "many" / "cls"
+    root.mkdir(parents=True)
+    for i in range(60):
+        make_car_image(i, CLASS_COLOURS[i % 4]).save(root / f"{i:03d}.jpg")
+    Image.new("RGB", (1, 1)).save(root / "tiny.png")  # too small: a recorded error, not a crash
+    out = tmp_path / "idx"
+    overrides = [*TEST_OVERRIDES, "runtime.checkpoint_every=2", "runtime.batch_size=2"]
+    args = [sys.executable, "-m", "carsearch.cli", "index", str(tmp_path / "many"), "--out", str(out), "--raw"]
+    args += ["--no-progress", "--engine", "ray", "--ray-cpus", "2", "--device", "cpu"]
+    args += sum((["--set", o] for o in overrides), [])
+    mark = uuid.uuid4().hex  # every process the command starts inherits it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    env["CARSEARCH_TEST_MARK"] = mark
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "work").glob("chunk-*.parquet")):
+        time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    started = marked_processes("CARSEARCH_TEST_MARK", mark)
+    assert len(started) >= 4  # the Ray cluster (gcs, raylet, workers, ...) and the watchdog
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()  # killed mid-run
+    deadline = time.time() + 30
+    while marked_processes("CARSEARCH_TEST_MARK", mark) and time.time() < deadline:
+        time.sleep(0.2)
+    left = marked_processes("CARSEARCH_TEST_MARK", mark)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"Ray processes left after kill -9 of the command: {left}"
+
+    done = subprocess.run(args + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["skipped"] >= 2 and report["skipped"] + report["processed"] + report["errors"] == 61
+    paths = [json.loads(line)["path"] for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(paths) == len(set(paths)) == report["items_in_index"] == 60
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(Path(e["path"]).name, e["reason"].split(":")[0]) for e in errors] == [("tiny.png", "image too small")]
+    assert not marked_processes("CARSEARCH_TEST_MARK", mark)  # a finished run leaves nothing behind either
