@@ -42,7 +42,8 @@ class ProcessSweeper:
     (``carsearch/data/watchdog.py``) that keeps noting the marked processes and their descendants and,
     once this process closes its pipe — by :meth:`stop` or by dying, ``kill -9`` included — SIGKILLs
     those still running. Used around a local Ray cluster, some of
-    whose processes outlive a killed driver. Linux (``/proc``) only.
+    whose processes outlive a killed driver. Anything else this process starts while the sweeper runs is
+    marked too: keep it around the job only. Linux (``/proc``) only.
     """
 
     def __init__(self, variable: str) -> None:

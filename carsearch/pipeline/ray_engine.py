@@ -79,6 +79,7 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
         if options.address is None:
             kwargs.update(num_cpus=options.num_cpus or os.cpu_count() or 1, include_dashboard=False)
         ray.init(address=options.address, **kwargs)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the driver reports progress itself
         try:
             yield ray
         finally:
@@ -126,7 +127,8 @@ def _dataset(ray: Any, job: IndexJob, config: PipelineConfig, options: RayOption
     ]
     gpus = options.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        has_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and config.runtime.device != "cpu"
+        gpus = 1.0 if has_gpu else 0.0
     settings = to_dict(config)
     return (
         ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
