@@ -130,15 +130,26 @@ def _dataset(ray: Any, job: IndexJob, config: PipelineConfig, options: RayOption
         has_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and config.runtime.device != "cpu"
         gpus = 1.0 if has_gpu else 0.0
     settings = to_dict(config)
+    cpus = _actor_cpus(ray.cluster_resources().get("CPU", 1.0), options)
     return (
         ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
         .map_batches(_decode, batch_size=batch, fn_kwargs={"done": job.done, "max_side": config.runtime.max_image_side},
-                     num_cpus=0.25)
+                     num_cpus=DECODE_CPUS)
         .map_batches(_CropActor, batch_size=batch, fn_constructor_args=(settings,),
-                     compute=_pool(ray, options.detector_actors), num_cpus=0.5)
+                     compute=_pool(ray, options.detector_actors), num_cpus=cpus)
         .map_batches(_EmbedActor, batch_size=batch, fn_constructor_args=(settings,),
-                     compute=_pool(ray, options.embedder_actors), num_cpus=1, num_gpus=gpus)
+                     compute=_pool(ray, options.embedder_actors), num_cpus=cpus, num_gpus=gpus)
     )  # fmt: skip
+
+
+DECODE_CPUS = 0.25  # logical CPUs a decode task reserves
+
+
+def _actor_cpus(cluster_cpus: float, options: RayOptions) -> float:
+    """Logical CPUs per actor: 1, or less where the largest pools would not fit beside a decode task
+    (a pool that cannot start its actors waits forever). Each actor still runs one thread."""
+    actors = max(options.detector_actors) + max(options.embedder_actors)
+    return min(1.0, max(0.01, (cluster_cpus - DECODE_CPUS) / actors))
 
 
 def _pool(ray: Any, sizes: tuple[int, int]) -> Any:

@@ -124,3 +124,13 @@ def test_ray_engine_survives_kill_9_leaves_no_ray_process_and_resumes(tmp_path: 
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [(Path(e["path"]).name, e["reason"].split(":")[0]) for e in errors] == [("tiny.png", "image too small")]
     assert not marked_processes("CARSEARCH_TEST_MARK", mark)  # a finished run leaves nothing behind either
+
+
+@pytest.mark.parametrize(("cpus", "detectors", "embedders"), [(2, 1, 1), (2, 2, 1), (2, 4, 4), (64, 8, 2)])
+def test_actor_pools_always_fit_beside_a_decode_task(cpus: int, detectors: int, embedders: int) -> None:
+    from carsearch.pipeline.ray_engine import DECODE_CPUS, _actor_cpus
+
+    options = RayOptions(detector_actors=(1, detectors), embedder_actors=(embedders, embedders))
+    per_actor = _actor_cpus(cpus, options)
+    assert (detectors + embedders) * per_actor + DECODE_CPUS <= cpus + 1e-9  # else a pool waits forever
+    assert per_actor == 1.0 or (detectors + embedders) * per_actor + DECODE_CPUS == pytest.approx(cpus)
