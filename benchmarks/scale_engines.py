@@ -96,6 +96,7 @@ def compare_engines(
         "source": source.name,
         "cores": os.cpu_count(),
         "ray_cpus": ray_cpus or os.cpu_count(),
+        "ray_actors": "default: half the CPUs each" if actors is None else f"{actors[0]} detector, {actors[1]} embed",
         "machine": platform.processor() or platform.machine(),
         **results,
         "throughput_ratio_ray_to_local": round(

@@ -122,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ray-address", help="existing Ray cluster (e.g. auto, ray://head:10001); default: a local one")
     p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray cluster (default: all cores)")
-    p.add_argument("--ray-actors", type=int, default=1, metavar="N", help="detector and embedder actors, each")
+    p.add_argument(
+        "--ray-actors",
+        metavar="D,E",
+        help="detector, embedder actors (default: half the CPUs each, at least 1)",
+    )
     p.add_argument("--ray-gpus-per-actor", type=float, help="GPUs per embedder actor (default 1 when GPUs exist)")
     p.add_argument(
         "--flip", action="store_true", help="flip test-time augmentation (mean of image and mirror); queries follow"
@@ -280,8 +284,15 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _ray_options(args: argparse.Namespace) -> RayOptions:
     from carsearch.pipeline.ray_engine import RayOptions
 
-    actors = (args.ray_actors, args.ray_actors)
-    return RayOptions(args.ray_address, args.ray_cpus, actors, actors, args.ray_gpus_per_actor)
+    pools = [None, None]
+    if args.ray_actors:
+        try:
+            pools = [(int(n), int(n)) for n in args.ray_actors.split(",")]
+        except ValueError:
+            raise ConfigError(f"--ray-actors takes D,E (two counts), got {args.ray_actors!r}") from None
+        if len(pools) != 2 or min(min(p) for p in pools) < 1:
+            raise ConfigError(f"--ray-actors takes D,E (two counts >= 1), got {args.ray_actors!r}")
+    return RayOptions(args.ray_address, args.ray_cpus, pools[0], pools[1], args.ray_gpus_per_actor)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

@@ -130,7 +130,6 @@ def test_ray_engine_survives_kill_9_leaves_no_ray_process_and_resumes(tmp_path: 
 def test_actor_pools_always_fit_beside_a_decode_task(cpus: int, detectors: int, embedders: int) -> None:
     from carsearch.pipeline.ray_engine import DECODE_CPUS, _actor_cpus
 
-    options = RayOptions(detector_actors=(1, detectors), embedder_actors=(embedders, embedders))
-    per_actor = _actor_cpus(cpus, options)
+    per_actor = _actor_cpus(cpus, detectors + embedders)
     assert (detectors + embedders) * per_actor + DECODE_CPUS <= cpus + 1e-9  # else a pool waits forever
     assert per_actor == 1.0 or (detectors + embedders) * per_actor + DECODE_CPUS == pytest.approx(cpus)
