@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import faiss
 import numpy as np
 
 from carsearch.config import IndexConfig, RetrievalConfig
-from carsearch.data.atomic import atomic_write_bytes, atomic_write_json, jsonl_line
+from carsearch.data.atomic import atomic_write, atomic_write_bytes, atomic_write_json, jsonl_line
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
-from carsearch.index import backend, rerank
+from carsearch.index import backend, rerank, tuning
 from carsearch.index.records import ItemRecord
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ VECTORS = "vectors.npy"
 ITEMS = "items.jsonl"
 FAISS = "index.faiss"
 REBUILD = "rebuild it: delete the folder and run `carsearch index SOURCE --out FOLDER` again"
+VERIFY_MAX_BYTES = 1 << 30  # files up to 1 GiB are checksummed at load; larger ones: size only (README)
+CHUNK = 16 << 20
 
 
 class GalleryIndex:
@@ -34,6 +36,7 @@ class GalleryIndex:
 
     ``manifest`` describes how the vectors were made (embedder identity, detector, crop mode,
     preprocessing); indexes with different embedders are refused at load and at ``check_embedder``.
+    An opened index reads its vectors through a memory map: RAM holds the faiss index and the records.
     """
 
     def __init__(self, dim: int, manifest: dict[str, Any], config: IndexConfig | None = None) -> None:
@@ -44,7 +47,9 @@ class GalleryIndex:
         self.config = config or IndexConfig()
         self._vectors = np.zeros((0, dim), dtype=np.float32)
         self.records: list[ItemRecord] = []
-        self._faiss: Any = None
+        self._cpu: Any = None  # the faiss index on CPU, with search parameters set
+        self._faiss: Any = None  # the same on the search device
+        self._info: dict[str, Any] = {}  # manifest["index"]: kind, nprobe / ef_search, measured recall
         self._augmented: dict[tuple[int, float], GalleryIndex] = {}
 
     def __len__(self) -> int:
@@ -52,7 +57,7 @@ class GalleryIndex:
 
     @property
     def vectors(self) -> np.ndarray:
-        """(N, D) float32, L2-normalised; row i belongs to ``records[i]``."""
+        """(N, D) float32, L2-normalised (a read-only memory map once saved or opened); row i: ``records[i]``."""
         return self._vectors
 
     def add(self, vectors: np.ndarray, records: Sequence[ItemRecord]) -> None:
@@ -64,13 +69,31 @@ class GalleryIndex:
             raise ValueError(f"{len(vectors)} vectors but {len(records)} records")
         self._vectors = np.concatenate([self._vectors, vectors]) if len(self._vectors) else vectors.copy()
         self.records.extend(records)
-        self._faiss = None
+        self._cpu = self._faiss = None
+        self._info = {}
         self._augmented = {}
+
+    @property
+    def index_info(self) -> dict[str, Any]:
+        """The built index's kind and search parameter, with the recall@10 measured when choosing it."""
+        self._cpu_index()
+        return dict(self._info)
+
+    @property
+    def faiss_index(self) -> Any:
+        """The CPU faiss index (built, trained and tuned on first use), search parameters set."""
+        return self._cpu_index()
+
+    def _cpu_index(self) -> Any:
+        if self._cpu is None:
+            kind = backend.choose_kind(self.config, len(self))
+            self._cpu = backend.build_index(self._vectors, self.config)
+            self._info = tuning.tune(self._cpu, self._vectors, kind, self.config)
+        return self._cpu
 
     def _search_index(self) -> Any:
         if self._faiss is None:
-            cpu_index = backend.build_index(self._vectors, self.config)
-            self._faiss = backend.to_search_device(cpu_index, self.config.use_gpu)
+            self._faiss = backend.to_search_device(self._cpu_index(), self.config.use_gpu)
         return self._faiss
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +106,9 @@ class GalleryIndex:
                 f"query vectors have dimension {queries.shape[1]}, the index holds dimension {self.dim}"
             )
         k = max(1, min(int(k), len(self)))
-        scores, ids = self._search_index().search(queries, k)
-        return scores, ids
+        index = self._search_index()
+        rescore = self.config.rescore if self._info.get("kind") == "ivfpq" else 0
+        return backend.search(index, queries, k, self._vectors, rescore)
 
     def retrieve(
         self,
@@ -120,27 +144,31 @@ class GalleryIndex:
         check_identity(self.manifest.get("embedder", {}), identity, where="this index")
 
     def save(self, folder: str | Path) -> None:
-        """Write the index directory; each file atomically, the manifest (with counts) last."""
+        """Write the index directory; each file atomically, the manifest (with counts) last.
+
+        The vectors are streamed to disk and hashed on the way, then re-opened as a memory map.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.save(buffer, self._vectors)
         items = b"".join(jsonl_line(r.to_dict()) for r in self.records)  # hashed below: built in memory
-        cpu_index = backend.build_index(self._vectors, self.config)
-        contents = {VECTORS: buffer.getvalue(), ITEMS: items, FAISS: backend.serialize(cpu_index)}
-        for name, data in contents.items():
+        faiss_bytes = backend.serialize(self._cpu_index())
+        digests = {VECTORS: write_array(folder / VECTORS, self._vectors)}
+        for name, data in {ITEMS: items, FAISS: faiss_bytes}.items():
             atomic_write_bytes(folder / name, data)
+            digests[name] = file_digest(data)
         manifest = {
             **self.manifest,
             "format": FORMAT,
             "version": VERSION,
             "dim": self.dim,
             "count": len(self),
-            "index_kind": backend.choose_kind(self.config, len(self)),
-            "files": {name: file_digest(data) for name, data in contents.items()},
+            "index_kind": self._info["kind"],
+            "index": {**self._info, "bytes_per_vector": round(len(faiss_bytes) / max(1, len(self)), 2)},
+            "files": digests,
         }
         atomic_write_json(folder / MANIFEST, manifest)
         self.manifest = manifest
+        self._vectors = open_vectors(folder / VECTORS)
 
     @classmethod
     def load(
@@ -152,7 +180,8 @@ class GalleryIndex:
         if embedder_identity is not None:
             check_identity(manifest.get("embedder", {}), embedder_identity, where=str(folder))
         index = cls(int(manifest["dim"]), manifest, config)
-        vectors = np.load(io.BytesIO(read_verified(folder, VECTORS, manifest)), allow_pickle=False)
+        verify_file(folder, VECTORS, manifest)
+        vectors = open_vectors(folder / VECTORS)
         lines = read_verified(folder, ITEMS, manifest).decode().splitlines()
         records = [ItemRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
         if len(vectors) != manifest["count"] or len(records) != manifest["count"]:
@@ -160,13 +189,18 @@ class GalleryIndex:
                 f"{folder} is inconsistent: manifest says {manifest['count']} items, found {len(vectors)} "
                 f"vectors and {len(records)} records (interrupted write?); re-run `carsearch index`"
             )
-        if len(vectors):
-            index.add(vectors, records)
-        faiss_file = folder / FAISS
-        if faiss_file.exists():
-            cpu_index = backend.deserialize(read_verified(folder, FAISS, manifest))
+        if vectors.ndim != 2 or vectors.shape[1] != index.dim:
+            raise IndexMismatchError(
+                f"{folder}/{VECTORS} has shape {vectors.shape}, expected (N, {index.dim}); {REBUILD}"
+            )
+        index._vectors, index.records = vectors, records
+        if (folder / FAISS).exists():
+            verify_file(folder, FAISS, manifest)
+            cpu_index = faiss.read_index(str(folder / FAISS))
             if cpu_index.ntotal == len(index) and cpu_index.d == index.dim:
-                index._faiss = backend.to_search_device(cpu_index, index.config.use_gpu)
+                stored = manifest.get("index") or {"kind": manifest.get("index_kind")}
+                tuning.apply(cpu_index, stored, index.config)
+                index._cpu, index._info = cpu_index, stored
         return index
 
 
@@ -175,25 +209,72 @@ def file_digest(data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def read_verified(folder: Path, name: str, manifest: dict[str, Any]) -> bytes:
-    """The bytes of ``folder/name``, refused unless they match the manifest's size and checksum.
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through it."""
 
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.sha, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+
+def write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
+    """Save ``array`` as .npy atomically, streamed in chunks (a memory map is never read whole); its digest."""
+    writers: list[_HashingWriter] = []
+
+    def write(handle: BinaryIO) -> None:
+        writers.append(_HashingWriter(handle))
+        np.save(writers[-1], np.asarray(array, dtype=np.float32), allow_pickle=False)  # type: ignore[arg-type]
+
+    atomic_write(path, write)
+    return {"bytes": writers[-1].size, "sha256": writers[-1].sha.hexdigest()}
+
+
+def open_vectors(path: Path) -> np.ndarray:
+    """The (N, D) float32 array of a .npy file as a read-only memory map."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise IndexMismatchError(f"{path} is not a readable vector file ({exc}); {REBUILD}") from None
+
+
+def verify_file(folder: Path, name: str, manifest: dict[str, Any]) -> None:
+    """Refuse ``folder/name`` unless it matches the manifest's size and SHA-256, streamed in chunks.
+
+    Files over :data:`VERIFY_MAX_BYTES` are checked for size only, so that opening a 10M-vector index does
+    not read 50 GB of vectors; their stored SHA-256 still allows a full offline check (``sha256sum``).
     Indexes written before checksums were stored (no ``files`` in the manifest) are read unchecked.
     """
     path = folder / name
+    if not path.exists():
+        raise IndexMismatchError(f"{folder} is damaged: {name} is missing; {REBUILD}")
     expected = manifest.get("files", {}).get(name)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        if expected is None and name == ITEMS:
-            return b""
-        raise IndexMismatchError(f"{folder} is damaged: {name} is missing; {REBUILD}") from None
-    if expected is not None and file_digest(data) != expected:
+    size = path.stat().st_size
+    if expected is None or (size == expected["bytes"] and size > VERIFY_MAX_BYTES):
+        if expected is not None:
+            logger.info("%s: %d bytes (over %d): size checked, checksum not", path, size, VERIFY_MAX_BYTES)
+        return
+    sha = hashlib.sha256()
+    if size == expected["bytes"]:
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                sha.update(chunk)
+    if size != expected["bytes"] or sha.hexdigest() != expected["sha256"]:
         raise IndexMismatchError(
-            f"{folder} is damaged: {name} ({len(data)} bytes) does not match the size and checksum in {MANIFEST} "
+            f"{folder} is damaged: {name} ({size} bytes) does not match the size and checksum in {MANIFEST} "
             f"({expected['bytes']} bytes): an interrupted copy or a modified file; {REBUILD}"
         )
-    return data
+
+
+def read_verified(folder: Path, name: str, manifest: dict[str, Any]) -> bytes:
+    """The bytes of ``folder/name`` after :func:`verify_file` (a missing legacy items file reads empty)."""
+    if name == ITEMS and "files" not in manifest and not (folder / name).exists():
+        return b""
+    verify_file(folder, name, manifest)
+    return (folder / name).read_bytes()
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

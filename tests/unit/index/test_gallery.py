@@ -3,13 +3,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
 from carsearch.config import IndexConfig
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
-from carsearch.index import GalleryIndex, ItemRecord
+from carsearch.index import GalleryIndex, ItemRecord, gallery
 from carsearch.index.backend import build_index, choose_kind
+from tests.unit.index.test_backend import clustered
 
 IDENTITY = {"spec": {"backbone": "b"}, "dim": 8, "fingerprint": "abc", "source": "test"}
 
@@ -158,30 +160,80 @@ def test_explicit_kinds_save_and_reload(tmp_path: Path, kind: str) -> None:
     assert (ids[:, 0] == np.arange(10)).mean() >= 0.8
 
 
-def test_gpu_transfer_is_used_when_faiss_sees_a_gpu_and_falls_back_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The wiring of faiss-gpu (no GPU build here): moved when available, CPU on failure, HNSW stays."""
-    import faiss
+SCALE = {"ivf_threshold": 1_000, "pq_threshold": 12_000}  # auto's thresholds, small enough for a unit test
 
-    from carsearch.index import backend
 
-    moved = []
-    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
-    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
-    monkeypatch.setattr(backend, "_GPU_RESOURCES", None)
+def scale_index(n: int, **config: object) -> GalleryIndex:
+    index = GalleryIndex(32, {"embedder": IDENTITY}, IndexConfig(use_gpu=False, **{**SCALE, **config}))  # type: ignore[arg-type]
+    index.add(clustered(n, clusters=300), records(n))
+    return index
 
-    def fake_to_gpu(resources: object, device: int, index: object) -> object:
-        moved.append(device)
-        return faiss.IndexFlatIP(index.d)  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fake_to_gpu, raising=False)
-    flat = build_index(unit_vectors(10), IndexConfig(kind="flat"))
-    assert backend.to_search_device(flat, use_gpu=True) is not flat and moved == [0]
-    assert backend.to_search_device(flat, use_gpu=False) is flat
-    hnsw = build_index(unit_vectors(10), IndexConfig(kind="hnsw"))
-    assert backend.to_search_device(hnsw, use_gpu=True) is hnsw
+@pytest.mark.parametrize(("n", "kind", "parameter"), [(12_000, "auto", "nprobe"), (3_000, "hnsw", "ef_search")])
+def test_compressed_and_graph_indexes_round_trip_with_their_measured_recall(
+    tmp_path: Path, n: int, kind: str, parameter: str
+) -> None:
+    index = scale_index(n, kind=kind)
+    queries = clustered(20, clusters=300, seed=7)
+    before = index.search(queries, 10)
+    index.save(tmp_path / "idx")
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    expected_kind = "ivfpq" if kind == "auto" else kind  # 12,000 items >= pq_threshold
+    stored = manifest["index"]
+    assert manifest["index_kind"] == stored["kind"] == expected_kind
+    assert stored["recall_at_10"] >= stored["target_recall"] == 0.95 and stored["sample"] == 1_000
+    assert stored[parameter] >= 1 and stored["bytes_per_vector"] > 0
+    loaded = GalleryIndex.load(tmp_path / "idx", IndexConfig(use_gpu=False), embedder_identity=IDENTITY)
+    assert isinstance(loaded.vectors, np.memmap)  # the float vectors stay on disk
+    assert loaded.index_info == stored
+    after = loaded.search(queries, 10)
+    assert (after[1] == before[1]).all()
+    np.testing.assert_allclose(after[0], before[0], atol=1e-6)
+    assert (loaded.search(loaded.vectors[:50], 1)[1][:, 0] == np.arange(50)).mean() >= 0.9
 
-    def broken(*args: object) -> object:
-        raise RuntimeError("out of GPU memory")
 
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", broken, raising=False)
-    assert backend.to_search_device(flat, use_gpu=True) is flat
+def test_ivfpq_scores_are_exact_cosines_and_its_ram_fits_the_budget(tmp_path: Path) -> None:
+    index = scale_index(12_000, kind="ivfpq", max_bytes_per_vector=40)
+    queries = clustered(10, clusters=300, seed=3)
+    scores, ids = index.search(queries, 5)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, index.vectors[ids]), atol=1e-5)
+    index.save(tmp_path / "idx")
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["index"]["bytes_per_vector"] <= 40
+    assert manifest["files"]["index.faiss"]["bytes"] < manifest["files"]["vectors.npy"]["bytes"] / 3
+
+
+def test_the_stored_nprobe_is_reapplied_on_load_and_a_configured_one_wins(tmp_path: Path) -> None:
+    scale_index(3_000, kind="ivf").save(tmp_path / "idx")
+    manifest_path = tmp_path / "idx" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    tuned = manifest["index"]["nprobe"]
+    manifest["index"]["nprobe"] = tuned + 3  # not what the faiss file holds: only the manifest can set it
+    manifest_path.write_text(json.dumps(manifest))
+    loaded = GalleryIndex.load(tmp_path / "idx", IndexConfig(use_gpu=False))
+    assert faiss.extract_index_ivf(loaded.faiss_index).nprobe == tuned + 3
+    fixed = GalleryIndex.load(tmp_path / "idx", IndexConfig(use_gpu=False, nprobe=1))
+    assert faiss.extract_index_ivf(fixed.faiss_index).nprobe == 1
+
+
+def test_a_new_gallery_is_tuned_again_after_add() -> None:
+    index = scale_index(3_000, kind="ivf")
+    first = index.index_info
+    assert first["kind"] == "ivf" and first["recall_at_10"] >= 0.95
+    index.add(clustered(3_000, clusters=300, seed=9), records(3_000))
+    assert index.faiss_index.ntotal == 6_000 and index.index_info["recall_at_10"] >= 0.95
+
+
+def test_files_over_the_checksum_limit_are_checked_for_size_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_index(30).save(tmp_path / "idx")
+    _flip_byte(tmp_path / "idx" / "vectors.npy", -3)
+    with pytest.raises(IndexMismatchError, match="damaged: vectors.npy"):
+        GalleryIndex.load(tmp_path / "idx")
+    monkeypatch.setattr(gallery, "VERIFY_MAX_BYTES", 100)  # the vectors file (~1 kB) is now "large"
+    assert len(GalleryIndex.load(tmp_path / "idx", IndexConfig(use_gpu=False))) == 30  # not read to hash it
+    path = tmp_path / "idx" / "vectors.npy"
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(IndexMismatchError, match="damaged: vectors.npy"):  # a short copy is still refused
+        GalleryIndex.load(tmp_path / "idx")
