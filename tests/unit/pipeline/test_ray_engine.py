@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -73,9 +74,10 @@ def test_ray_engine_builds_the_local_engines_index_and_skips_unchanged_files(
     fields = ("total", "processed", "skipped", "errors", "added", "items_added", "items_in_index", "no_detection")
     assert [getattr(on_ray, f) for f in fields] == [getattr(local, f) for f in fields]
     assert on_ray.detect_seconds > 0 and on_ray.embed_seconds > 0
-    assert GalleryIndex.load(tmp_path / "ray").manifest["embedder"] == GalleryIndex.load(tmp_path / "local").manifest[
-        "embedder"
-    ]
+    assert (
+        GalleryIndex.load(tmp_path / "ray").manifest["embedder"]
+        == GalleryIndex.load(tmp_path / "local").manifest["embedder"]
+    )
 
     make_car_image(99, CLASS_COLOURS[0]).save(gallery / "class_0" / "img_1.jpg")  # changed content
     again = pipeline.index(gallery, tmp_path / "ray", engine="ray")
@@ -104,13 +106,16 @@ def test_ray_engine_survives_kill_9_leaves_no_ray_process_and_resumes(tmp_path: 
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
     started = marked_processes("CARSEARCH_TEST_MARK", mark)
     assert len(started) >= 4  # the Ray cluster (gcs, raylet, workers, ...) and the watchdog
+    # Ray's agents overwrite their environment with their process title: follow the process tree too
+    tree = psutil.Process(proc.pid).children(recursive=True)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()  # killed mid-run
-    deadline = time.time() + 30
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    deadline = time.time() + 10
     while marked_processes("CARSEARCH_TEST_MARK", mark) and time.time() < deadline:
         time.sleep(0.2)
-    left = marked_processes("CARSEARCH_TEST_MARK", mark)
+    left = sorted({p.pid for p in alive} | set(marked_processes("CARSEARCH_TEST_MARK", mark)))
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"Ray processes left after kill -9 of the command: {left}"
