@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -118,3 +120,16 @@ def shared_detector() -> Path:
         pytest.skip("../shared/models/yolov8n_coco_int8.tflite is absent")
     pytest.importorskip("ai_edge_litert")
     return SHARED_DETECTOR
+
+
+def kill_9_and_survivors(proc: subprocess.Popen, processes: list, timeout: float) -> list[int]:
+    """SIGKILL the job ``proc``, give ``processes`` (psutil handles of what it started, listed before) up to
+    ``timeout`` seconds to go, and return the pids still alive — killed now, so no test leaves them behind."""
+    import psutil
+
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for survivor in alive:
+        survivor.kill()
+    return [survivor.pid for survivor in alive]

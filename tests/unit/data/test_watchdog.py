@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import kill_9_and_survivors
+
 REPO = str(Path(__file__).resolve().parents[3])
 
 DRIVER = """
@@ -46,11 +48,7 @@ def test_kill_9_of_the_job_kills_its_marked_processes_and_their_children_only(tm
     time.sleep(1.5)  # the watchdog looks every 0.5 s
     job = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.pid != outsider]
     assert len(job) >= 3  # watchdog, child, grandchild
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    _, alive = psutil.wait_procs(job, timeout=15)
-    for left in alive:
-        left.kill()
-    assert not alive, f"left after kill -9: {[(p.pid, p.cmdline()) for p in alive]}"
+    left = kill_9_and_survivors(proc, job, timeout=15)
+    assert not left, f"left after kill -9: {left}"
     assert psutil.pid_exists(outsider) and psutil.Process(outsider).status() != psutil.STATUS_ZOMBIE
     os.kill(outsider, signal.SIGKILL)

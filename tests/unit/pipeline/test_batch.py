@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from carsearch.config import load_config
 from carsearch.errors import IndexMismatchError
 from carsearch.index import GalleryIndex
 from carsearch.pipeline import Pipeline
-from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, make_car_image
+from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, kill_9_and_survivors, make_car_image
 
 
 @pytest.fixture(scope="module")
@@ -260,12 +259,8 @@ def test_kill_9_mid_run_leaves_no_process_then_rerun_loses_and_duplicates_nothin
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len(children) >= workers  # the decode workers are running
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    _, alive = psutil.wait_procs(children, timeout=10)
-    for orphan in alive:
-        orphan.kill()
-    assert not alive, f"orphaned worker processes after kill -9: {[p.pid for p in alive]}"
+    orphans = kill_9_and_survivors(proc, children, timeout=10)
+    assert not orphans, f"orphaned worker processes after kill -9: {orphans}"
     assert not (out / "manifest.json").exists()
     done = subprocess.run(args + ["--json"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -21,7 +21,7 @@ from carsearch.data.watchdog import marked_processes
 from carsearch.index import GalleryIndex
 from carsearch.pipeline import Pipeline
 from carsearch.pipeline.ray_engine import RayOptions
-from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, build_gallery, make_car_image
+from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, build_gallery, kill_9_and_survivors, make_car_image
 
 ray = pytest.importorskip("ray")
 
@@ -108,14 +108,12 @@ def test_ray_engine_survives_kill_9_leaves_no_ray_process_and_resumes(tmp_path: 
     assert len(started) >= 4  # the Ray cluster (gcs, raylet, workers, ...) and the watchdog
     # Ray's agents overwrite their environment with their process title: follow the process tree too
     tree = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    survivors = kill_9_and_survivors(proc, tree, timeout=30)
     assert not (out / "manifest.json").exists()  # killed mid-run
-    _, alive = psutil.wait_procs(tree, timeout=30)
     deadline = time.time() + 10
     while marked_processes("CARSEARCH_TEST_MARK", mark) and time.time() < deadline:
         time.sleep(0.2)
-    left = sorted({p.pid for p in alive} | set(marked_processes("CARSEARCH_TEST_MARK", mark)))
+    left = sorted(set(survivors) | set(marked_processes("CARSEARCH_TEST_MARK", mark)))
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"Ray processes left after kill -9 of the command: {left}"
