@@ -52,7 +52,8 @@ class EmbedderConfig:
     pretrained: bool = True
     checkpoint: str | None = None
     embedding_dim: int | None = None
-    image_size: int | None = None
+    image_size: int | None = None  # input height (and width unless image_width); None: the backbone's
+    image_width: int | None = None  # a non-square input's width (resize=squash only); None: square
     resize: Literal["squash", "center_crop"] = "squash"
     batch_size: int | None = None  # images per pass; None: 4 on CPU (32 with runtime onnx), 64 on CUDA
     channels_last: bool = True
@@ -63,6 +64,11 @@ class EmbedderConfig:
         _check(self.batch_size is None or self.batch_size >= 1, "embedder.batch_size must be >= 1")
         _check(self.embedding_dim is None or self.embedding_dim >= 1, "embedder.embedding_dim must be >= 1")
         _check(self.image_size is None or self.image_size >= 32, "embedder.image_size must be >= 32")
+        _check(self.image_width is None or self.image_width >= 32, "embedder.image_width must be >= 32")
+        _check(
+            self.image_width is None or self.resize == "squash",
+            "embedder.image_width (a non-square input) needs embedder.resize=squash",
+        )
 
 
 @dataclass(frozen=True)

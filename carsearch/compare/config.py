@@ -53,7 +53,8 @@ class CompareConfig:
     )
     confidences: tuple[float, ...] = (0.1, 0.25, 0.5)  # detector-quality sweep; crops use detector.confidence
     backbone: str = "tf_efficientnet_lite0"
-    image_size: int = 224
+    image_size: int = 224  # model input height (and width unless image_width), zero-shot and fine-tuned alike
+    image_width: int | None = None  # a non-square input's width; None: square
     train: CompareTrain = field(default_factory=CompareTrain)
     attention: CompareAttention = field(default_factory=CompareAttention)
     examples: int = 4  # pairs shown each way in "where it matters"

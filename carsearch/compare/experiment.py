@@ -153,6 +153,7 @@ def train_config(config: CompareConfig, split: Split, mode: str, out: Path) -> T
             "detector": to_dict(config.detector),
             "cache_dir": str(out / "cache"),
             "image_size": config.image_size,
+            "image_width": config.image_width,
             "resize_to": None,  # 8/7 of the compare's image size, not the recipe's 256 for 224 px
         }
     )
@@ -177,7 +178,8 @@ def _finetune(cache: StageCache, config: CompareConfig, split: Split, mode: str,
 
 def _embedder(config: CompareConfig, name: str, models: dict[str, Path], device: str) -> Embedder:
     if name == "zero_shot":
-        return Embedder.from_config(EmbedderConfig(backbone=config.backbone, image_size=config.image_size), device)
+        embedder = EmbedderConfig(backbone=config.backbone, image_size=config.image_size, image_width=config.image_width)
+        return Embedder.from_config(embedder, device)
     return Embedder(load_checkpoint(models[name]), device, source=f"checkpoint:{models[name].name}")
 
 

@@ -59,14 +59,19 @@ class Embedder:
                     f"checkpoint {config.checkpoint} embeds to {model.dim} dimensions, config asks for "
                     f"{config.embedding_dim}; drop embedder.embedding_dim or use a matching checkpoint"
                 )
-            if config.image_size is not None and config.image_size != spec.preprocessing.image_size:
+            height, width = spec.preprocessing.input_size
+            asked = (config.image_size or height, config.image_width or (config.image_size or height))
+            if (config.image_size, config.image_width) != (None, None) and asked != (height, width):
                 raise ModelLoadError(
-                    f"checkpoint {config.checkpoint} was trained at {spec.preprocessing.image_size} px, config "
-                    f"asks for {config.image_size}; drop embedder.image_size or use a matching checkpoint"
+                    f"checkpoint {config.checkpoint} was trained at {height}x{width} px (height x width), config "
+                    f"asks for {asked[0]}x{asked[1]}; drop embedder.image_size / image_width or use a matching "
+                    "checkpoint"
                 )
             source = f"checkpoint:{config.checkpoint}"
         else:
-            spec = default_spec(config.backbone, config.embedding_dim, config.image_size, resize=config.resize)
+            spec = default_spec(
+                config.backbone, config.embedding_dim, config.image_size, resize=config.resize, image_width=config.image_width
+            )
             model = EmbeddingModel(spec, pretrained=config.pretrained)
             source = "pretrained" if config.pretrained else "random"
         return cls(model, device, config.batch_size, config.channels_last, source, config.flip, config.runtime)

@@ -96,8 +96,9 @@ def default_spec(
     image_size: int | None = None,
     pooling: Pooling = "avg",
     resize: ResizeMode = "squash",
+    image_width: int | None = None,
 ) -> ModelSpec:
     """A spec whose preprocessing comes from the backbone's timm data config."""
     probe = create_backbone(backbone, pretrained=False)
-    pre = Preprocessing.from_timm(data_config(probe), image_size=image_size, resize=resize)
+    pre = Preprocessing.from_timm(data_config(probe), image_size=image_size, resize=resize, image_width=image_width)
     return ModelSpec(backbone=backbone, pooling=pooling, embedding_dim=embedding_dim, preprocessing=pre)

@@ -36,8 +36,8 @@ def export_onnx(model: EmbeddingModel, path: str | Path, fingerprint: str | None
         raise ModelLoadError(f"ONNX export needs the onnx packages: {INSTALL}") from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = model.spec.preprocessing.image_size
-    example = torch.zeros(2, 3, size, size)
+    height, width = model.spec.preprocessing.input_size
+    example = torch.zeros(2, 3, height, width)
     model = copy.deepcopy(model).eval().cpu().to(memory_format=torch.contiguous_format)  # the caller's stays as is
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(
@@ -55,7 +55,7 @@ def export_onnx(model: EmbeddingModel, path: str | Path, fingerprint: str | None
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    logger.info("exported ONNX model (%d px, dim %d) to %s", size, model.dim, path)
+    logger.info("exported ONNX model (%dx%d px, dim %d) to %s", height, width, model.dim, path)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Map a CAM from the model's input square back onto the image (and the photo) it came from."""
+"""Map a CAM from the model's input back onto the image (and the photo) it came from."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ def _resize(cam: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def cam_to_image(cam: np.ndarray, width: int, height: int, preprocessing: Preprocessing) -> np.ndarray:
-    """(S, S) CAM of a preprocessed image → (height, width) map over the image's own pixels.
+    """CAM of a preprocessed image (the model input's shape) → (height, width) map over the image's pixels.
 
-    ``squash`` stretched the whole image into the square, so the map is stretched back. ``center_crop``
+    ``squash`` stretched the whole image into the input (square or not), so the map is stretched back. ``center_crop``
     saw only the centre: that part is mapped back and the unseen border is 0.
     """
     if width < 1 or height < 1:

@@ -59,10 +59,11 @@ class DataConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)  # gt/detector crops use its margin
     cache_dir: str | None = None  # detector boxes and image cache; default <out.dir>/cache
     cache: bool = True
-    image_size: int = 224
+    image_size: int = 224  # inference input height (and width, unless image_width is set)
+    image_width: int | None = None  # inference input width for a non-square input (resize=squash only)
     resize: Literal["squash", "center_crop"] = "squash"
-    resize_to: int | None = None
-    crop_size: int | None = None  # training views' side; None: image_size
+    resize_to: int | None = None  # height (the width follows the input's aspect)
+    crop_size: int | None = None  # training views' height; None: image_size
     crop_scale: float = 0.6  # RandomResizedCrop scale = (crop_scale, 1)
     hflip: bool = True
     jitter: float = 0.0  # ColorJitter brightness/contrast/saturation (hue = jitter / 4); 0 disables
@@ -75,8 +76,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "data.image_size must be >= 16")
+        _check(self.image_width is None or self.image_width >= 16, "data.image_width must be >= 16")
         _check(
-            self.resize_to is None or self.resize_to >= self.train_crop_size,
+            self.image_width in (None, self.image_size) or self.resize == "squash",
+            "data.image_width (a non-square input) needs data.resize=squash",
+        )
+        _check(
+            self.resize_to is None or self.resize_to >= self.train_crop_size[0],
             "data.resize_to must be >= data.crop_size (or data.image_size): the random crop is taken from it",
         )
         _check(self.crop_size is None or self.crop_size >= 16, "data.crop_size must be >= 16")
@@ -99,14 +105,21 @@ class DataConfig:
             )
 
     @property
-    def train_size(self) -> int:
-        """The side crops are resized to before the random crop."""
-        return self.resize_to or round(self.train_crop_size * 8 / 7)
+    def aspect(self) -> float:
+        """Width / height of the model input."""
+        return (self.image_width or self.image_size) / self.image_size
 
     @property
-    def train_crop_size(self) -> int:
-        """The side of a training view (the random crop's output)."""
-        return self.crop_size or self.image_size
+    def train_size(self) -> tuple[int, int]:
+        """(height, width) crops are resized to before the random crop."""
+        height = self.resize_to or round(self.train_crop_size[0] * 8 / 7)
+        return height, round(height * self.aspect)
+
+    @property
+    def train_crop_size(self) -> tuple[int, int]:
+        """(height, width) of a training view (the random crop's output)."""
+        height = self.crop_size or self.image_size
+        return height, round(height * self.aspect)
 
     @property
     def batch_size(self) -> int:

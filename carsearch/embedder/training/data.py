@@ -16,7 +16,13 @@ from carsearch.config import DetectorConfig, PipelineConfig
 from carsearch.data.cropping import apply_plan, plan_image
 from carsearch.data.images import load_image
 from carsearch.data.sources import SourceItem
-from carsearch.embedder.preprocessing import Preprocessing, interpolation_mode, normalise_transforms, resize_transforms
+from carsearch.embedder.preprocessing import (
+    Preprocessing,
+    Size,
+    interpolation_mode,
+    normalise_transforms,
+    resize_transforms,
+)
 from carsearch.embedder.training.config import InputMode, ValCarve
 from carsearch.errors import ConfigError, DataSourceError
 from carsearch.types import Detection
@@ -118,24 +124,28 @@ def split_classes(
     return ClassSplits(sort_classes(train), sort_classes(val), sort_classes(test))
 
 
-def geometry_transform(pre: Preprocessing, size: int | None = None) -> v2.Compose:
-    """PIL RGB crop → uint8 (3, size, size) tensor, resized as inference resizes (``pre.resize``)."""
+def geometry_transform(pre: Preprocessing, size: Size | None = None) -> v2.Compose:
+    """PIL RGB crop → uint8 (3, h, w) tensor (``size``, default ``pre.input_size``), resized as inference resizes."""
     return v2.Compose([v2.PILToTensor(), *resize_transforms(pre, size)])
 
 
 def augment_transform(
-    pre: Preprocessing, crop_scale: float = 0.6, hflip: bool = True, jitter: float = 0.0, size: int | None = None
+    pre: Preprocessing, crop_scale: float = 0.6, hflip: bool = True, jitter: float = 0.0, size: Size | None = None
 ) -> v2.Compose:
-    """uint8 (3, R, R) crop in inference geometry → augmented, normalised float (3, size, size) (default S).
+    """uint8 crop in inference geometry → augmented, normalised float (3, h, w) (``size``, default ``input_size``).
 
-    The random crop's aspect range (3/4–4/3) applies to the already squashed (or centre-cropped) image, so a
-    training view has the proportions an inference view has; with ``crop_scale=1``, no flip and R = S this
-    is the identity followed by normalisation, i.e. exactly :func:`eval_transform`.
+    The random crop's aspect range (3/4–4/3 of the input's own w/h) applies to the already squashed (or
+    centre-cropped) image, so a training view has the proportions an inference view has; with
+    ``crop_scale=1``, no flip and an input already at ``size`` this is the identity followed by
+    normalisation, i.e. exactly :func:`eval_transform`.
     """
+    height, width = size or pre.input_size
+    aspect = width / height
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(
-            size or pre.image_size,
+            (height, width),
             scale=(crop_scale, 1.0),
+            ratio=(aspect * 3 / 4, aspect * 4 / 3),
             interpolation=interpolation_mode(pre.interpolation),
             antialias=True,
         )
@@ -155,7 +165,7 @@ def crop_config(mode: InputMode, detector: DetectorConfig) -> PipelineConfig:
 
 
 class CropDataset(Dataset):
-    """Items → ``(image (3, S, S), class index, item index)``; the image is cropped as the pipeline would.
+    """Items → ``(transform(crop), class index, item index)``; the image is cropped as the pipeline would.
 
     ``classes`` fixes the class indices (0..C-1 in that order); items of other classes are dropped.
     ``detections[i]``: the detector's boxes for item i (mode ``detector`` only; see ``boxcache``).
@@ -200,7 +210,7 @@ class CropDataset(Dataset):
 
 
 class CachedDataset(Dataset):
-    """Pre-resized uint8 crops (N, 3, R, R) (e.g. a memory map) → ``(transform(crop), class index, item index)``."""
+    """Pre-resized uint8 crops (N, 3, h, w) (e.g. a memory map) → ``(transform(crop), class index, item index)``."""
 
     def __init__(self, images: np.ndarray, labels: Sequence[int], transform: v2.Transform) -> None:
         if len(images) != len(labels):

@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 
 from carsearch.data.processes import die_with_parent
 from carsearch.data.sources import SourceItem, read_source
-from carsearch.embedder.preprocessing import Preprocessing, normalise_transforms
+from carsearch.embedder.preprocessing import Preprocessing, Size, normalise_transforms
 from carsearch.embedder.training.boxcache import cache_path, detect_cached
 from carsearch.embedder.training.config import DataConfig
 from carsearch.embedder.training.data import (
@@ -87,8 +87,8 @@ class EmbedderDataModule(L.LightningDataModule):
         if self.config.cache:
             self.setup("fit")
 
-    def _dataset(self, classes: list[str], size: int, augment: v2.Transform | None) -> Dataset:
-        """The crops of ``classes`` at ``size`` in inference geometry, then ``augment`` (or normalisation)."""
+    def _dataset(self, classes: list[str], size: Size, augment: v2.Transform | None) -> Dataset:
+        """The crops of ``classes`` at ``size`` (h, w) in inference geometry, then ``augment`` (or normalisation)."""
         cfg, pre = self.config, self.preprocessing
         items, detections = self._read(), self._detections(self._read())
         after = augment if augment is not None else v2.Compose(normalise_transforms(pre))
@@ -120,7 +120,7 @@ class EmbedderDataModule(L.LightningDataModule):
                 logger.info("dropping %d training classes with < %d images", len(dropped), cfg.min_per_class)
             splits = ClassSplits([c for c in splits.train if counts[c] >= cfg.min_per_class], splits.val, splits.test)
         self.splits = splits
-        size = self.preprocessing.image_size
+        size = self.preprocessing.input_size
         augment = augment_transform(self.preprocessing, cfg.crop_scale, cfg.hflip, cfg.jitter, cfg.train_crop_size)
         self.train_set = self._dataset(splits.train, cfg.train_size, augment)
         self.val_set = self._dataset(splits.val, size, None) if splits.val else None

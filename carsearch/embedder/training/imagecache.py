@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from carsearch.data.atomic import atomic_write_json
 from carsearch.data.images import content_hash
 from carsearch.data.processes import die_with_parent
+from carsearch.embedder.preprocessing import Size
 from carsearch.embedder.training.data import CropDataset
 from carsearch.errors import ImageLoadError
 
@@ -26,11 +27,11 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
-def cache_key(dataset: CropDataset, size: int, preprocessing: str) -> str:
+def cache_key(dataset: CropDataset, size: Size, preprocessing: str) -> str:
     """Digest of everything that decides the cached pixels: file contents, boxes, crop mode, size, resizing."""
     digest = hashlib.blake2b(digest_size=10)
     cropping = repr(dataset.crop.detector) if dataset.mode != "raw" else None
-    digest.update(json.dumps([CACHE_VERSION, size, preprocessing, dataset.mode, cropping]).encode())
+    digest.update(json.dumps([CACHE_VERSION, list(size), preprocessing, dataset.mode, cropping]).encode())
     for i, item in enumerate(dataset.items):
         try:
             data = Path(item.path).read_bytes()
@@ -77,33 +78,34 @@ def _fill(dataset: CropDataset, out: np.ndarray, workers: int) -> list[int]:
 
 
 def cached_crops(
-    dataset: CropDataset, size: int, preprocessing: str, cache_dir: str | Path | None, workers: int = 0
+    dataset: CropDataset, size: Size, preprocessing: str, cache_dir: str | Path | None, workers: int = 0
 ) -> tuple[np.ndarray, list[int]]:
-    """``(images (M, 3, size, size) uint8; indices of the M readable items)``.
+    """``(images (M, 3, h, w) uint8; indices of the M readable items)`` for ``size`` = (h, w).
 
-    ``dataset`` must yield uint8 (3, size, size) tensors (see ``data.geometry_transform``); ``preprocessing``
+    ``dataset`` must yield uint8 (3, h, w) tensors (see ``data.geometry_transform``); ``preprocessing``
     names its resizing (it is part of the key). Unreadable images are skipped with a warning, never fatal.
     With ``cache_dir`` the images are a read-only memory map of a file written under a temporary name and
     renamed (an interrupted build leaves no cache behind) and found again by later runs; without, an array.
     """
+    shape = (len(dataset), 3, *size)
     if cache_dir is None:
-        images = np.empty((len(dataset), 3, size, size), dtype=np.uint8)
+        images = np.empty(shape, dtype=np.uint8)
         kept = _fill(dataset, images, workers)
         return images[: len(kept)], kept
     cache_dir = Path(cache_dir)
     key = cache_key(dataset, size, preprocessing)
-    array_path, index_path = cache_dir / f"images_{size}_{key}.npy", cache_dir / f"images_{size}_{key}.json"
+    array_path, index_path = (cache_dir / f"images_{size[0]}x{size[1]}_{key}{ext}" for ext in (".npy", ".json"))
     if array_path.exists() and index_path.exists():
         kept = json.loads(index_path.read_text())["kept"]
         images = np.load(array_path, mmap_mode="r")
-        if images.shape == (len(kept), 3, size, size):
+        if images.shape == (len(kept), 3, *size):
             return images, kept
         logger.warning("image cache %s does not match its index; rebuilding", array_path)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("caching %d crops at %d px in %s", len(dataset), size, array_path)
+    logger.info("caching %d crops at %dx%d px in %s", len(dataset), *size, array_path)
     tmp = array_path.with_suffix(f".tmp{os.getpid()}.npy")
     try:
-        full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), 3, size, size))
+        full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         kept = _fill(dataset, full, workers)
         if len(kept) < len(dataset):  # rewrite with the readable images only
             compact = np.array(full[: len(kept)])
@@ -112,7 +114,7 @@ def cached_crops(
         else:
             full.flush()
             del full
-        atomic_write_json(index_path, {"version": CACHE_VERSION, "kept": kept, "size": size})
+        atomic_write_json(index_path, {"version": CACHE_VERSION, "kept": kept, "size": list(size)})
         os.replace(tmp, array_path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -95,6 +95,7 @@ def model_spec(config: TrainConfig) -> ModelSpec:
         config.data.image_size,
         pooling=config.model.pooling,
         resize=config.data.resize,
+        image_width=config.data.image_width,
     )
     return dataclasses.replace(spec, head_bn=config.model.head_bn)
 

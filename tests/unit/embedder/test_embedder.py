@@ -108,8 +108,29 @@ def test_checkpoint_with_other_dimension_is_refused(checkpoint: Path) -> None:
 
 
 def test_checkpoint_with_other_preprocessing_is_refused(checkpoint: Path) -> None:
-    with pytest.raises(ModelLoadError, match="64 px"):
+    with pytest.raises(ModelLoadError, match="64x64 px"):
         Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint), image_size=224))
+    with pytest.raises(ModelLoadError, match="asks for 64x128"):
+        Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint), image_width=128))
+    Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint), image_size=64, image_width=64))  # the same
+
+
+def test_a_wide_input_is_recorded_checkpointed_and_embedded_at_its_shape(tmp_path: Path) -> None:
+    square = Preprocessing(image_size=64)
+    assert "image_width" not in square.to_dict()  # square specs serialise as before image_width existed
+    assert Preprocessing.from_dict(square.to_dict()) == square
+    wide = Preprocessing(image_size=32, image_width=64)
+    assert wide.input_size == (32, 64) and Preprocessing.from_dict(wide.to_dict()) == wide
+    with pytest.raises(ValueError, match="resize=squash"):
+        Preprocessing(image_size=32, image_width=64, resize="center_crop")
+    path = tmp_path / "wide.pt"
+    save_checkpoint(EmbeddingModel(ModelSpec(embedding_dim=8, preprocessing=wide), pretrained=False), path)
+    embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(path)))
+    assert embedder.preprocessing.input_size == (32, 64)
+    assert embedder.transform(make_car_image(0, CLASS_COLOURS[0])).shape == (3, 32, 64)
+    assert embedder.embed([make_car_image(i, CLASS_COLOURS[i]) for i in range(2)]).shape == (2, 8)
+    pretrained = Embedder.from_config(EmbedderConfig(image_size=32, image_width=64, pretrained=False))
+    assert pretrained.preprocessing.input_size == (32, 64)
 
 
 def test_not_a_checkpoint_is_refused(tmp_path: Path) -> None:

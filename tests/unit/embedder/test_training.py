@@ -346,8 +346,8 @@ def test_crop_dataset_raw_and_gt_modes(tmp_path):
 
 
 @pytest.mark.parametrize("cache", [True, False])
-@pytest.mark.parametrize("resize", ["squash", "center_crop"])
-def test_unaugmented_training_path_equals_inference_pixel_for_pixel(tmp_path, cache, resize):
+@pytest.mark.parametrize("resize,width", [("squash", None), ("center_crop", None), ("squash", 96)])
+def test_unaugmented_training_path_equals_inference_pixel_for_pixel(tmp_path, cache, resize, width):
     """Crop planning, (cached) resizing and normalisation of the training path, without augmentation, give
     exactly what ``eval_transform`` gives the inference crop: training sees the geometry inference sees."""
     root = tmp_path / "data"
@@ -360,6 +360,7 @@ def test_unaugmented_training_path_equals_inference_pixel_for_pixel(tmp_path, ca
     (root / "data.csv").write_text("\n".join(rows) + "\n")
     overrides = [*TINY, f"data.source={root / 'data.csv'}", "data.class_split=all", "data.input=gt"]
     overrides += [f"data.cache={str(cache).lower()}", f"data.resize={resize}", "data.resize_to=48"]
+    overrides += [f"data.image_width={width}"] if width else []
     overrides += ["data.crop_scale=1.0", "data.hflip=false", "data.detector.margin=0.05"]
     config = load_train_config(None, overrides)
     spec = model_spec(config)
@@ -370,9 +371,10 @@ def test_unaugmented_training_path_equals_inference_pixel_for_pixel(tmp_path, ca
     for i in range(8):
         image, label, _ = data.train_set[i]
         expected, expected_label, _ = crops[i]
+        assert image.shape == (3, 48, width or 48)
         assert label == expected_label and torch.equal(image, expected), i
     if cache:
-        assert list((tmp_path / "cache").glob("images_48_*.npy"))
+        assert list((tmp_path / "cache").glob(f"images_48x{width or 48}_*.npy"))
 
 
 def test_random_crops_keep_the_inference_aspect_of_wide_cars():
@@ -382,7 +384,7 @@ def test_random_crops_keep_the_inference_aspect_of_wide_cars():
     wide = np.zeros((40, 160, 3), dtype=np.uint8)
     wide[:, :20] = (255, 0, 0)
     wide[:, -20:] = (0, 0, 255)
-    geometry, augment = geometry_transform(pre, size=56), augment_transform(pre, crop_scale=0.9, hflip=False)
+    geometry, augment = geometry_transform(pre, size=(56, 56)), augment_transform(pre, crop_scale=0.9, hflip=False)
     for _ in range(20):
         view = augment(geometry(Image.fromarray(wide)))
         assert view[0].max() > 0.5 and view[2].max() > 0.5  # red (left end) and blue (right end) both in view
@@ -391,7 +393,7 @@ def test_random_crops_keep_the_inference_aspect_of_wide_cars():
 def test_crop_size_sets_the_training_views_and_evaluation_keeps_the_inference_size(tmp_path, hue_gallery):
     overrides = [*TINY, f"data.source={hue_gallery}", "data.class_split=half", "data.crop_size=40"]
     config = load_train_config(None, overrides)
-    assert config.data.train_size == round(40 * 8 / 7)  # the cache is sized for the training view
+    assert config.data.train_size == (round(40 * 8 / 7),) * 2  # the cache is sized for the training view
     spec = model_spec(config)
     data = EmbedderDataModule(config.data, spec.preprocessing, cache_dir=tmp_path / "cache")
     data.setup()
@@ -399,6 +401,30 @@ def test_crop_size_sets_the_training_views_and_evaluation_keeps_the_inference_si
     assert data.test_set[0][0].shape == (3, spec.preprocessing.image_size, spec.preprocessing.image_size) != (3, 40, 40)
     with pytest.raises(ConfigError, match="resize_to"):
         load_train_config(None, [*TINY, "data.crop_size=40", "data.resize_to=32"])
+
+
+def test_a_wide_input_keeps_its_aspect_in_training_views_and_evaluation(tmp_path, hue_gallery):
+    """data.image_width: every training view and every evaluated image has the input's 2:1 shape, the random
+    crop's aspect range is taken around 2:1 (a wide car is not cut to a square), and the spec records it."""
+    overrides = [*TINY, f"data.source={hue_gallery}", "data.class_split=half", "data.image_width=96"]
+    overrides += ["data.crop_size=40"]
+    config = load_train_config(None, overrides)
+    assert config.data.train_crop_size == (40, 80) and config.data.train_size == (46, 92)
+    spec = model_spec(config)
+    assert spec.preprocessing.input_size == (48, 96)
+    data = EmbedderDataModule(config.data, spec.preprocessing, cache_dir=tmp_path / "cache")
+    data.setup()
+    assert all(data.train_set[i][0].shape == (3, 40, 80) for i in range(4))
+    assert data.test_set[0][0].shape == (3, 48, 96)
+    wide = np.zeros((40, 160, 3), dtype=np.uint8)
+    wide[:, :20] = (255, 0, 0)
+    wide[:, -20:] = (0, 0, 255)
+    augment = augment_transform(spec.preprocessing, crop_scale=0.9, hflip=False, size=(40, 80))
+    for _ in range(20):
+        view = augment(geometry_transform(spec.preprocessing, (46, 92))(Image.fromarray(wide)))
+        assert view[0].max() > 0.5 and view[2].max() > 0.5  # both ends of the car stay in view
+    with pytest.raises(ConfigError, match="resize=squash"):
+        load_train_config(None, [*TINY, "data.image_width=96", "data.resize=center_crop"])
 
 
 def test_detector_boxes_are_cached_by_path_and_content(tmp_path, tiny_yolo, monkeypatch):
