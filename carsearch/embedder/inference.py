@@ -70,7 +70,11 @@ class Embedder:
             source = f"checkpoint:{config.checkpoint}"
         else:
             spec = default_spec(
-                config.backbone, config.embedding_dim, config.image_size, resize=config.resize, image_width=config.image_width
+                config.backbone,
+                config.embedding_dim,
+                config.image_size,
+                resize=config.resize,
+                image_width=config.image_width,
             )
             model = EmbeddingModel(spec, pretrained=config.pretrained)
             source = "pretrained" if config.pretrained else "random"
