@@ -140,15 +140,13 @@ def augment_transform(
     normalisation, i.e. exactly :func:`eval_transform`.
     """
     height, width = size or pre.input_size
-    aspect = width / height
+    aspect, mode = width / height, interpolation_mode(pre.interpolation)
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(
-            (height, width),
-            scale=(crop_scale, 1.0),
-            ratio=(aspect * 3 / 4, aspect * 4 / 3),
-            interpolation=interpolation_mode(pre.interpolation),
-            antialias=True,
+            (height, width), scale=(crop_scale, 1.0), ratio=(aspect * 3 / 4, aspect * 4 / 3), interpolation=mode
         )
+        if crop_scale < 1
+        else v2.Resize((height, width), interpolation=mode)  # the whole image (a random crop could round off a column)
     ]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
