@@ -66,7 +66,7 @@ class EmbedderConfig:
         _check(self.image_size is None or self.image_size >= 32, "embedder.image_size must be >= 32")
         _check(self.image_width is None or self.image_width >= 32, "embedder.image_width must be >= 32")
         _check(
-            self.image_width is None or self.resize == "squash",
+            self.image_width in (None, self.image_size) or self.resize == "squash",
             "embedder.image_width (a non-square input) needs embedder.resize=squash",
         )
 
