@@ -1,10 +1,11 @@
-"""Scale benchmarks (issue: index at fleet scale). Two parts, each printing a table and writing JSON:
+"""Scale benchmarks (issue: index at fleet scale). Three parts, each printing a table and writing JSON:
 
-    python benchmarks/scale.py engines --n 500     # Ray engine vs local engine on the same shared photos
-    python benchmarks/scale.py indexes ...         # faiss index kinds at 100k / 1M realistic vectors
+    python benchmarks/scale.py engines --n 500       # Ray engine vs local engine on the same shared photos
+    python benchmarks/scale.py indexes ...           # faiss index kinds at 100k / 1M realistic vectors
+    python benchmarks/scale.py records --n 1000000   # index records: Arrow columns vs Python objects
 
-``engines`` writes ``benchmarks/results/scale-engines-cpu.json`` (``--json`` to change it); ``indexes``
-is ``benchmarks/scale_indexes.py`` (see its ``--help``).
+``engines`` and ``records`` write ``benchmarks/results/scale-{engines,records}-cpu.json`` (``--json`` to
+change it); ``indexes`` is ``benchmarks/scale_indexes.py`` (see its ``--help``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("engines", "indexes"):
+    if not argv or argv[0] not in ("engines", "indexes", "records"):
         print(__doc__)
         return 2
     part, rest = argv[0], argv[1:]
@@ -31,13 +32,18 @@ def main(argv: list[str]) -> int:
 
         scale_indexes.main(rest)
         return 0
-    import scale_engines
-
-    out = ROOT / "benchmarks" / "results" / "scale-engines-cpu.json"
+    out = ROOT / "benchmarks" / "results" / f"scale-{part}-cpu.json"
     if "--json" in rest:
         at = rest.index("--json")
         out, rest = Path(rest[at + 1]), rest[:at] + rest[at + 2 :]
-    result = scale_engines.main(rest)
+    if part == "records":
+        import scale_records
+
+        result = scale_records.main(rest)
+    else:
+        import scale_engines
+
+        result = scale_engines.main(rest)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

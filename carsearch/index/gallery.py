@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -13,18 +13,19 @@ import faiss
 import numpy as np
 
 from carsearch.config import IndexConfig, RetrievalConfig
-from carsearch.data.atomic import atomic_write, atomic_write_bytes, atomic_write_json, jsonl_line
+from carsearch.data.atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
 from carsearch.index import backend, rerank, tuning
-from carsearch.index.records import ItemRecord
+from carsearch.index.records import ItemRecord, RecordTable
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "carsearch-index"
-VERSION = 1
+VERSION = 2  # 2: records as Arrow columns (items.arrow); 1: JSON lines (items.jsonl), still read
 MANIFEST = "manifest.json"
 VECTORS = "vectors.npy"
-ITEMS = "items.jsonl"
+ITEMS = "items.arrow"
+LEGACY_ITEMS = "items.jsonl"
 FAISS = "index.faiss"
 REBUILD = "rebuild it: delete the folder and run `carsearch index SOURCE --out FOLDER` again"
 VERIFY_MAX_BYTES = 1 << 30  # files up to 1 GiB are checksummed at load; larger ones: size only (README)
@@ -36,7 +37,8 @@ class GalleryIndex:
 
     ``manifest`` describes how the vectors were made (embedder identity, detector, crop mode,
     preprocessing); indexes with different embedders are refused at load and at ``check_embedder``.
-    An opened index reads its vectors through a memory map: RAM holds the faiss index and the records.
+    An opened index reads its vectors and its records (Arrow columns) through memory maps: RAM holds the faiss
+    index and what is read.
     """
 
     def __init__(self, dim: int, manifest: dict[str, Any], config: IndexConfig | None = None) -> None:
@@ -46,7 +48,7 @@ class GalleryIndex:
         self.manifest = dict(manifest)
         self.config = config or IndexConfig()
         self._vectors = np.zeros((0, dim), dtype=np.float32)
-        self.records: list[ItemRecord] = []
+        self.records = RecordTable()
         self._cpu: Any = None  # the faiss index on CPU, with search parameters set
         self._faiss: Any = None  # the same on the search device
         self._info: dict[str, Any] = {}  # manifest["index"]: kind, nprobe / ef_search, measured recall
@@ -60,7 +62,7 @@ class GalleryIndex:
         """(N, D) float32, L2-normalised (a read-only memory map once saved or opened); row i: ``records[i]``."""
         return self._vectors
 
-    def add(self, vectors: np.ndarray, records: Sequence[ItemRecord]) -> None:
+    def add(self, vectors: np.ndarray, records: Sequence[ItemRecord] | RecordTable) -> None:
         """Append vectors (N, D) and their records."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -68,7 +70,7 @@ class GalleryIndex:
         if len(vectors) != len(records):
             raise ValueError(f"{len(vectors)} vectors but {len(records)} records")
         self._vectors = np.concatenate([self._vectors, vectors]) if len(self._vectors) else vectors.copy()
-        self.records.extend(records)
+        self.records = self.records.concat(records)
         self._cpu = self._faiss = None
         self._info = {}
         self._augmented = {}
@@ -146,16 +148,17 @@ class GalleryIndex:
     def save(self, folder: str | Path) -> None:
         """Write the index directory; each file atomically, the manifest (with counts) last.
 
-        The vectors are streamed to disk and hashed on the way, then re-opened as a memory map.
+        Vectors and records are streamed to disk and hashed on the way, then re-opened as memory maps.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        items = b"".join(jsonl_line(r.to_dict()) for r in self.records)  # hashed below: built in memory
         faiss_bytes = backend.serialize(self._cpu_index())
-        digests = {VECTORS: write_array(folder / VECTORS, self._vectors)}
-        for name, data in {ITEMS: items, FAISS: faiss_bytes}.items():
-            atomic_write_bytes(folder / name, data)
-            digests[name] = file_digest(data)
+        digests = {
+            VECTORS: write_array(folder / VECTORS, self._vectors),
+            ITEMS: write_hashed(folder / ITEMS, self.records.write),
+        }
+        atomic_write_bytes(folder / FAISS, faiss_bytes)
+        digests[FAISS] = file_digest(faiss_bytes)
         manifest = {
             **self.manifest,
             "format": FORMAT,
@@ -167,8 +170,10 @@ class GalleryIndex:
             "files": digests,
         }
         atomic_write_json(folder / MANIFEST, manifest)
+        (folder / LEGACY_ITEMS).unlink(missing_ok=True)  # a version-1 index, now rewritten as version 2
         self.manifest = manifest
         self._vectors = open_vectors(folder / VECTORS)
+        self.records = RecordTable.read(folder / ITEMS)
 
     @classmethod
     def load(
@@ -182,8 +187,7 @@ class GalleryIndex:
         index = cls(int(manifest["dim"]), manifest, config)
         verify_file(folder, VECTORS, manifest)
         vectors = open_vectors(folder / VECTORS)
-        lines = read_verified(folder, ITEMS, manifest).decode().splitlines()
-        records = [ItemRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
+        records = read_records(folder, manifest)
         if len(vectors) != manifest["count"] or len(records) != manifest["count"]:
             raise IndexMismatchError(
                 f"{folder} is inconsistent: manifest says {manifest['count']} items, found {len(vectors)} "
@@ -210,7 +214,9 @@ def file_digest(data: bytes) -> dict[str, Any]:
 
 
 class _HashingWriter:
-    """A write-only file that hashes and counts what passes through it."""
+    """A write-only file that hashes and counts what passes through it (enough of a file for pyarrow too)."""
+
+    closed = False
 
     def __init__(self, handle: BinaryIO) -> None:
         self.handle, self.sha, self.size = handle, hashlib.sha256(), 0
@@ -220,17 +226,25 @@ class _HashingWriter:
         self.size += len(data)
         return self.handle.write(data)
 
+    def flush(self) -> None:
+        self.handle.flush()
 
-def write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
-    """Save ``array`` as .npy atomically, streamed in chunks (a memory map is never read whole); its digest."""
+
+def write_hashed(path: Path, write: Callable[[BinaryIO], None]) -> dict[str, Any]:
+    """Write ``path`` atomically through ``write(handle)``, hashing on the way; its digest as in the manifest."""
     writers: list[_HashingWriter] = []
 
-    def write(handle: BinaryIO) -> None:
+    def hashed(handle: BinaryIO) -> None:
         writers.append(_HashingWriter(handle))
-        np.save(writers[-1], np.asarray(array, dtype=np.float32), allow_pickle=False)  # type: ignore[arg-type]
+        write(writers[-1])  # type: ignore[arg-type]
 
-    atomic_write(path, write)
+    atomic_write(path, hashed)
     return {"bytes": writers[-1].size, "sha256": writers[-1].sha.hexdigest()}
+
+
+def write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
+    """Save ``array`` as float32 .npy atomically, streamed (a memory map is never read whole); its digest."""
+    return write_hashed(path, lambda handle: np.save(handle, np.asarray(array, dtype=np.float32), allow_pickle=False))
 
 
 def open_vectors(path: Path) -> np.ndarray:
@@ -269,12 +283,19 @@ def verify_file(folder: Path, name: str, manifest: dict[str, Any]) -> None:
         )
 
 
-def read_verified(folder: Path, name: str, manifest: dict[str, Any]) -> bytes:
-    """The bytes of ``folder/name`` after :func:`verify_file` (a missing legacy items file reads empty)."""
-    if name == ITEMS and "files" not in manifest and not (folder / name).exists():
-        return b""
-    verify_file(folder, name, manifest)
-    return (folder / name).read_bytes()
+def read_records(folder: Path, manifest: dict[str, Any]) -> RecordTable:
+    """The verified records of an index: ``items.arrow`` (version 2) or a version-1 ``items.jsonl``."""
+    if ITEMS in manifest.get("files", {}) or (folder / ITEMS).exists():
+        verify_file(folder, ITEMS, manifest)
+        try:
+            return RecordTable.read(folder / ITEMS)
+        except ValueError as exc:
+            raise IndexMismatchError(f"{exc}; {REBUILD}") from None
+    if "files" not in manifest and not (folder / LEGACY_ITEMS).exists():
+        return RecordTable()  # written before records were stored
+    verify_file(folder, LEGACY_ITEMS, manifest)
+    lines = (folder / LEGACY_ITEMS).read_bytes().decode().splitlines()
+    return RecordTable.of(ItemRecord.from_dict(json.loads(line)) for line in lines if line.strip())
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

@@ -56,10 +56,10 @@ def audit_index(gallery: GalleryIndex, k: int = 10, max_agree: float = 0.2, near
     label, sorted by how strongly one other label dominates. Duplicates: same content hash (exact) or cosine
     similarity >= ``near`` (near), with different labels.
     """
-    ids = [i for i, r in enumerate(gallery.records) if r.label is not None]
+    ids = gallery.records.labelled_ids()
     if len(ids) < 2:
         raise EmptyGalleryError(f"an audit needs at least 2 labelled items, the index has {len(ids)}")
-    records = [gallery.records[i] for i in ids]
+    records = list(gallery.records.take(ids))
     sub = GalleryIndex(gallery.dim, gallery.manifest, gallery.config)
     sub.add(gallery.vectors[ids], records)
     k = max(1, min(k, len(ids) - 1))
@@ -73,7 +73,7 @@ def audit_index(gallery: GalleryIndex, k: int = 10, max_agree: float = 0.2, near
         if agree <= max_agree:
             majority, count = labels.most_common(1)[0]
             disagreements.append(
-                Disagreement(ids[i], record.path, str(record.label), agree, str(majority), count / len(others))
+                Disagreement(int(ids[i]), record.path, str(record.label), agree, str(majority), count / len(others))
             )
     disagreements.sort(key=lambda d: (-d.majority_share, d.agree, d.path))
 

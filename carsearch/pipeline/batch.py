@@ -19,7 +19,7 @@ from carsearch.data.decode import DecodeDataset, decode_loader
 from carsearch.data.sources import SourceItem
 from carsearch.errors import IndexMismatchError
 from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest
-from carsearch.index.records import ItemRecord
+from carsearch.index.records import RecordTable
 from carsearch.pipeline.chunks import Chunk, ChunkStore
 from carsearch.pipeline.stages import Outcome, attach_vectors, crop_decoded
 from carsearch.types import FLAG_NO_DETECTION
@@ -60,24 +60,42 @@ class IndexReport:
         return asdict(self)
 
 
-def _merge(index: GalleryIndex | None, chunks: list[Chunk], dim: int) -> tuple[list[ItemRecord], np.ndarray]:
-    """Existing items, then chunk items in order; a newer result for a source key replaces older ones."""
-    groups: OrderedDict[str, list[tuple[ItemRecord, np.ndarray]]] = OrderedDict()
-    sources: list[list[tuple[ItemRecord, np.ndarray]]] = []
-    if index is not None:
-        sources.append(list(zip(index.records, index.vectors, strict=True)))
-    sources.extend(list(zip(c.records, c.vectors, strict=True)) for c in chunks)
-    for source in sources:
-        fresh: OrderedDict[str, list[tuple[ItemRecord, np.ndarray]]] = OrderedDict()
-        for record, vector in source:
-            fresh.setdefault(record.key, []).append((record, vector))
-        for key, group in fresh.items():
+def _merge(index: GalleryIndex | None, chunks: list[Chunk], dim: int) -> tuple[RecordTable, np.ndarray]:
+    """Existing items, then chunk items in order; a newer result for a source key replaces older ones.
+
+    Works on the key column and row numbers (no record objects); the vectors are gathered into one array.
+    """
+    tables = [index.records] if index is not None else []
+    parts = [index.vectors] if index is not None else []
+    for chunk in chunks:
+        tables.append(RecordTable.of(chunk.records))
+        parts.append(np.stack(chunk.vectors) if chunk.vectors else np.zeros((0, dim), np.float32))
+    groups: OrderedDict[str, list[int]] = OrderedDict()
+    offset = 0
+    for table in tables:
+        fresh: OrderedDict[str, list[int]] = OrderedDict()
+        for row, key in enumerate(table.column("path"), start=offset):  # ItemRecord.key is its path
+            fresh.setdefault(key, []).append(row)
+        for key, rows in fresh.items():
             groups.pop(key, None)
-            groups[key] = group
-    pairs = [pair for group in groups.values() for pair in group]
-    records = [r for r, _ in pairs]
-    vectors = np.stack([v for _, v in pairs]).astype(np.float32) if pairs else np.zeros((0, dim), np.float32)
-    return records, vectors
+            groups[key] = rows
+        offset += len(table)
+    ids = np.fromiter((row for rows in groups.values() for row in rows), dtype=np.int64)
+    return RecordTable.concatenate(tables).take(ids), gather_rows(parts, ids, dim)
+
+
+def gather_rows(parts: list[np.ndarray], ids: np.ndarray, dim: int) -> np.ndarray:
+    """Rows ``ids`` of the parts stacked end to end, as one float32 array (each part read once, in row order)."""
+    out = np.empty((len(ids), dim), np.float32)
+    start = 0
+    for part in parts:
+        inside = np.flatnonzero((ids >= start) & (ids < start + len(part)))
+        if len(inside):
+            local = ids[inside] - start
+            order = np.argsort(local, kind="stable")  # read a memory-mapped part front to back
+            out[inside[order]] = part[local[order]]
+        start += len(part)
+    return out
 
 
 def _merge_errors(old: list[dict[str, Any]], chunks: list[Chunk], indexed: set[str]) -> list[dict[str, Any]]:
@@ -128,8 +146,9 @@ class IndexJob:
         self.existing = GalleryIndex.load(self.out, pipeline.config.index) if (self.out / MANIFEST).exists() else None
         self.store = ChunkStore(self.out / WORK, chunk_format)
         self.done: dict[str, str] = {}  # path -> content hash of what the index (or a killed run) holds
-        for record in self.existing.records if self.existing else []:
-            self.done[record.key] = record.content_hash
+        if self.existing is not None:
+            records = self.existing.records
+            self.done.update(zip(records.column("path"), records.column("content_hash"), strict=True))
         for chunk in self.store.read_all():
             for record in chunk.records:
                 self.done[record.key] = record.content_hash
@@ -194,16 +213,18 @@ class IndexJob:
         records, vectors = _merge(self.existing, chunks, dim)
         pruned = 0
         listed = {str(item.path) for item in self.items}
+        paths = records.column("path")
         if prune:
-            stale = {r.path for r in records if r.path not in listed}
-            keep = [i for i, r in enumerate(records) if r.path in listed]
-            records, vectors, pruned = [records[i] for i in keep], vectors[keep], len(stale)
+            stale = {path for path in paths if path not in listed}
+            keep = [i for i, path in enumerate(paths) if path in listed]
+            records, vectors, pruned = records.take(keep), vectors[keep], len(stale)
+            paths = [paths[i] for i in keep]
             if stale:
                 logger.info("pruned %d images the source no longer lists", pruned)
         index = GalleryIndex(dim, self.manifest, self.pipeline.config.index)
         if len(records):
             index.add(vectors, records)
-        errors = _merge_errors(read_jsonl(self.out / ERRORS), chunks, {r.key for r in records})
+        errors = _merge_errors(read_jsonl(self.out / ERRORS), chunks, set(paths))
         if prune:
             errors = [e for e in errors if e["path"] in listed]
         atomic_write_jsonl(self.out / ERRORS, errors)

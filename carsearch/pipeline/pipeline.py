@@ -229,7 +229,7 @@ class Pipeline:
         plan, crop, vector = self.embed_image(query, min_score=min_score)
         timings["detect_embed"] = (time.perf_counter() - tic) * 1000
         tic = time.perf_counter()
-        excluded = {i for i, r in enumerate(gallery.records) if query_hash and r.content_hash == query_hash}
+        excluded = {int(i) for i in gallery.records.ids_with_hash(query_hash)} if query_hash else set()
         scores, ids = gallery.retrieve(vector[None], k, self.config.retrieval, exclude=[excluded] if excluded else None)
         timings["search"] = (time.perf_counter() - tic) * 1000
         hits = []
@@ -258,17 +258,17 @@ def evaluate_index(gallery: GalleryIndex, retrieval: RetrievalConfig | None = No
     the post-processing to measure (DBA, query expansion, k-reciprocal); each query's own item is never a
     candidate.
     """
-    labelled = [i for i, r in enumerate(gallery.records) if r.label is not None]
+    labelled = gallery.records.labelled_ids()
     if len(labelled) < 2:
         raise EmptyGalleryError(f"evaluation needs at least 2 labelled items, the index has {len(labelled)}")
     sub = GalleryIndex(gallery.dim, gallery.manifest, gallery.config)
-    sub.add(gallery.vectors[labelled], [gallery.records[i] for i in labelled])
-    labels = [r.label for r in sub.records]
+    sub.add(gallery.vectors[labelled], gallery.records.take(labelled))
+    labels = sub.records.column("label")
     retrieval = retrieval or RetrievalConfig()
     if retrieval.plain:
         metrics = evaluate_embeddings(lambda k: sub.search(sub.vectors, k)[1], labels)
     else:
         itself = [{i} for i in range(len(sub))]
         metrics = evaluate_embeddings(lambda k: sub.retrieve(sub.vectors, k, retrieval, exclude=itself)[1], labels)
-    no_detection = sum(FLAG_NO_DETECTION in r.flags for r in gallery.records)
+    no_detection = gallery.records.count_flag(FLAG_NO_DETECTION)
     return Evaluation(metrics, len(gallery), len(labelled), no_detection)

@@ -89,9 +89,9 @@ def test_load_refuses_another_embedder(tmp_path: Path) -> None:
 
 def test_load_detects_inconsistent_files(tmp_path: Path) -> None:
     make_index(5).save(tmp_path / "idx")
-    items = tmp_path / "idx" / "items.jsonl"
-    items.write_text("\n".join(items.read_text().splitlines()[:3]) + "\n")
-    with pytest.raises(IndexMismatchError, match="damaged: items.jsonl"):
+    items = tmp_path / "idx" / "items.arrow"
+    make_index(3).records.write(items.open("wb"))  # a record file of another length
+    with pytest.raises(IndexMismatchError, match="damaged: items.arrow"):
         GalleryIndex.load(tmp_path / "idx")
     manifest = tmp_path / "idx" / "manifest.json"
     legacy = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "files"}
@@ -106,12 +106,12 @@ def _flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", ["vectors.npy", "items.jsonl", "index.faiss"])
+@pytest.mark.parametrize("name", ["vectors.npy", "items.arrow", "index.faiss"])
 def test_a_file_of_the_right_length_but_wrong_content_is_refused_with_how_to_rebuild(tmp_path: Path, name: str) -> None:
     """Counts cannot see a half-copied or edited file of the right size; the manifest's checksums can."""
     make_index(5).save(tmp_path / "idx")
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"vectors.npy", "items.jsonl", "index.faiss"}
+    assert set(manifest["files"]) == {"vectors.npy", "items.arrow", "index.faiss"}
     path = tmp_path / "idx" / name
     size = path.stat().st_size
     _flip_byte(path, size - 3)  # inside the vectors / the last record / the faiss payload
@@ -135,7 +135,7 @@ def test_save_leaves_no_temp_files(tmp_path: Path) -> None:
     make_index(5).save(tmp_path / "idx")
     make_index(7).save(tmp_path / "idx")
     names = sorted(p.name for p in (tmp_path / "idx").iterdir())
-    assert names == ["index.faiss", "items.jsonl", "manifest.json", "vectors.npy"]
+    assert names == ["index.faiss", "items.arrow", "manifest.json", "vectors.npy"]
 
 
 def test_auto_kind_switches_to_ivf_for_big_galleries() -> None:

@@ -18,6 +18,7 @@ from PIL import Image
 from carsearch.config import load_config
 from carsearch.errors import IndexMismatchError
 from carsearch.index import GalleryIndex
+from carsearch.index.records import RecordTable
 from carsearch.pipeline import Pipeline
 from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, kill_9_and_survivors, make_car_image
 
@@ -34,7 +35,7 @@ def pipeline_with(base: Pipeline, *overrides: str, detector: object = None) -> P
 
 
 def read_items(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    return [r.to_dict() for r in RecordTable.read(out / "items.arrow")]
 
 
 class FlakyEmbedder:

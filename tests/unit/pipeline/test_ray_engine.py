@@ -19,6 +19,7 @@ from PIL import Image
 
 from carsearch.data.watchdog import marked_processes
 from carsearch.index import GalleryIndex
+from carsearch.index.records import RecordTable
 from carsearch.pipeline import Pipeline
 from carsearch.pipeline.ray_engine import RayOptions
 from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, build_gallery, kill_9_and_survivors, make_car_image
@@ -122,7 +123,7 @@ def test_ray_engine_survives_kill_9_leaves_no_ray_process_and_resumes(tmp_path: 
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["skipped"] >= 2 and report["skipped"] + report["processed"] + report["errors"] == 61
-    paths = [json.loads(line)["path"] for line in (out / "items.jsonl").read_text().splitlines()]
+    paths = RecordTable.read(out / "items.arrow").column("path")
     assert len(paths) == len(set(paths)) == report["items_in_index"] == 60
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [(Path(e["path"]).name, e["reason"].split(":")[0]) for e in errors] == [("tiny.png", "image too small")]
