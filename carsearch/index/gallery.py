@@ -54,6 +54,23 @@ class GalleryIndex:
         self._info: dict[str, Any] = {}  # manifest["index"]: kind, nprobe / ef_search, measured recall
         self._augmented: dict[tuple[int, float], GalleryIndex] = {}
 
+    @classmethod
+    def from_arrays(
+        cls,
+        vectors: np.ndarray,
+        records: Sequence[ItemRecord] | RecordTable,
+        manifest: dict[str, Any],
+        config: IndexConfig | None = None,
+    ) -> GalleryIndex:
+        """An index over ``vectors`` (N, D) float32 as they are (a memory map stays one) and their records."""
+        if vectors.ndim != 2 or vectors.dtype != np.float32:
+            raise IndexMismatchError(f"expected float32 vectors of shape (N, D), got {vectors.dtype} {vectors.shape}")
+        if len(vectors) != len(records):
+            raise ValueError(f"{len(vectors)} vectors but {len(records)} records")
+        index = cls(int(vectors.shape[1]), manifest, config)
+        index._vectors, index.records = vectors, RecordTable.of(records)
+        return index
+
     def __len__(self) -> int:
         return len(self.records)
 

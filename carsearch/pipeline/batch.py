@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,7 @@ from carsearch.data.sources import SourceItem
 from carsearch.errors import IndexMismatchError
 from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest
 from carsearch.index.records import RecordTable
-from carsearch.pipeline.chunks import Chunk, ChunkStore
+from carsearch.pipeline.chunks import Chunk, ChunkMeta, ChunkStore
 from carsearch.pipeline.stages import Outcome, attach_vectors, crop_decoded
 from carsearch.types import FLAG_NO_DETECTION
 
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 ERRORS = "errors.jsonl"
 WORK = "work"
+MERGED = "merged-vectors.npy"  # in WORK while the merge runs
 
 
 @dataclass(frozen=True)
@@ -60,16 +63,13 @@ class IndexReport:
         return asdict(self)
 
 
-def _merge(index: GalleryIndex | None, chunks: list[Chunk], dim: int) -> tuple[RecordTable, np.ndarray]:
-    """Existing items, then chunk items in order; a newer result for a source key replaces older ones.
+def merge_order(tables: list[RecordTable], keep: set[str] | None = None) -> tuple[np.ndarray, int]:
+    """Rows to keep from ``tables`` stacked end to end (the index's, then each chunk's), in merged order.
 
-    Works on the key column and row numbers (no record objects); the vectors are gathered into one array.
+    A source key's newest group of rows replaces older ones and takes the newer position; with ``keep``,
+    keys outside it are dropped (pruning). Returns the row numbers and how many distinct keys were dropped.
+    Works on the key column and row numbers only, never on record objects or vectors.
     """
-    tables = [index.records] if index is not None else []
-    parts = [index.vectors] if index is not None else []
-    for chunk in chunks:
-        tables.append(RecordTable.of(chunk.records))
-        parts.append(np.stack(chunk.vectors) if chunk.vectors else np.zeros((0, dim), np.float32))
     groups: OrderedDict[str, list[int]] = OrderedDict()
     offset = 0
     for table in tables:
@@ -80,25 +80,38 @@ def _merge(index: GalleryIndex | None, chunks: list[Chunk], dim: int) -> tuple[R
             groups.pop(key, None)
             groups[key] = rows
         offset += len(table)
-    ids = np.fromiter((row for rows in groups.values() for row in rows), dtype=np.int64)
-    return RecordTable.concatenate(tables).take(ids), gather_rows(parts, ids, dim)
+    dropped = [key for key in groups if keep is not None and key not in keep]
+    for key in dropped:
+        del groups[key]
+    return np.fromiter((row for rows in groups.values() for row in rows), dtype=np.int64), len(dropped)
 
 
-def gather_rows(parts: list[np.ndarray], ids: np.ndarray, dim: int) -> np.ndarray:
-    """Rows ``ids`` of the parts stacked end to end, as one float32 array (each part read once, in row order)."""
-    out = np.empty((len(ids), dim), np.float32)
+def gather_rows(parts: list[tuple[int, Callable[[], np.ndarray]]], ids: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (len(ids), D) with rows ``ids`` of the parts stacked end to end.
+
+    ``parts``: (row count, loader) pairs; a part is loaded only if a row of it is wanted, one part at a time,
+    and read front to back, so ``out`` may be a memory map and peak RAM is one part (an index's own vectors
+    are already a memory map).
+    """
     start = 0
-    for part in parts:
-        inside = np.flatnonzero((ids >= start) & (ids < start + len(part)))
+    for length, load in parts:
+        inside = np.flatnonzero((ids >= start) & (ids < start + length))
         if len(inside):
             local = ids[inside] - start
-            order = np.argsort(local, kind="stable")  # read a memory-mapped part front to back
-            out[inside[order]] = part[local[order]]
-        start += len(part)
+            order = np.argsort(local, kind="stable")
+            out[inside[order]] = load()[local[order]]
+        start += length
     return out
 
 
-def _merge_errors(old: list[dict[str, Any]], chunks: list[Chunk], indexed: set[str]) -> list[dict[str, Any]]:
+def merged_vectors(path: Path, rows: int, dim: int) -> np.ndarray:
+    """A writable float32 (rows, dim) array for the merge: a .npy memory map at ``path`` (in RAM if empty)."""
+    if rows == 0:
+        return np.zeros((0, dim), np.float32)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
+
+
+def _merge_errors(old: list[dict[str, Any]], chunks: list[ChunkMeta], indexed: set[str]) -> list[dict[str, Any]]:
     errors: OrderedDict[str, dict[str, Any]] = OrderedDict((e["path"], e) for e in old)
     for chunk in chunks:
         for error in chunk.errors:
@@ -149,9 +162,9 @@ class IndexJob:
         if self.existing is not None:
             records = self.existing.records
             self.done.update(zip(records.column("path"), records.column("content_hash"), strict=True))
-        for chunk in self.store.read_all():
-            for record in chunk.records:
-                self.done[record.key] = record.content_hash
+        for path in self.store.paths():
+            records = self.store.read_meta(path).records
+            self.done.update(zip(records.column("path"), records.column("content_hash"), strict=True))
         seen: set[str] = set()
         self.items: list[SourceItem] = []
         for item in items:
@@ -206,29 +219,32 @@ class IndexJob:
             self.bar = None
 
     def finish(self, prune: bool = False) -> IndexReport:
-        """Merge the index with this run's chunks, save it atomically, clear the chunks; the run's report."""
+        """Merge the index with this run's chunks, save it atomically, clear the chunks; the run's report.
+
+        The merged vectors go through a memory map in ``work/`` (RAM holds one chunk's vectors at a time),
+        the records through Arrow columns.
+        """
         self.close()
         dim = self.pipeline.embedder.dim
-        chunks = self.store.read_all()
-        records, vectors = _merge(self.existing, chunks, dim)
-        pruned = 0
+        chunks = [self.store.read_meta(path) for path in self.store.paths()]
+        tables = ([self.existing.records] if self.existing is not None else []) + [c.records for c in chunks]
+        parts = [(len(self.existing), lambda: self.existing.vectors)] if self.existing is not None else []
+        parts += [(len(c.records), functools.partial(self.store.read_vectors, c.path)) for c in chunks]
         listed = {str(item.path) for item in self.items}
-        paths = records.column("path")
-        if prune:
-            stale = {path for path in paths if path not in listed}
-            keep = [i for i, path in enumerate(paths) if path in listed]
-            records, vectors, pruned = records.take(keep), vectors[keep], len(stale)
-            paths = [paths[i] for i in keep]
-            if stale:
-                logger.info("pruned %d images the source no longer lists", pruned)
-        index = GalleryIndex(dim, self.manifest, self.pipeline.config.index)
-        if len(records):
-            index.add(vectors, records)
-        errors = _merge_errors(read_jsonl(self.out / ERRORS), chunks, set(paths))
+        ids, pruned = merge_order(tables, keep=listed if prune else None)
+        if pruned:
+            logger.info("pruned %d images the source no longer lists", pruned)
+        records = RecordTable.concatenate(tables).take(ids)
+        merged = self.out / WORK / MERGED
+        vectors = gather_rows(parts, ids, merged_vectors(merged, len(ids), dim))
+        index = GalleryIndex.from_arrays(vectors, records, self.manifest, self.pipeline.config.index)
+        errors = _merge_errors(read_jsonl(self.out / ERRORS), chunks, set(records.column("path")))
         if prune:
             errors = [e for e in errors if e["path"] in listed]
         atomic_write_jsonl(self.out / ERRORS, errors)
         index.save(self.out)
+        del vectors
+        merged.unlink(missing_ok=True)
         self.store.clear()
         seconds = time.perf_counter() - self.start
         counts = self.counts

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from carsearch.data.atomic import atomic_write_bytes
-from carsearch.index.records import ItemRecord
+from carsearch.index.records import ItemRecord, RecordTable
 
 
 @dataclass
@@ -27,11 +29,21 @@ class Chunk:
         return bool(self.images)
 
 
+@dataclass(frozen=True)
+class ChunkMeta:
+    """What a written chunk holds besides its vectors (read first: the merge reads vectors part by part)."""
+
+    path: Path
+    records: RecordTable
+    errors: list[dict[str, Any]]
+    images: int
+
+
 class ChunkStore:
     """``work/chunk-NNNNNN.{npz,parquet}`` files in an index directory; a killed job leaves only whole chunks.
 
     The local engine writes ``.npz``; the Ray engine Parquet (``fmt="parquet"``: one row per item, the
-    record as JSON and the vector, errors and image count in the schema metadata; needs pyarrow). Either
+    record as JSON and the vector, errors and image count in the schema metadata). Either
     engine resumes from both.
     """
 
@@ -64,18 +76,32 @@ class ChunkStore:
             atomic_write_bytes(path, buffer.getvalue())
         self._next += 1
 
-    def read_all(self) -> list[Chunk]:
-        chunks = []
-        for path in self._files():
-            if path.suffix == ".parquet":
-                chunks.append(_read_parquet(path))
-                continue
+    def paths(self) -> list[Path]:
+        """The chunk files, in the order they were written."""
+        return self._files()
+
+    def read_meta(self, path: Path) -> ChunkMeta:
+        """A chunk's records (as columns), errors and image count, without reading its vectors."""
+        if path.suffix == ".parquet":
+            table = pq.read_table(path, columns=["record"])
+            meta = json.loads(table.schema.metadata[b"carsearch"])
+            rows = [json.loads(r) for r in table.column("record").to_pylist()]
+        else:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                vectors = data["vectors"]
-            records = [ItemRecord.from_dict(r) for r in meta["records"]]
-            chunks.append(Chunk(records, list(vectors), meta["errors"], int(meta["images"])))
-        return chunks
+            rows = meta["records"]
+        records = RecordTable.of(ItemRecord.from_dict(r) for r in rows)
+        return ChunkMeta(path, records, meta["errors"], int(meta["images"]))
+
+    def read_vectors(self, path: Path) -> np.ndarray:
+        """A chunk's vectors (N, D) float32, row i beside record i."""
+        if path.suffix == ".parquet":
+            table = pq.read_table(path, columns=["vector"])
+            dim = int(json.loads(table.schema.metadata[b"carsearch"])["dim"])
+            values = table.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
+            return values.reshape(len(table), dim).astype(np.float32)
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data["vectors"], dtype=np.float32)
 
     def clear(self) -> None:
         for path in self._files():
@@ -87,9 +113,6 @@ class ChunkStore:
 
 
 def _parquet_bytes(chunk: Chunk, vectors: np.ndarray) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     dim = vectors.shape[1]
     table = pa.table(
         {
@@ -102,14 +125,3 @@ def _parquet_bytes(chunk: Chunk, vectors: np.ndarray) -> bytes:
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     return buffer.getvalue().to_pybytes()
-
-
-def _read_parquet(path: Path) -> Chunk:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    meta = json.loads(table.schema.metadata[b"carsearch"])
-    column = table.column("vector").combine_chunks()
-    vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(table), int(meta["dim"]))
-    records = [ItemRecord.from_dict(json.loads(r)) for r in table.column("record").to_pylist()]
-    return Chunk(records, list(vectors.astype(np.float32)), meta["errors"], int(meta["images"]))

@@ -133,9 +133,11 @@ def test_crash_after_save_before_chunk_cleanup_does_not_duplicate(
     index = GalleryIndex.load(tmp_path / "idx")
     store = ChunkStore(tmp_path / "idx" / "work")
     store.write(Chunk(index.records[:5], list(index.vectors[:5]), [], 5), index.dim)
+    (tmp_path / "idx" / "work" / "merged-vectors.npy").write_bytes(b"killed during a merge")
     report = pipe.index(tiny_gallery, tmp_path / "idx")
     assert report.items_in_index == 12
     assert len({i["path"] for i in read_items(tmp_path / "idx")}) == 12
+    assert not (tmp_path / "idx" / "work").exists()  # chunks and the merge's memory map are gone
 
 
 def test_bad_inputs_are_recorded_and_the_run_goes_on(shared_models: Pipeline, tmp_path: Path) -> None:
