@@ -38,9 +38,10 @@ class DataConfig:
 
     Geometry: each crop is resized the way inference resizes it (``resize``: squash or centre crop) to
     ``resize_to`` (default ``crop_size`` × 8/7), *then* randomly cropped to ``crop_size`` (default
-    ``image_size``, the inference size) with ``RandomResizedCrop(scale=(crop_scale, 1))``, flipped and
-    (``jitter`` > 0) colour-jittered. A random crop magnifies the car (by ~1.12 at ``crop_scale`` 0.6), so
-    ``crop_size`` ≈ ``image_size`` / 1.12 shows training cars at their inference size, in fewer pixels
+    ``image_size``, the inference size) with ``RandomResizedCrop(scale=(crop_scale, 1))``, flipped,
+    (``jitter`` > 0) colour-jittered and (with probability ``grayscale``) turned grey. A random crop
+    magnifies the car (by ~1.12 at ``crop_scale`` 0.6), so ``crop_size`` ≈ ``image_size`` / 1.12 shows
+    training cars at their inference size, in fewer pixels
     ("FixRes", Touvron et al. 2019).
     ``cache``: keep the resized uint8 crops in a memory-mapped file under ``cache_dir`` (keyed by file
     content and preprocessing), so that epochs do not decode JPEGs.
@@ -67,6 +68,7 @@ class DataConfig:
     crop_scale: float = 0.6  # RandomResizedCrop scale = (crop_scale, 1)
     hflip: bool = True
     jitter: float = 0.0  # ColorJitter brightness/contrast/saturation (hue = jitter / 4); 0 disables
+    grayscale: float = 0.0  # probability of a grey view (after jitter): a car model comes in every colour
     classes_per_batch: int = 16
     images_per_class: int = 4
     min_per_class: int = 0  # drop training classes with fewer images (0: keep; short classes repeat images)
@@ -88,6 +90,7 @@ class DataConfig:
         _check(self.crop_size is None or self.crop_size >= 16, "data.crop_size must be >= 16")
         _check(0.0 < self.crop_scale <= 1.0, "data.crop_scale must be in (0, 1]")
         _check(0.0 <= self.jitter <= 1.0, "data.jitter must be in [0, 1]")
+        _check(0.0 <= self.grayscale <= 1.0, "data.grayscale must be in [0, 1]")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
         _check(self.val_carve in ("last", "spaced"), f"data.val_carve must be last or spaced, got {self.val_carve!r}")
         _check(self.classes_per_batch >= 2, "data.classes_per_batch (P) must be >= 2 (negatives need two classes)")

@@ -130,7 +130,12 @@ def geometry_transform(pre: Preprocessing, size: Size | None = None) -> v2.Compo
 
 
 def augment_transform(
-    pre: Preprocessing, crop_scale: float = 0.6, hflip: bool = True, jitter: float = 0.0, size: Size | None = None
+    pre: Preprocessing,
+    crop_scale: float = 0.6,
+    hflip: bool = True,
+    jitter: float = 0.0,
+    size: Size | None = None,
+    grayscale: float = 0.0,
 ) -> v2.Compose:
     """uint8 crop in inference geometry → augmented, normalised float (3, h, w) (``size``, default ``input_size``).
 
@@ -152,6 +157,8 @@ def augment_transform(
         steps.append(v2.RandomHorizontalFlip())
     if jitter > 0:
         steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 4))
+    if grayscale > 0:
+        steps.append(v2.RandomGrayscale(grayscale))  # three equal channels: the view keeps the model's input shape
     return v2.Compose([*steps, *normalise_transforms(pre)])
 
 

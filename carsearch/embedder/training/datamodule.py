@@ -121,7 +121,9 @@ class EmbedderDataModule(L.LightningDataModule):
             splits = ClassSplits([c for c in splits.train if counts[c] >= cfg.min_per_class], splits.val, splits.test)
         self.splits = splits
         size = self.preprocessing.input_size
-        augment = augment_transform(self.preprocessing, cfg.crop_scale, cfg.hflip, cfg.jitter, cfg.train_crop_size)
+        augment = augment_transform(
+            self.preprocessing, cfg.crop_scale, cfg.hflip, cfg.jitter, cfg.train_crop_size, grayscale=cfg.grayscale
+        )
         self.train_set = self._dataset(splits.train, cfg.train_size, augment)
         self.val_set = self._dataset(splits.val, size, None) if splits.val else None
         self.test_set = self._dataset(splits.test, size, None) if splits.test else None

@@ -390,6 +390,39 @@ def test_random_crops_keep_the_inference_aspect_of_wide_cars():
         assert view[0].max() > 0.5 and view[2].max() > 0.5  # red (left end) and blue (right end) both in view
 
 
+def test_grayscale_turns_that_share_of_views_grey():
+    pre = model_spec(load_train_config(None, TINY)).preprocessing
+    red_car = Image.fromarray(np.full((48, 96, 3), (200, 30, 30), dtype=np.uint8))
+    geometry = geometry_transform(pre, size=(56, 56))
+
+    mean, std = torch.tensor(pre.mean)[:, None, None], torch.tensor(pre.std)[:, None, None]
+
+    def grey(view: torch.Tensor) -> bool:
+        pixels = view * std + mean  # before normalisation
+        return bool(torch.allclose(pixels[0], pixels[1], atol=1e-4) and torch.allclose(pixels[1], pixels[2], atol=1e-4))
+
+    torch.manual_seed(0)
+    views = {
+        p: [augment_transform(pre, hflip=False, grayscale=p)(geometry(red_car)) for _ in range(200)]
+        for p in (0, 0.3, 1)
+    }
+    assert not any(grey(v) for v in views[0]) and all(grey(v) for v in views[1])
+    assert 35 <= sum(grey(v) for v in views[0.3]) <= 85  # Binomial(200, 0.3): mean 60, sd 6.5
+    with pytest.raises(ConfigError, match="data.grayscale"):
+        load_train_config(None, [*TINY, "data.grayscale=1.5"])
+
+
+def test_data_grayscale_reaches_the_training_views_only(tmp_path, hue_gallery):
+    config = load_train_config(None, [*TINY, f"data.source={hue_gallery}", "data.class_split=half", "data.grayscale=1"])
+    pre = model_spec(config).preprocessing
+    data = EmbedderDataModule(config.data, pre, cache_dir=tmp_path / "cache")
+    data.setup()
+    mean, std = torch.tensor(pre.mean)[:, None, None], torch.tensor(pre.std)[:, None, None]
+    view, evaluated = (image * std + mean for image in (data.train_set[0][0], data.test_set[0][0]))
+    assert torch.allclose(view[0], view[1], atol=1e-4) and torch.allclose(view[1], view[2], atol=1e-4)
+    assert not torch.allclose(evaluated[0], evaluated[1], atol=1e-2)  # evaluation images keep their colour
+
+
 def test_crop_size_sets_the_training_views_and_evaluation_keeps_the_inference_size(tmp_path, hue_gallery):
     overrides = [*TINY, f"data.source={hue_gallery}", "data.class_split=half", "data.crop_size=40"]
     config = load_train_config(None, overrides)
