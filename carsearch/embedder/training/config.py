@@ -209,8 +209,10 @@ class OptimConfig:
 class TrainerConfig:
     """Lightning Trainer settings. ``precision='auto'``: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU.
 
-    ``patience``: validations without a better ``val/recall_at_1`` before stopping (null: never stop early).
-    Without validation classes the run keeps its last epoch (a fixed schedule).
+    ``select``: which epoch's model the run keeps when it has validation classes: the best by validation
+    ``recall_at_1`` or ``map_at_r``, or ``last`` (a fixed schedule; validation is then only recorded).
+    Without validation classes the run keeps its last epoch. ``patience``: validations without a better
+    selection metric before stopping (null: never stop early; must be null with ``select: last``).
     """
 
     max_epochs: int = 20
@@ -219,6 +221,7 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: Precision = "auto"
     seed: int = 0
+    select: Literal["recall_at_1", "map_at_r", "last"] = "recall_at_1"
     patience: int | None = 5
     limit_train_batches: int | None = None  # batches per epoch cap (debugging); None: the sampler's length
     val_every: int = 1
@@ -231,6 +234,7 @@ class TrainerConfig:
         _check(self.max_epochs >= 1, "trainer.max_epochs must be >= 1")
         _check(self.val_every >= 1, "trainer.val_every must be >= 1")
         _check(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1 or null")
+        _check(self.select != "last" or self.patience is None, "trainer.patience must be null with select: last")
         _check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps must be >= 1")
         _check(self.micro_batch is None or self.micro_batch >= 1, "trainer.micro_batch must be >= 1 or null")
         _check(

@@ -24,8 +24,6 @@ from carsearch.metrics import RetrievalMetrics, leave_one_out_metrics
 
 logger = logging.getLogger(__name__)
 
-MONITOR = "val/recall_at_1"
-
 
 def freeze_backbone(backbone: nn.Module, blocks: int) -> list[nn.Module]:
     """Freeze the stem and the first ``blocks`` blocks (timm's coarse parameter groups); -1: everything.

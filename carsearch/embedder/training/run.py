@@ -1,7 +1,7 @@
 """Train an embedder into a run directory, and export its best checkpoint for inference.
 
 A run directory holds ``config.yaml`` (resolved), ``classes.json`` (the train / val / test classes),
-``checkpoints/`` (Lightning: best by ``val/recall_at_1``, or the last epoch without validation classes),
+``checkpoints/`` (Lightning: best by ``trainer.select``'s validation metric, or the last epoch),
 logs, and ``metrics.json`` (test metrics of the selected model, zero-shot metrics, validation history, times).
 """
 
@@ -30,7 +30,7 @@ from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec
 from carsearch.embedder.onnx import export_onnx
 from carsearch.embedder.training.config import TrainConfig, TrainerConfig, load_train_config
 from carsearch.embedder.training.datamodule import EmbedderDataModule
-from carsearch.embedder.training.module import MONITOR, EmbedderModule
+from carsearch.embedder.training.module import EmbedderModule
 from carsearch.errors import ConfigError, ModelLoadError
 from carsearch.runtime import configure_threads
 
@@ -150,21 +150,23 @@ def train(config: TrainConfig) -> Path:
         spec, data.num_train_classes, config.model, config.loss, config.optim, config.trainer.micro_batch
     )
     validating = data.val_set is not None
+    select = config.trainer.select
+    monitor = f"val/{select}" if validating and select != "last" else None
 
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
     atomic_write_json(run_dir / "classes.json", data.splits.to_dict())
 
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
-        filename="best-epoch{epoch:03d}" if validating else "last-epoch{epoch:03d}",
-        monitor=MONITOR if validating else None,
+        filename="best-epoch{epoch:03d}" if monitor else "last-epoch{epoch:03d}",
+        monitor=monitor,
         mode="max",
         save_top_k=1,
         auto_insert_metric_name=False,
     )
     callbacks: list[Any] = [checkpoint]
-    if validating and config.trainer.patience is not None:
-        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=config.trainer.patience))
+    if monitor and config.trainer.patience is not None:
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=config.trainer.patience))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=config.trainer.devices,
@@ -207,12 +209,12 @@ def train(config: TrainConfig) -> Path:
                 )
             test = module.evaluate(data.eval_loader(data.test_set), data.splits.test)
         history = module.val_history
-        best = max(history, key=lambda m: m["recall_at_1"]) if history else None
+        best = max(history, key=lambda m: m["recall_at_1" if select == "last" else select]) if history else None
         metrics = {
             "test": test,
             "zero_shot": zero_shot,
-            "selected_by": MONITOR if validating else "last epoch (fixed schedule)",
-            "selected_epoch": best["epoch"] if best else int(trainer.current_epoch) - 1,
+            "selected_by": monitor or "last epoch (fixed schedule)",
+            "selected_epoch": best["epoch"] if monitor and best else int(trainer.current_epoch) - 1,
             "val": {"best": best, "final": history[-1] if history else None, "history": history},
             "checkpoint": str(selected) if selected else None,
             "epochs": int(trainer.current_epoch),

@@ -502,6 +502,10 @@ def test_config_overrides_and_errors():
         load_train_config(None, ["data.classes_per_batch=1"])
     with pytest.raises(ConfigError, match="not found"):
         load_train_config("/no/such/train.yaml")
+    with pytest.raises(ConfigError, match=r"trainer.select: expected one of"):
+        load_train_config(None, ["trainer.select=loss"])
+    with pytest.raises(ConfigError, match="patience must be null with select: last"):
+        load_train_config(None, ["trainer.select=last", "trainer.patience=3"])
 
 
 def test_precision_is_32_on_cpu():
@@ -578,6 +582,23 @@ def test_training_raises_test_recall_on_unseen_classes(trained_run):
     assert saved.loss.name == "multi_similarity" and saved.trainer.max_epochs == 4
     logs = list((trained_run / "logs").rglob("*"))
     assert any(p.name == "metrics.csv" or p.name.startswith("events.out") for p in logs)
+
+
+@pytest.mark.parametrize("select", ["map_at_r", "last"])
+def test_trainer_select_keeps_the_best_map_at_r_or_the_last_epoch(select, hue_gallery, tmp_path):
+    overrides = [*TINY, f"data.source={hue_gallery}", "data.val_fraction=0.3", "data.batches_per_epoch=4"]
+    overrides += ["trainer.max_epochs=3", "trainer.patience=null", f"trainer.select={select}", f"out.dir={tmp_path}"]
+    metrics = json.loads((train(load_train_config(None, overrides)) / "metrics.json").read_text())
+    history = metrics["val"]["history"]
+    assert [m["epoch"] for m in history] == [0, 1, 2]  # validation is recorded either way
+    if select == "last":
+        assert metrics["selected_by"].startswith("last epoch") and metrics["selected_epoch"] == 2
+        assert Path(metrics["checkpoint"]).name.startswith("last-epoch002")
+    else:
+        best = max(history, key=lambda m: m["map_at_r"])
+        assert metrics["selected_by"] == "val/map_at_r" and metrics["selected_epoch"] == best["epoch"]
+        assert metrics["val"]["best"] == best
+        assert Path(metrics["checkpoint"]).name.startswith(f"best-epoch{best['epoch']:03d}")
 
 
 def test_a_finished_run_directory_is_not_overwritten(trained_run):
