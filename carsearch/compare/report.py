@@ -17,8 +17,20 @@ from carsearch.config import to_dict
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
 from carsearch.data.images import load_image
 from carsearch.embedder import Embedder
+from carsearch.embedder.training.config import load_train_config
 from carsearch.explain import Explainer
 from carsearch.explain.render import PairView, hstack, pair_panel, vstack
+
+SELECTION = {"map_at_r": "MAP@R", "recall_at_1": "Recall@1"}
+
+
+def _selection(config: CompareConfig) -> str:
+    """How the fine-tuning recipe picks its epoch, in words (``trainer.select``)."""
+    select = load_train_config(config.train.recipe, list(config.train.overrides)).trainer.select
+    if select == "last":
+        return "the last epoch kept (validation recorded)"
+    return f"the epoch with the best validation {SELECTION[select]} picked"
+
 
 NAMES = {
     "zero_shot": "pretrained backbone (zero-shot)",
@@ -222,7 +234,7 @@ def _blocks(
             f"{config.detector.margin:.0%} margin; "
             f"{results['test_no_detection']} test photos had no detection and are embedded whole. Fine-tuning: recipe "
             f"`{config.train.recipe}` with overrides {list(config.train.overrides) or 'none'}, the same for both rows, "
-            f"seed {config.seed}, best epoch picked on {config.train.val_share:.0%} of the training classes.",
+            f"seed {config.seed}, {_selection(config)} on {config.train.val_share:.0%} of the training classes.",
         ),
         (
             "table",

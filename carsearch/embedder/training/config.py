@@ -221,7 +221,7 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: Precision = "auto"
     seed: int = 0
-    select: Literal["recall_at_1", "map_at_r", "last"] = "recall_at_1"
+    select: Literal["recall_at_1", "map_at_r", "last"] = "map_at_r"
     patience: int | None = 5
     limit_train_batches: int | None = None  # batches per epoch cap (debugging); None: the sampler's length
     val_every: int = 1

@@ -209,7 +209,7 @@ def train(config: TrainConfig) -> Path:
                 )
             test = module.evaluate(data.eval_loader(data.test_set), data.splits.test)
         history = module.val_history
-        best = max(history, key=lambda m: m["recall_at_1" if select == "last" else select]) if history else None
+        best = max(history, key=lambda m: m["map_at_r" if select == "last" else select]) if history else None
         metrics = {
             "test": test,
             "zero_shot": zero_shot,

@@ -558,8 +558,8 @@ def test_training_raises_test_recall_on_unseen_classes(trained_run):
     assert test >= zero_shot + 0.15, metrics
     val = metrics["val"]
     assert val["final"] == val["history"][-1] and len(val["history"]) == 4
-    assert metrics["selected_by"] == "val/recall_at_1" and metrics["selected_epoch"] == val["best"]["epoch"]
-    assert val["best"]["recall_at_1"] == max(m["recall_at_1"] for m in val["history"])
+    assert metrics["selected_by"] == "val/map_at_r" and metrics["selected_epoch"] == val["best"]["epoch"]
+    assert val["best"]["map_at_r"] == max(m["map_at_r"] for m in val["history"])  # trainer.select's default
     assert set(metrics["test"]) >= {
         "recall_at_1",
         "recall_at_2",
@@ -584,8 +584,8 @@ def test_training_raises_test_recall_on_unseen_classes(trained_run):
     assert any(p.name == "metrics.csv" or p.name.startswith("events.out") for p in logs)
 
 
-@pytest.mark.parametrize("select", ["map_at_r", "last"])
-def test_trainer_select_keeps_the_best_map_at_r_or_the_last_epoch(select, hue_gallery, tmp_path):
+@pytest.mark.parametrize("select", ["recall_at_1", "last"])
+def test_trainer_select_keeps_the_best_recall_or_the_last_epoch(select, hue_gallery, tmp_path):
     overrides = [*TINY, f"data.source={hue_gallery}", "data.val_fraction=0.3", "data.batches_per_epoch=4"]
     overrides += ["trainer.max_epochs=3", "trainer.patience=null", f"trainer.select={select}", f"out.dir={tmp_path}"]
     metrics = json.loads((train(load_train_config(None, overrides)) / "metrics.json").read_text())
@@ -595,8 +595,8 @@ def test_trainer_select_keeps_the_best_map_at_r_or_the_last_epoch(select, hue_ga
         assert metrics["selected_by"].startswith("last epoch") and metrics["selected_epoch"] == 2
         assert Path(metrics["checkpoint"]).name.startswith("last-epoch002")
     else:
-        best = max(history, key=lambda m: m["map_at_r"])
-        assert metrics["selected_by"] == "val/map_at_r" and metrics["selected_epoch"] == best["epoch"]
+        best = max(history, key=lambda m: m["recall_at_1"])
+        assert metrics["selected_by"] == "val/recall_at_1" and metrics["selected_epoch"] == best["epoch"]
         assert metrics["val"]["best"] == best
         assert Path(metrics["checkpoint"]).name.startswith(f"best-epoch{best['epoch']:03d}")
 
