@@ -1,17 +1,21 @@
-"""Parallel decoding for batch jobs: a torch ``Dataset`` whose workers read, hash and decode files."""
+"""Parallel decoding for batch jobs: a map-style dataset whose torch ``DataLoader`` workers read, hash and
+decode files. Importing this module does not import torch (Ray's decode tasks use :func:`decode_item` only)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
 
 from carsearch.data.images import content_hash, decode_image, limit_size
 from carsearch.data.processes import die_with_parent
 from carsearch.data.sources import SourceItem
 from carsearch.errors import ImageLoadError
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 
 @dataclass
@@ -28,8 +32,8 @@ class Decoded:
     original_size: tuple[int, int] | None = None  # (width, height)
 
 
-class DecodeDataset(Dataset):
-    """Reads item ``i``; skips it when ``done[path] == content hash`` (already indexed)."""
+class DecodeDataset:
+    """Map-style dataset: reads item ``i``; skips it when ``done[path] == content hash`` (already indexed)."""
 
     def __init__(self, items: list[SourceItem], done: dict[str, str], max_side: int) -> None:
         self.items = items
@@ -70,6 +74,8 @@ def _as_list(batch: list[Decoded]) -> list[Decoded]:
 
 def decode_loader(dataset: DecodeDataset, batch_size: int, workers: int) -> DataLoader:
     """Batches of :class:`Decoded` in input order, decoded by ``workers`` processes (0 = in-process)."""
+    from torch.utils.data import DataLoader
+
     return DataLoader(
         dataset,
         batch_size=batch_size,

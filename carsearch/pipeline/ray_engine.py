@@ -20,17 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
-from carsearch.config import PipelineConfig, apply_overrides, from_dict, to_dict
-from carsearch.data.decode import Decoded, decode_item
+from carsearch.config import PipelineConfig, to_dict
 from carsearch.data.processes import ProcessSweeper
 from carsearch.data.sources import SourceItem
 from carsearch.errors import ConfigError
 from carsearch.index.records import ItemRecord
 from carsearch.pipeline.batch import IndexJob, IndexReport
-from carsearch.pipeline.stages import Outcome, crop_decoded
-from carsearch.types import BBox
+from carsearch.pipeline.ray_workers import DECODE_CPUS, CropActor, EmbedActor, decode_batch
+from carsearch.pipeline.stages import Outcome
 
 if TYPE_CHECKING:
     from carsearch.pipeline.pipeline import Pipeline
@@ -136,16 +134,13 @@ def _dataset(ray: Any, job: IndexJob, config: PipelineConfig, options: RayOption
     cpus = _actor_cpus(ray.cluster_resources().get("CPU", 1.0), max(detectors) + max(embedders))
     return (
         ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
-        .map_batches(_decode, batch_size=batch, fn_kwargs={"done": job.done, "max_side": config.runtime.max_image_side},
-                     num_cpus=DECODE_CPUS)
-        .map_batches(_CropActor, batch_size=batch, fn_constructor_args=(settings,),
+        .map_batches(decode_batch, batch_size=batch, num_cpus=DECODE_CPUS,
+                     fn_kwargs={"done": job.done, "max_side": config.runtime.max_image_side})
+        .map_batches(CropActor, batch_size=batch, fn_constructor_args=(settings,),
                      compute=_pool(ray, detectors), num_cpus=cpus)
-        .map_batches(_EmbedActor, batch_size=batch, fn_constructor_args=(settings,),
+        .map_batches(EmbedActor, batch_size=batch, fn_constructor_args=(settings,),
                      compute=_pool(ray, embedders), num_cpus=cpus, num_gpus=gpus)
     )  # fmt: skip
-
-
-DECODE_CPUS = 0.25  # logical CPUs a decode task reserves
 
 
 def _absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
@@ -174,101 +169,6 @@ def _actor_cpus(cluster_cpus: float, actors: int) -> float:
 
 def _pool(ray: Any, sizes: tuple[int, int]) -> Any:
     return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=max(sizes))
-
-
-def _decode(batch: dict[str, np.ndarray], done: dict[str, str], max_side: int) -> dict[str, np.ndarray]:
-    """Read, hash and decode: the image as raw RGB bytes + its shape, or the skip / error."""
-    out: dict[str, list[Any]] = {k: [] for k in ("position", "item", "status", "reason", "hash", "pixels", "shape")}
-    for position, item in zip(batch["position"], batch["item"], strict=True):
-        path, label, box = json.loads(item)
-        source = SourceItem(Path(path), label, BBox(*box) if box else None)
-        decoded = decode_item(int(position), source, done, max_side)
-        pixels = decoded.image if decoded.image is not None else np.zeros((0, 0, 3), np.uint8)
-        out["position"].append(int(position))
-        out["item"].append(item)
-        out["status"].append(decoded.status)
-        out["reason"].append(decoded.reason)
-        out["hash"].append(decoded.content_hash or "")
-        out["pixels"].append(pixels.tobytes())
-        size = decoded.original_size or (0, 0)
-        out["shape"].append(json.dumps([*pixels.shape[:2], decoded.scale, *size]))
-    return {k: np.array(v, dtype=object) for k, v in out.items()}
-
-
-def _pipeline_in_actor(settings: dict[str, Any]) -> Pipeline:
-    from carsearch.pipeline.pipeline import Pipeline
-
-    # one thread per actor: the cluster's CPUs are shared out by actors, not by intra-op threads
-    return Pipeline(from_dict(PipelineConfig, apply_overrides(settings, ["runtime.threads=1"])))
-
-
-class _CropActor:
-    """Detector actor: decoded images in, one row per crop (its pixels) or per skipped / failed image out."""
-
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.pipeline = _pipeline_in_actor(settings)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        decoded = []
-        for position, item, status, reason, digest, pixels, shape in zip(
-            *(batch[k] for k in ("position", "item", "status", "reason", "hash", "pixels", "shape")), strict=True
-        ):
-            path, label, box = json.loads(item)
-            height, width, scale, *size = json.loads(shape)
-            image = np.frombuffer(pixels, np.uint8).reshape(height, width, 3) if status == "ok" else None
-            decoded.append(
-                Decoded(int(position), SourceItem(Path(path), label, BBox(*box) if box else None), digest or None,
-                        status, reason, image, scale, tuple(size) if size[0] else None)
-            )  # fmt: skip
-        timings = {"detect": 0.0}
-        outcomes, crops = crop_decoded(self.pipeline, decoded, timings)
-        return _crop_rows(outcomes, crops, timings["detect"])
-
-
-def _crop_rows(outcomes: list[Outcome], crops: list[Image.Image], detect_seconds: float) -> dict[str, np.ndarray]:
-    rows: dict[str, list[Any]] = {k: [] for k in ("kind", "head", "meta", "pixels", "shape")}
-    pending = iter(crops)
-    for outcome in outcomes:
-        entries = [r.to_dict() for r in outcome.records] if outcome.status == "ok" else [outcome.error]
-        for j, entry in enumerate(entries):
-            crop = np.asarray(next(pending)) if outcome.status == "ok" else np.zeros((0, 0, 3), np.uint8)
-            rows["kind"].append(outcome.status)
-            rows["head"].append(j == 0)
-            rows["meta"].append(json.dumps({"path": outcome.path, "entry": entry}))
-            rows["pixels"].append(crop.tobytes())
-            rows["shape"].append(json.dumps(crop.shape[:2]))
-    out = {k: np.array(v, dtype=object) for k, v in rows.items()}
-    out["detect_s"] = np.zeros(len(rows["kind"]), np.float64)
-    if len(out["detect_s"]):
-        out["detect_s"][0] = detect_seconds  # the batch's detector time, once
-    return out
-
-
-class _EmbedActor:
-    """Embedder actor: crop rows in, their vectors (N, D) out (zeros for rows without a crop)."""
-
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.pipeline = _pipeline_in_actor(settings)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import time
-
-        embedder = self.pipeline.embedder
-        ok = np.array([kind == "ok" for kind in batch["kind"]], dtype=bool)
-        crops = [
-            Image.fromarray(np.frombuffer(pixels, np.uint8).reshape(*json.loads(shape), 3))
-            for pixels, shape, keep in zip(batch["pixels"], batch["shape"], ok, strict=True)
-            if keep
-        ]
-        vectors = np.zeros((len(ok), embedder.dim), np.float32)
-        tic = time.perf_counter()
-        if crops:
-            vectors[ok] = embedder.embed(crops)
-        embed_s = np.zeros(len(ok), np.float64)
-        if len(ok):
-            embed_s[0] = time.perf_counter() - tic
-        keep = ("kind", "head", "meta", "detect_s")
-        return {**{k: batch[k] for k in keep}, "vector": vectors, "embed_s": embed_s}
 
 
 class OutcomeGrouper:

@@ -132,8 +132,21 @@ def test_ray_engine_survives_kill_9_leaves_no_ray_process_and_resumes(tmp_path: 
 
 @pytest.mark.parametrize(("cpus", "detectors", "embedders"), [(2, 1, 1), (2, 2, 1), (2, 4, 4), (64, 8, 2)])
 def test_actor_pools_always_fit_beside_a_decode_task(cpus: int, detectors: int, embedders: int) -> None:
-    from carsearch.pipeline.ray_engine import DECODE_CPUS, _actor_cpus
+    from carsearch.pipeline.ray_engine import _actor_cpus
+    from carsearch.pipeline.ray_workers import DECODE_CPUS
 
     per_actor = _actor_cpus(cpus, detectors + embedders)
     assert (detectors + embedders) * per_actor + DECODE_CPUS <= cpus + 1e-9  # else a pool waits forever
     assert per_actor == 1.0 or (detectors + embedders) * per_actor + DECODE_CPUS == pytest.approx(cpus)
+
+
+def test_decode_workers_import_no_heavy_library() -> None:
+    """Ray imports ray_workers in every decode task's process: it must not pull in torch, timm or faiss
+    (seconds of CPU per process that would delay the actors' start on a small machine)."""
+    code = (
+        "import sys, carsearch.pipeline.ray_workers as w; "
+        "assert callable(w.decode_batch); "
+        "print(sorted(m for m in ('torch', 'timm', 'faiss', 'ultralytics', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
