@@ -1,5 +1,6 @@
 """The batch job on Ray Data: decode tasks → detector actors (detect + crop) → embedder actors, streamed in
 source order to this process, which writes Parquet chunks and merges them exactly like the local engine.
+This module is the driver's side; what runs in Ray's workers is :mod:`carsearch.pipeline.ray_workers`.
 
 Same resume state, chunk rules, errors and atomic save as :func:`carsearch.pipeline.batch.run_index_job`
 (both go through :class:`~carsearch.pipeline.batch.IndexJob`), so an index cannot tell which engine
