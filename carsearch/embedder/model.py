@@ -90,6 +90,17 @@ class EmbeddingModel(nn.Module):
         return F.normalize(self.head(self.features(x)), dim=1)
 
 
+def without_head(model: EmbeddingModel) -> EmbeddingModel:
+    """A model that embeds with ``model``'s pooled backbone features (same weights, head dropped)."""
+    if model.spec.embedding_dim is None:
+        return model
+    spec = ModelSpec(backbone=model.spec.backbone, pooling=model.spec.pooling, preprocessing=model.spec.preprocessing)
+    pooled = EmbeddingModel(spec, pretrained=False)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    pooled.load_state_dict(state, strict=True)
+    return pooled.train(model.training)
+
+
 def default_spec(
     backbone: str = "tf_efficientnet_lite0",
     embedding_dim: int | None = None,

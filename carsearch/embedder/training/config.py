@@ -137,6 +137,10 @@ class ModelConfig:
     BatchNorm statistics too); -1 freezes the whole backbone (only the head and loss train).
     ``freeze_bn``: every BatchNorm layer keeps its ImageNet statistics (its scale and shift still train);
     PK batches of one dataset are a poor estimate of them.
+    ``embed_with``: what the exported model embeds with (the loss always trains through the head):
+    ``head`` = the head's output; ``pooled`` = the pooled backbone features before the head (the head
+    then only shapes the training signal); ``auto`` = whichever scores higher on the validation classes
+    at the selected epoch (``trainer.select``'s metric; MAP@R for ``last``), the head without validation.
     """
 
     backbone: str = "tf_efficientnet_lite0"
@@ -147,9 +151,11 @@ class ModelConfig:
     freeze_blocks: int = 0
     freeze_bn: bool = True
     channels_last: bool = True
+    embed_with: Literal["head", "pooled", "auto"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.embedding_dim is None or self.embedding_dim >= 1, "model.embedding_dim must be >= 1 or null")
+        _check(self.embed_with in ("head", "pooled", "auto"), "model.embed_with must be head, pooled or auto")
         _check(self.freeze_blocks >= -1, "model.freeze_blocks must be >= -1 (-1 = whole backbone)")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -23,6 +23,8 @@ from carsearch.errors import ConfigError
 from carsearch.metrics import RetrievalMetrics, leave_one_out_metrics
 
 logger = logging.getLogger(__name__)
+
+Embedding = Literal["head", "pooled"]  # what a trained model embeds with: the head's output or the features before it
 
 
 def freeze_backbone(backbone: nn.Module, blocks: int) -> list[nn.Module]:
@@ -228,7 +230,7 @@ class EmbedderModule(L.LightningModule):
         names = labels.cpu().tolist()
         metrics = metrics_dict(leave_one_out_metrics(embeddings.cpu().numpy(), names))
         if not isinstance(self.model.head, nn.Identity):
-            # The pooled features before the head, for comparison (the exported model embeds with the head).
+            # The pooled features before the head: model.embed_with=auto exports whichever scores higher.
             pooled = metrics_dict(leave_one_out_metrics(features.cpu().numpy(), names))
             metrics.update({f"pooled_{name}": pooled[name] for name in ("recall_at_1", "map_at_r")})
         self.val_history.append({"epoch": int(self.current_epoch), **metrics})
@@ -238,20 +240,28 @@ class EmbedderModule(L.LightningModule):
             sync_dist=self.trainer.world_size > 1,  # identical on every rank; avoids Lightning's warning
         )
 
+    def embed(self, images: torch.Tensor, embedding: Embedding = "head") -> torch.Tensor:
+        """(B, 3, S, S) → L2-normalised (B, D) head outputs or (B, C) pooled backbone features."""
+        return self(images) if embedding == "head" else F.normalize(self.pooled(images), dim=1)
+
     @torch.no_grad()
     def evaluate(
-        self, loader: Iterable[Sequence[torch.Tensor]], class_names: Sequence[str] | None = None
+        self,
+        loader: Iterable[Sequence[torch.Tensor]],
+        class_names: Sequence[str] | None = None,
+        embedding: Embedding = "head",
     ) -> dict[str, float]:
         """Leave-one-out retrieval metrics of this model on ``loader``'s images (one process, eval mode).
 
-        ``class_names[i]`` names class index i (labels with a trailing year add ``other_year_share``).
+        ``class_names[i]`` names class index i (labels with a trailing year add ``other_year_share``);
+        ``embedding``: the head's output or the pooled features before it.
         """
         was_training = self.training
         self.eval()
         parts, labels = [], []
         try:
             for batch in loader:
-                parts.append(self(batch[0].to(self.device)).float().cpu())
+                parts.append(self.embed(batch[0].to(self.device), embedding).float().cpu())
                 labels += batch[1].tolist()
         finally:
             self.train(was_training)

@@ -26,11 +26,11 @@ import yaml
 from carsearch.config import EmbedderConfig, to_dict
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
 from carsearch.embedder.checkpoint import save_checkpoint, weights_fingerprint
-from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec
+from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec, without_head
 from carsearch.embedder.onnx import export_onnx
-from carsearch.embedder.training.config import TrainConfig, TrainerConfig, load_train_config
+from carsearch.embedder.training.config import ModelConfig, TrainConfig, TrainerConfig, load_train_config
 from carsearch.embedder.training.datamodule import EmbedderDataModule
-from carsearch.embedder.training.module import EmbedderModule
+from carsearch.embedder.training.module import EmbedderModule, Embedding
 from carsearch.errors import ConfigError, ModelLoadError
 from carsearch.runtime import configure_threads
 
@@ -98,6 +98,21 @@ def model_spec(config: TrainConfig) -> ModelSpec:
         image_width=config.data.image_width,
     )
     return dataclasses.replace(spec, head_bn=config.model.head_bn)
+
+
+def choose_embedding(model: ModelConfig, selected: dict[str, Any] | None, select: str) -> tuple[Embedding, str]:
+    """What the exported model embeds with, and why: ``model.embed_with``, or for ``auto`` the higher of
+    head and pooled features on the validation classes at the selected epoch (``selected``: its metrics)."""
+    if model.embedding_dim is None:
+        return "pooled", "no head (model.embedding_dim=null)"
+    if model.embed_with != "auto":
+        return model.embed_with, f"model.embed_with={model.embed_with}"
+    if selected is None:
+        return "head", "model.embed_with=auto without validation classes keeps the head"
+    metric = select if f"pooled_{select}" in selected else "map_at_r"
+    head, pooled = selected[metric], selected[f"pooled_{metric}"]
+    chosen: Embedding = "pooled" if pooled > head else "head"
+    return chosen, f"val {metric} at epoch {selected['epoch']}: pooled {pooled:.4f}, head {head:.4f}"
 
 
 def _logger(run_dir: Path) -> Any:
@@ -191,8 +206,16 @@ def train(config: TrainConfig) -> Path:
         zero_shot["val"] = module.val_history[-1] if module.val_history else None
         module.val_history.clear()
     testing = data.test_set is not None and trainer.global_rank == 0
-    if testing:
-        zero_shot["test"] = module.evaluate(data.eval_loader(data.test_set), data.splits.test)
+    has_head = config.model.embedding_dim is not None
+    candidates: list[Embedding] = (
+        ["head", "pooled"]
+        if has_head and config.model.embed_with == "auto" and validating
+        else [choose_embedding(config.model, None, select)[0]]
+    )
+    zero_shot_test: dict[str, Any] = {}
+    if testing:  # before training, for each embedding the run may export (choosing nothing)
+        for embedding in candidates:
+            zero_shot_test[embedding] = module.evaluate(data.eval_loader(data.test_set), data.splits.test, embedding)
     fit_started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # frozen layers, on purpose
@@ -201,18 +224,27 @@ def train(config: TrainConfig) -> Path:
 
     if trainer.global_rank == 0:
         selected = Path(checkpoint.best_model_path).resolve() if checkpoint.best_model_path else None
+        history = module.val_history
+        best = max(history, key=lambda m: m["map_at_r" if select == "last" else select]) if history else None
+        embedding, reason = choose_embedding(
+            config.model, (best if monitor else history[-1]) if history else None, select
+        )
         test = None
         if testing:
             if selected is not None:  # the selected epoch's weights, not whatever the last epoch left
                 module.load_state_dict(
                     torch.load(selected, map_location=module.device, weights_only=True)["state_dict"]
                 )
-            test = module.evaluate(data.eval_loader(data.test_set), data.splits.test)
-        history = module.val_history
-        best = max(history, key=lambda m: m["map_at_r" if select == "last" else select]) if history else None
+            test = module.evaluate(data.eval_loader(data.test_set), data.splits.test, embedding)
+            zero_shot["test"] = zero_shot_test.get(embedding)
         metrics = {
             "test": test,
             "zero_shot": zero_shot,
+            "embedding": {
+                "name": embedding,
+                "dim": int(module.model.dim if embedding == "head" else module.model.backbone.num_features),
+                "chosen_by": reason,
+            },
             "selected_by": monitor or "last epoch (fixed schedule)",
             "selected_epoch": best["epoch"] if monitor and best else int(trainer.current_epoch) - 1,
             "val": {"best": best, "final": history[-1] if history else None, "history": history},
@@ -274,11 +306,30 @@ def load_trained_model(checkpoint: str | Path) -> EmbeddingModel:
     return model.eval()
 
 
-def export(run_dir: str | Path | None, out_path: str | Path, fmt: str = "pt") -> Path:
+def run_embedding(run_dir: str | Path) -> Embedding:
+    """What a run's model embeds with: ``metrics.json``'s choice, else the config's fixed ``model.embed_with``,
+    else the head (runs written before the choice existed)."""
+    run_dir = Path(run_dir)
+    metrics_file, config_file = run_dir / "metrics.json", run_dir / "config.yaml"
+    if metrics_file.exists():
+        recorded = (json.loads(metrics_file.read_text()).get("embedding") or {}).get("name")
+        if recorded in ("head", "pooled"):
+            return recorded
+    if config_file.exists():
+        fixed = ((yaml.safe_load(config_file.read_text()) or {}).get("model") or {}).get("embed_with")
+        if fixed in ("head", "pooled"):
+            return fixed
+    return "head"
+
+
+def export(
+    run_dir: str | Path | None, out_path: str | Path, fmt: str = "pt", embedding: Embedding | None = None
+) -> Path:
     """Write the run's best model (without a run: the default pretrained backbone) for inference.
 
     ``fmt="pt"``: an inference checkpoint (``EmbedderConfig(checkpoint=out_path)`` loads it); ``"onnx"``: an
     ONNX graph of the same model (preprocessed batch in, embeddings out) for onnxruntime and other engines.
+    ``embedding``: the head's output or the pooled features before it (default: the run's choice).
     """
     extra: dict[str, Any] = {}
     if run_dir is None:
@@ -287,9 +338,12 @@ def export(run_dir: str | Path | None, out_path: str | Path, fmt: str = "pt") ->
         run_dir = Path(run_dir)
         checkpoint = best_checkpoint(run_dir)
         model, source = load_trained_model(checkpoint), str(checkpoint)
-        extra = {"run_dir": str(run_dir.resolve()), "lightning_checkpoint": checkpoint.name}
+        chosen = embedding or run_embedding(run_dir)
+        if chosen == "pooled":
+            model = without_head(model)
+        extra = {"run_dir": str(run_dir.resolve()), "lightning_checkpoint": checkpoint.name, "embedding": chosen}
         metrics_file = run_dir / "metrics.json"
-        if metrics_file.exists():
+        if metrics_file.exists() and chosen == run_embedding(run_dir):  # the run's metrics are of this embedding
             recorded = json.loads(metrics_file.read_text())
             for name in ("test", "zero_shot"):
                 if recorded.get(name):
@@ -340,6 +394,11 @@ def export_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("out", help="file to write: OUT.pt (load with embedder.checkpoint=OUT) or OUT.onnx")
     parser.add_argument("--format", choices=["pt", "onnx"], help="default: onnx for a .onnx OUT, else pt")
+    parser.add_argument(
+        "--embedding",
+        choices=["head", "pooled"],
+        help="embed with the head's output or the pooled features before it (default: the run's choice)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -362,5 +421,7 @@ def export_main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.getLogger("carsearch").setLevel(logging.DEBUG)
     fmt = args.format or ("onnx" if str(args.out).endswith(".onnx") else "pt")
-    print(export(args.run_dir, args.out, fmt))  # noqa: T201 - command-line output
+    if args.embedding and args.run_dir is None:
+        raise SystemExit("carsearch export: --embedding needs a run directory")
+    print(export(args.run_dir, args.out, fmt, args.embedding))  # noqa: T201 - command-line output
     return 0

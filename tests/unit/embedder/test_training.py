@@ -49,9 +49,10 @@ from carsearch.embedder.training.data import (
 from carsearch.embedder.training.datamodule import EmbedderDataModule
 from carsearch.embedder.training.losses import LOSSES, build_criterion
 from carsearch.embedder.training.module import freeze_backbone, warmup_cosine
-from carsearch.embedder.training.run import model_spec, resolve_trainer
+from carsearch.embedder.training.run import choose_embedding, model_spec, resolve_trainer
 from carsearch.embedder.training.sampler import PKSampler, check_pk
 from carsearch.errors import ConfigError, DataSourceError
+from carsearch.metrics import leave_one_out_metrics
 from carsearch.types import BBox
 from tests.conftest import CLASS_COLOURS, make_car_image
 
@@ -608,7 +609,7 @@ def test_a_finished_run_directory_is_not_overwritten(trained_run):
 
 
 def test_export_gives_an_inference_checkpoint_with_identical_embeddings(trained_run, hue_gallery, tmp_path):
-    out = export(trained_run, tmp_path / "embedder.pt")
+    out = export(trained_run, tmp_path / "embedder.pt", embedding="head")
     embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(out)))
     metrics = json.loads((trained_run / "metrics.json").read_text())
     best = torch.load(metrics["checkpoint"], map_location="cpu", weights_only=True)
@@ -621,6 +622,54 @@ def test_export_gives_an_inference_checkpoint_with_identical_embeddings(trained_
     np.testing.assert_allclose(embedder.embed(images), expected, atol=1e-5)
     assert embedder.preprocessing.image_size == 48 and embedder.dim == 64
     assert torch.equal(load_trained_model(metrics["checkpoint"]).head[0].weight, embedder.model.head[0].weight)
+
+
+def test_choose_embedding_follows_the_config_or_the_validation_metric():
+    head, pooled, auto = (ModelConfig(embed_with=name) for name in ("head", "pooled", "auto"))
+    scores = {"epoch": 3, "map_at_r": 0.30, "pooled_map_at_r": 0.32, "recall_at_1": 0.8, "pooled_recall_at_1": 0.7}
+    assert choose_embedding(head, scores, "map_at_r")[0] == "head"
+    assert choose_embedding(pooled, None, "map_at_r")[0] == "pooled"
+    assert choose_embedding(auto, scores, "map_at_r") == (
+        "pooled",
+        "val map_at_r at epoch 3: pooled 0.3200, head 0.3000",
+    )
+    assert choose_embedding(auto, scores, "recall_at_1")[0] == "head"  # the selection metric decides
+    assert choose_embedding(auto, scores, "last")[0] == "pooled"  # a fixed schedule compares MAP@R
+    assert choose_embedding(auto, None, "map_at_r")[0] == "head"  # no validation classes: keep the head
+    assert choose_embedding(ModelConfig(embedding_dim=None, embed_with="head"), None, "last")[0] == "pooled"
+    with pytest.raises(ConfigError, match="embed_with"):
+        ModelConfig(embed_with="neck")
+
+
+def test_the_run_records_its_embedding_choice_and_tests_with_it(trained_run, hue_gallery, tmp_path):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    best = metrics["val"]["best"]
+    expected = "pooled" if best["pooled_map_at_r"] > best["map_at_r"] else "head"  # auto, selected by MAP@R
+    features = load_trained_model(metrics["checkpoint"]).backbone.num_features
+    assert metrics["embedding"]["name"] == expected
+    assert metrics["embedding"]["dim"] == (64 if expected == "head" else features) and features != 64
+    assert metrics["embedding"]["chosen_by"].startswith(f"val map_at_r at epoch {best['epoch']}:")
+    # the reported test metrics are those of the exported model (the run's choice), not of the other embedding
+    embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(export(trained_run, tmp_path / "run.pt"))))
+    paths = sorted(p for p in hue_gallery.rglob("*.png") if p.parent.name.startswith("v"))
+    vectors = embedder.embed([Image.open(p).convert("RGB") for p in paths])
+    recomputed = leave_one_out_metrics(vectors, [p.parent.name for p in paths])
+    assert embedder.dim == metrics["embedding"]["dim"]
+    assert recomputed.map_at_r == pytest.approx(metrics["test"]["map_at_r"], abs=1e-4)
+
+
+def test_export_of_the_pooled_features_drops_the_head(trained_run, hue_gallery, tmp_path):
+    out = export(trained_run, tmp_path / "pooled.pt", embedding="pooled")
+    embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(out)))
+    trained = load_trained_model(json.loads((trained_run / "metrics.json").read_text())["checkpoint"])
+    assert embedder.dim == trained.backbone.num_features != trained.dim and embedder.model.spec.embedding_dim is None
+    assert not any(name.startswith("head.") for name in embedder.model.state_dict())
+    images = [Image.open(p).convert("RGB") for p in sorted(hue_gallery.rglob("*.png"))[:12]]
+    batch = torch.stack([eval_transform(embedder.preprocessing)(im) for im in images])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(trained.features(batch), dim=1).numpy()
+    np.testing.assert_allclose(embedder.embed(images), expected, atol=1e-5)
+    assert torch.load(out, weights_only=True)["extra"]["embedding"] == "pooled"
 
 
 def test_command_line_entry_points_and_frozen_batchnorm(hue_gallery, tmp_path, capsys):
