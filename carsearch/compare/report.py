@@ -24,12 +24,25 @@ from carsearch.explain.render import PairView, hstack, pair_panel, vstack
 SELECTION = {"map_at_r": "MAP@R", "recall_at_1": "Recall@1"}
 
 
+EMBED_WITH = {
+    "head": "the head's output",
+    "pooled": "the pooled backbone features before the head",
+    "auto": "the head's output or the pooled features, whichever scores higher on validation",
+}
+
+
 def _selection(config: CompareConfig) -> str:
     """How the fine-tuning recipe picks its epoch, in words (``trainer.select``)."""
     select = load_train_config(config.train.recipe, list(config.train.overrides)).trainer.select
     if select == "last":
         return "the last epoch kept (validation recorded)"
     return f"the epoch with the best validation {SELECTION[select]} picked"
+
+
+def _embedding(config: CompareConfig) -> str:
+    """What the fine-tuned models embed with, in words (``model.embed_with``)."""
+    embed_with = load_train_config(config.train.recipe, list(config.train.overrides)).model.embed_with
+    return f"the fine-tuned models embed with {EMBED_WITH[embed_with]} (`model.embed_with={embed_with}`)"
 
 
 NAMES = {
@@ -234,7 +247,8 @@ def _blocks(
             f"{config.detector.margin:.0%} margin; "
             f"{results['test_no_detection']} test photos had no detection and are embedded whole. Fine-tuning: recipe "
             f"`{config.train.recipe}` with overrides {list(config.train.overrides) or 'none'}, the same for both rows, "
-            f"seed {config.seed}, {_selection(config)} on {config.train.val_share:.0%} of the training classes.",
+            f"seed {config.seed}, {_selection(config)} on {config.train.val_share:.0%} of the training classes; "
+            f"{_embedding(config)}.",
         ),
         (
             "table",
