@@ -216,7 +216,8 @@ class TrainerConfig:
     """Lightning Trainer settings. ``precision='auto'``: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU.
 
     ``select``: which epoch's model the run keeps when it has validation classes: the best by validation
-    ``recall_at_1`` or ``map_at_r``, or ``last`` (a fixed schedule; validation is then only recorded).
+    ``recall_at_1`` or ``map_at_r`` (of the pooled features with ``model.embed_with: pooled``, of the head
+    otherwise), or ``last`` (a fixed schedule; validation is then only recorded).
     Without validation classes the run keeps its last epoch. ``patience``: validations without a better
     selection metric before stopping (null: never stop early; must be null with ``select: last``).
     """

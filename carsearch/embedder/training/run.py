@@ -166,7 +166,9 @@ def train(config: TrainConfig) -> Path:
     )
     validating = data.val_set is not None
     select = config.trainer.select
-    monitor = f"val/{select}" if validating and select != "last" else None
+    # a fixed model.embed_with=pooled picks its epoch by the pooled features' metric: the ones it exports
+    prefix = "pooled_" if config.model.embed_with == "pooled" and config.model.embedding_dim else ""
+    monitor = f"val/{prefix}{select}" if validating and select != "last" else None
 
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
     atomic_write_json(run_dir / "classes.json", data.splits.to_dict())
@@ -225,7 +227,8 @@ def train(config: TrainConfig) -> Path:
     if trainer.global_rank == 0:
         selected = Path(checkpoint.best_model_path).resolve() if checkpoint.best_model_path else None
         history = module.val_history
-        best = max(history, key=lambda m: m["map_at_r" if select == "last" else select]) if history else None
+        key = prefix + ("map_at_r" if select == "last" else select)
+        best = max(history, key=lambda m: m[key]) if history else None
         embedding, reason = choose_embedding(
             config.model, (best if monitor else history[-1]) if history else None, select
         )

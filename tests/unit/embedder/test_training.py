@@ -602,6 +602,16 @@ def test_trainer_select_keeps_the_best_recall_or_the_last_epoch(select, hue_gall
         assert Path(metrics["checkpoint"]).name.startswith(f"best-epoch{best['epoch']:03d}")
 
 
+def test_a_pooled_export_picks_its_epoch_by_the_pooled_features(hue_gallery, tmp_path):
+    overrides = [*TINY, f"data.source={hue_gallery}", "data.val_fraction=0.3", "data.batches_per_epoch=4"]
+    overrides += ["trainer.max_epochs=3", "model.embed_with=pooled", f"out.dir={tmp_path}"]
+    metrics = json.loads((train(load_train_config(None, overrides)) / "metrics.json").read_text())
+    best = max(metrics["val"]["history"], key=lambda m: m["pooled_map_at_r"])
+    assert metrics["selected_by"] == "val/pooled_map_at_r" and metrics["selected_epoch"] == best["epoch"]
+    assert metrics["val"]["best"] == best and metrics["embedding"]["name"] == "pooled"
+    assert Path(metrics["checkpoint"]).name.startswith(f"best-epoch{best['epoch']:03d}")
+
+
 def test_a_finished_run_directory_is_not_overwritten(trained_run):
     config = load_train_config(trained_run / "config.yaml")
     with pytest.raises(ConfigError, match="already holds a run"):
