@@ -240,33 +240,33 @@ class EmbedderModule(L.LightningModule):
             sync_dist=self.trainer.world_size > 1,  # identical on every rank; avoids Lightning's warning
         )
 
-    def embed(self, images: torch.Tensor, embedding: Embedding = "head") -> torch.Tensor:
-        """(B, 3, S, S) → L2-normalised (B, D) head outputs or (B, C) pooled backbone features."""
-        return self(images) if embedding == "head" else F.normalize(self.pooled(images), dim=1)
-
     @torch.no_grad()
     def evaluate(
         self,
         loader: Iterable[Sequence[torch.Tensor]],
         class_names: Sequence[str] | None = None,
-        embedding: Embedding = "head",
-    ) -> dict[str, float]:
-        """Leave-one-out retrieval metrics of this model on ``loader``'s images (one process, eval mode).
+        embeddings: Sequence[Embedding] = ("head",),
+    ) -> dict[Embedding, dict[str, float]]:
+        """Leave-one-out retrieval metrics of this model on ``loader``'s images (one process, eval mode), for
+        each of ``embeddings`` (the head's output, the pooled features before it) from one backbone pass.
 
-        ``class_names[i]`` names class index i (labels with a trailing year add ``other_year_share``);
-        ``embedding``: the head's output or the pooled features before it.
+        ``class_names[i]`` names class index i (labels with a trailing year add ``other_year_share``).
         """
         was_training = self.training
         self.eval()
-        parts, labels = [], []
+        parts: dict[Embedding, list[torch.Tensor]] = {name: [] for name in embeddings}
+        labels: list[int] = []
         try:
             for batch in loader:
-                parts.append(self.embed(batch[0].to(self.device), embedding).float().cpu())
+                features = self.pooled(batch[0].to(self.device))
+                for name in embeddings:
+                    vectors = self.model.head(features) if name == "head" else features
+                    parts[name].append(F.normalize(vectors, dim=1).float().cpu())
                 labels += batch[1].tolist()
         finally:
             self.train(was_training)
         names = [class_names[i] for i in labels] if class_names is not None else labels
-        return metrics_dict(leave_one_out_metrics(torch.cat(parts).numpy(), names))
+        return {name: metrics_dict(leave_one_out_metrics(torch.cat(parts[name]).numpy(), names)) for name in embeddings}
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:

@@ -214,10 +214,9 @@ def train(config: TrainConfig) -> Path:
         if has_head and config.model.embed_with == "auto" and validating
         else [choose_embedding(config.model, None, select)[0]]
     )
-    zero_shot_test: dict[str, Any] = {}
+    zero_shot_test: dict[Embedding, dict[str, float]] = {}
     if testing:  # before training, for each embedding the run may export (choosing nothing)
-        for embedding in candidates:
-            zero_shot_test[embedding] = module.evaluate(data.eval_loader(data.test_set), data.splits.test, embedding)
+        zero_shot_test = module.evaluate(data.eval_loader(data.test_set), data.splits.test, candidates)
     fit_started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # frozen layers, on purpose
@@ -238,7 +237,7 @@ def train(config: TrainConfig) -> Path:
                 module.load_state_dict(
                     torch.load(selected, map_location=module.device, weights_only=True)["state_dict"]
                 )
-            test = module.evaluate(data.eval_loader(data.test_set), data.splits.test, embedding)
+            test = module.evaluate(data.eval_loader(data.test_set), data.splits.test, [embedding])[embedding]
             zero_shot["test"] = zero_shot_test.get(embedding)
         metrics = {
             "test": test,
