@@ -107,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("index", help="crop and index a folder / CSV / Stanford devkit / Kaggle dataset")
-    p.add_argument("source", help="folder tree (label = sub-folder), CSV (path,label[,x1,y1,x2,y2]) or dataset root")
+    p.add_argument(
+        "source",
+        help="folder tree (label = sub-folder), CSV (path,label[,x1,y1,x2,y2]) or dataset root; "
+        "a folder or CSV may be a URI (s3://bucket/cars/, gs://...)",
+    )
     p.add_argument("--out", required=True, help="index directory (created; re-running resumes)")
     p.add_argument("--raw", action="store_true", help="no detector: embed whole images")
     p.add_argument("--crop-source", choices=["detector", "gt"], help="gt: use CSV/devkit boxes when present")

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Offline hygiene before anything imports ultralytics / gradio / huggingface.
@@ -133,3 +134,58 @@ def kill_9_and_survivors(proc: subprocess.Popen, processes: list, timeout: float
     for survivor in alive:
         survivor.kill()
     return [survivor.pid for survivor in alive]
+
+
+class ObjectStore:
+    """A local S3 (moto's server) for the tests: buckets to upload folders into, read back as ``s3://`` URIs."""
+
+    def __init__(self, endpoint: str) -> None:
+        from pyarrow.fs import S3FileSystem
+
+        self.endpoint = endpoint
+        host = endpoint.removeprefix("http://")
+        self.fs = S3FileSystem(endpoint_override=host, scheme="http", allow_bucket_creation=True)
+        self._buckets = 0
+
+    def bucket(self) -> str:
+        """A new, empty bucket's name."""
+        self._buckets += 1
+        name = f"cars-{self._buckets}"
+        self.fs.create_dir(name)
+        return name
+
+    def upload(self, folder: Path, prefix: str) -> str:
+        """Every file below ``folder`` under ``prefix`` (``bucket/key``); returns ``s3://prefix``."""
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            with self.fs.open_output_stream(f"{prefix}/{path.relative_to(folder).as_posix()}") as stream:
+                stream.write(path.read_bytes())
+        return f"s3://{prefix}"
+
+
+@pytest.fixture(scope="session")
+def object_store() -> Iterator[ObjectStore]:
+    """An S3 endpoint on localhost (moto), with the AWS environment pointing at it for this session — so
+    that Ray workers started later inherit it too."""
+    import logging
+
+    server_module = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    settings = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield ObjectStore(settings["AWS_ENDPOINT_URL"])
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -21,6 +21,7 @@ from PIL import Image
 from carsearch.compare.config import CompareConfig
 from carsearch.compare.stages import StageCache, digest
 from carsearch.config import EmbedderConfig, PipelineConfig, RuntimeConfig, from_dict, to_dict
+from carsearch.data import storage
 from carsearch.data.cropping import apply_plan, plan_image
 from carsearch.data.images import load_image
 from carsearch.data.sources import SourceItem, read_source
@@ -132,7 +133,7 @@ def _write_csv(items: list[SourceItem], path: Path) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "x1", "y1", "x2", "y2"])
         for item in items:
-            writer.writerow([str(Path(item.path).resolve()), item.label, *item.box.as_list()])  # type: ignore[union-attr]
+            writer.writerow([storage.identity(item.path), item.label, *item.box.as_list()])  # type: ignore[union-attr]
     return path
 
 

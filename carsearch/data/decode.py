@@ -4,11 +4,11 @@ decode files. Importing this module does not import torch (Ray's decode tasks us
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from carsearch.data import storage
 from carsearch.data.images import content_hash, decode_image, limit_size
 from carsearch.data.processes import die_with_parent
 from carsearch.data.sources import SourceItem
@@ -51,7 +51,7 @@ def decode_item(position: int, item: SourceItem, done: dict[str, str], max_side:
     """Read, hash and decode one input; ``skip`` when ``done[path]`` equals its content hash, ``error`` with
     a reason when it cannot be read or decoded (never raises for bad files)."""
     try:
-        data = Path(item.path).read_bytes()
+        data = storage.read_bytes(item.path)
     except OSError as exc:
         return Decoded(position, item, None, "error", f"cannot read file: {exc.strerror or exc}")
     digest = content_hash(data)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from carsearch.data import storage
 from carsearch.errors import ImageLoadError
 
 MIN_IMAGE_SIDE = 8
@@ -95,7 +96,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def read_bytes(path: str | Path) -> bytes:
     """A file's bytes, or :class:`ImageLoadError` saying why it cannot be read."""
     try:
-        return Path(path).read_bytes()
+        return storage.read_bytes(path)
     except IsADirectoryError:
         raise ImageLoadError(f"{path} is a directory, not an image") from None
     except OSError as exc:

@@ -2,16 +2,20 @@
 
 Supported: a folder tree (label = first sub-folder), a CSV (``path,label[,x1,y1,x2,y2]``), the Stanford
 Cars devkit (``.mat`` annotations) and the Kaggle class-folder layout (``anno_train.csv``/``anno_test.csv``).
+Folder trees and CSVs may also sit in an object store (``s3://bucket/cars/``, ``gs://...``: see
+:mod:`carsearch.data.storage`); their items then carry URIs.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from carsearch.data import storage
 from carsearch.errors import DataSourceError
 from carsearch.types import BBox
 
@@ -23,9 +27,10 @@ Split = Literal["train", "test", "all"]
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One input image; ``box`` is a ground-truth vehicle box in its pixels (x2/y2 exclusive)."""
+    """One input image; ``box`` is a ground-truth vehicle box in its pixels (x2/y2 exclusive). ``path`` is a
+    local ``Path`` or a URI string (``s3://...``; read with :func:`carsearch.data.storage.read_bytes`)."""
 
-    path: Path
+    path: storage.Location
     label: str | None = None
     box: BBox | None = None
 
@@ -35,6 +40,8 @@ def read_source(source: str | Path, split: Split = "all", where: dict[str, str] 
 
     ``where`` (CSV only): keep rows whose columns equal these values, e.g. ``{"box_fully_visible": "1"}``.
     """
+    if storage.is_uri(source):
+        return _read_uri(str(source), where)
     source = Path(source).expanduser()
     if not source.exists():
         raise DataSourceError(f"source {source} does not exist")
@@ -51,13 +58,37 @@ def read_source(source: str | Path, split: Split = "all", where: dict[str, str] 
     return read_folder(source)
 
 
+def _read_uri(source: str, where: dict[str, str] | None) -> list[SourceItem]:
+    """A CSV or a folder tree behind a URI (the Stanford and Kaggle layouts need a local folder)."""
+    try:
+        if storage.suffix(source) == ".csv":
+            return read_csv(source, where)
+        if where:
+            raise DataSourceError(f"row filters ({', '.join(where)}) apply to CSV sources only, not to {source}")
+        return read_folder(source)
+    except DataSourceError:
+        raise
+    except FileNotFoundError:
+        raise DataSourceError(f"source {source} does not exist") from None
+    except OSError as exc:  # unreachable store, refused credentials
+        raise DataSourceError(f"cannot read source {source}: {exc}") from None
+    except ValueError as exc:  # pyarrow's ArrowInvalid: an unknown scheme or URI option
+        raise DataSourceError(f"cannot read source {source}: {exc}") from None
+
+
 def read_folder(root: str | Path) -> list[SourceItem]:
-    """Every image file below ``root``, sorted; label = its first sub-folder (None at the top level)."""
-    root = Path(root)
+    """Every image file below ``root`` (a folder or a URI prefix), sorted; label = its first sub-folder (None
+    at the top level)."""
+    if storage.is_uri(root):
+        found: list[tuple[tuple[str, ...], storage.Location]] = [
+            (tuple(relative.split("/")), uri) for relative, uri in storage.list_files(str(root))
+        ]
+    else:
+        root = Path(root)
+        found = [(p.relative_to(root).parts, p) for p in sorted(p for p in root.rglob("*") if p.is_file())]
     items = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        parts = path.relative_to(root).parts
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or any(part.startswith(".") for part in parts):
+    for parts, path in found:
+        if storage.suffix(parts[-1]) not in IMAGE_EXTENSIONS or any(part.startswith(".") for part in parts):
             continue  # hidden files and folders (.thumbnails, .ipynb_checkpoints) are not data
         items.append(SourceItem(path=path, label=parts[0] if len(parts) > 1 else None))
     if not items:
@@ -76,12 +107,15 @@ def _parse_box(row: dict[str, str], where: str) -> BBox | None:
 
 
 def read_csv(path: str | Path, where: dict[str, str] | None = None) -> list[SourceItem]:
-    """A CSV with header ``path,label[,x1,y1,x2,y2]`` (extra columns ignored); paths relative to the CSV.
+    """A CSV with header ``path,label[,x1,y1,x2,y2]`` (extra columns ignored); paths relative to the CSV
+    (local or a URI; a row may also name an absolute path or a URI).
 
     ``where``: keep only rows whose named columns hold exactly these values.
     """
-    path = Path(path)
-    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" BOM
+    path = storage.as_location(path)
+    folder = storage.parent(path)
+    text = storage.read_bytes(path).decode("utf-8-sig")  # -sig: Excel's "CSV UTF-8" BOM
+    with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
         if "path" not in columns:
@@ -96,7 +130,8 @@ def read_csv(path: str | Path, where: dict[str, str] | None = None) -> list[Sour
             if not row.get("path"):
                 raise DataSourceError(f"{path}:{line}: empty path")
             label = row.get("label") or None
-            items.append(SourceItem(path=path.parent / row["path"], label=label, box=_parse_box(row, f"{path}:{line}")))
+            item_path = storage.join(folder, row["path"])
+            items.append(SourceItem(path=item_path, label=label, box=_parse_box(row, f"{path}:{line}")))
     if not items:
         raise DataSourceError(f"{path} lists no images" + (f" where {where}" if where else ""))
     return items
@@ -184,5 +219,5 @@ def read_kaggle(root: str | Path, split: Split = "all") -> list[SourceItem]:
                     except ValueError:
                         continue  # header or malformed line
         for item in read_folder(folder):
-            items.append(SourceItem(item.path, item.label, boxes.get(item.path.name)))
+            items.append(SourceItem(item.path, item.label, boxes.get(Path(item.path).name)))
     return items

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 
 from carsearch.data.decode import Decoded, decode_item
 from carsearch.data.sources import SourceItem
+from carsearch.data.storage import as_location
 from carsearch.types import BBox
 
 if TYPE_CHECKING:
@@ -27,13 +27,17 @@ if TYPE_CHECKING:
 DECODE_CPUS = 0.25  # logical CPUs a decode task reserves
 
 
+def _source_item(item: str) -> SourceItem:
+    """The item the driver sent as JSON (``[path, label, box]``; see ``ray_engine._dataset``)."""
+    path, label, box = json.loads(item)
+    return SourceItem(as_location(path), label, BBox(*box) if box else None)
+
+
 def decode_batch(batch: dict[str, np.ndarray], done: dict[str, str], max_side: int) -> dict[str, np.ndarray]:
     """Read, hash and decode: the image as raw RGB bytes + its shape, or the skip / error."""
     out: dict[str, list[Any]] = {k: [] for k in ("position", "item", "status", "reason", "hash", "pixels", "shape")}
     for position, item in zip(batch["position"], batch["item"], strict=True):
-        path, label, box = json.loads(item)
-        source = SourceItem(Path(path), label, BBox(*box) if box else None)
-        decoded = decode_item(int(position), source, done, max_side)
+        decoded = decode_item(int(position), _source_item(item), done, max_side)
         pixels = decoded.image if decoded.image is not None else np.zeros((0, 0, 3), np.uint8)
         out["position"].append(int(position))
         out["item"].append(item)
@@ -66,13 +70,11 @@ class CropActor:
         for position, item, status, reason, digest, pixels, shape in zip(
             *(batch[k] for k in ("position", "item", "status", "reason", "hash", "pixels", "shape")), strict=True
         ):
-            path, label, box = json.loads(item)
             height, width, scale, *size = json.loads(shape)
             image = np.frombuffer(pixels, np.uint8).reshape(height, width, 3) if status == "ok" else None
-            decoded.append(
-                Decoded(int(position), SourceItem(Path(path), label, BBox(*box) if box else None), digest or None,
-                        status, reason, image, scale, tuple(size) if size[0] else None)
-            )  # fmt: skip
+            original = tuple(size) if size[0] else None
+            source = _source_item(item)
+            decoded.append(Decoded(int(position), source, digest or None, status, reason, image, scale, original))
         from carsearch.pipeline.stages import crop_decoded
 
         timings = {"detect": 0.0}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from carsearch.config import DetectorConfig
+from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_json
 from carsearch.data.images import content_hash, decode_image
 from carsearch.data.sources import SourceItem
@@ -81,10 +82,10 @@ def detect_cached(
     todo: dict[str, bytes] = {}
     for item in items:
         try:
-            data = Path(item.path).read_bytes()
+            data = storage.read_bytes(item.path)
         except OSError:
             data = b""
-        key = f"{Path(item.path).resolve()}|{content_hash(data)}"
+        key = f"{storage.identity(item.path)}|{content_hash(data)}"
         keys.append(key)
         if key not in cache and data:
             todo[key] = data

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
+from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_json
 from carsearch.data.images import content_hash
 from carsearch.data.processes import die_with_parent
@@ -34,12 +35,12 @@ def cache_key(dataset: CropDataset, size: Size, preprocessing: str) -> str:
     digest.update(json.dumps([CACHE_VERSION, list(size), preprocessing, dataset.mode, cropping]).encode())
     for i, item in enumerate(dataset.items):
         try:
-            data = Path(item.path).read_bytes()
+            data = storage.read_bytes(item.path)
         except OSError:
             data = b""
         boxes = [d.box.as_list() for d in dataset.detections[i]] if dataset.detections is not None else None
         box = item.box.as_list() if item.box is not None else None
-        digest.update(json.dumps([str(Path(item.path).resolve()), content_hash(data), box, boxes]).encode())
+        digest.update(json.dumps([storage.identity(item.path), content_hash(data), box, boxes]).encode())
     return digest.hexdigest()
 
 

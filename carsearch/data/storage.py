@@ -1,0 +1,131 @@
+"""Where input files live: local paths, or URIs (``s3://``, ``gs://``, ``hdfs://``, ``file://``) read through
+pyarrow filesystems, so that every node of a Ray cluster can read a source from an object store.
+
+A location is a :class:`~pathlib.Path` for a local file and a ``str`` for a URI (``Path`` would collapse
+``s3://`` into ``s3:/``). Credentials and endpoints come from pyarrow's usual places: the AWS environment
+variables and config files (``AWS_ENDPOINT_URL`` for S3-compatible stores such as MinIO), or the URI's own
+options (``s3://bucket/cars?region=eu-west-1&endpoint_override=host:9000&scheme=http``), which every file
+listed under it keeps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import SplitResult, unquote, urlsplit
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+Location = Path | str
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
+
+
+def is_uri(location: str | Path) -> bool:
+    """Whether ``location`` names a file through a URI scheme (``s3://...``) rather than a local path."""
+    return isinstance(location, str) and bool(_URI.match(location))
+
+
+def as_location(value: str | Path) -> Location:
+    """A URI stays a string; anything else becomes a ``Path``."""
+    return value if is_uri(value) else Path(value)
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme: str, netloc: str, query: str, pid: int) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The filesystem of a URI's root and the root's path in it. Keyed by process: a forked worker builds
+    its own rather than reusing its parent's connections."""
+    from pyarrow.fs import FileSystem
+
+    filesystem, root = FileSystem.from_uri(f"{scheme}://{netloc}/" + (f"?{query}" if query else ""))
+    return filesystem, root.rstrip("/")
+
+
+def _resolve(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    parts = urlsplit(uri)
+    filesystem, root = _filesystem(parts.scheme, parts.netloc, parts.query, os.getpid())
+    return filesystem, f"{root}/{unquote(parts.path).lstrip('/')}".rstrip("/") or "/"
+
+
+def _uri(parts: SplitResult, path: str) -> str:
+    return f"{parts.scheme}://{parts.netloc}{path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """A file's bytes. Raises ``OSError`` (``FileNotFoundError`` when it does not exist) like ``open``."""
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    filesystem, path = _resolve(str(location))
+    info = filesystem.get_file_info(path)
+    if info.type.name == "Directory":
+        raise IsADirectoryError(21, "Is a directory", str(location))
+    with filesystem.open_input_stream(path) as stream:
+        return stream.readall()
+
+
+def is_file(location: str | Path) -> bool:
+    """Whether ``location`` is an existing file (False for folders and for stores that cannot be reached)."""
+    if not is_uri(location):
+        return Path(location).is_file()
+    try:
+        filesystem, path = _resolve(str(location))
+        return filesystem.get_file_info(path).type.name == "File"
+    except OSError:
+        return False
+
+
+def is_dir(location: str | Path) -> bool:
+    """Whether ``location`` is an existing folder (for object stores: a prefix that holds objects)."""
+    if not is_uri(location):
+        return Path(location).is_dir()
+    filesystem, path = _resolve(str(location))
+    return filesystem.get_file_info(path).type.name == "Directory"
+
+
+def list_files(root: str) -> list[tuple[str, str]]:
+    """Every file below the URI ``root`` as (path relative to it, its URI), sorted by the relative path."""
+    from pyarrow.fs import FileSelector, FileType
+
+    parts = urlsplit(root)
+    filesystem, base = _resolve(root)
+    prefix = parts.path.rstrip("/")
+    found = []
+    for info in filesystem.get_file_info(FileSelector(base, recursive=True, allow_not_found=True)):
+        if info.type == FileType.File:
+            relative = posixpath.relpath(info.path, base)
+            found.append((relative, _uri(parts, f"{prefix}/{relative}")))
+    return sorted(found)
+
+
+def parent(location: str | Path) -> Location:
+    """The folder holding ``location``."""
+    if not is_uri(location):
+        return Path(location).parent
+    parts = urlsplit(str(location))
+    return _uri(parts, posixpath.dirname(parts.path.rstrip("/")))
+
+
+def join(folder: str | Path, relative: str) -> Location:
+    """``relative`` (a path as a CSV lists it) resolved against ``folder``; a URI or an absolute local path
+    in ``relative`` is taken as it is."""
+    if is_uri(relative):
+        return relative
+    if not is_uri(folder):
+        return Path(folder) / relative
+    parts = urlsplit(str(folder))
+    return _uri(parts, posixpath.normpath(posixpath.join(parts.path or "/", relative)))
+
+
+def suffix(location: str | Path) -> str:
+    """The file extension, lower-case with its dot (``.csv``), or ``""``."""
+    path = urlsplit(location).path if is_uri(location) else str(location)
+    return posixpath.splitext(path)[1].lower()
+
+
+def identity(location: str | Path) -> str:
+    """A stable name for cache keys: the resolved local path, or the URI."""
+    return str(location) if is_uri(location) else str(Path(location).resolve())

@@ -1,0 +1,56 @@
+"""The batch job reading its source from an object store (a local S3 server): the index it builds is the one
+built from the same files on disk, under the files' URIs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carsearch.index import GalleryIndex
+from carsearch.pipeline import Pipeline
+from tests.conftest import TEST_OVERRIDES, ObjectStore, build_gallery
+
+
+def test_index_an_s3_folder_like_the_same_folder_on_disk(object_store: ObjectStore, tmp_path: Path) -> None:
+    gallery = build_gallery(tmp_path / "gallery", classes=3, per_class=3)
+    (gallery / "class_2" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    uri = object_store.upload(gallery, f"{object_store.bucket()}/gallery")
+    # decode workers are forked processes: each must open its own connection to the store
+    pipeline = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "crop=false", "runtime.workers=2"])
+    from_disk = pipeline.index(gallery, tmp_path / "disk")
+    from_s3 = pipeline.index(uri, tmp_path / "s3")
+    assert (from_s3.processed, from_s3.errors, from_s3.items_added) == (from_disk.processed, 1, 9)
+    disk, s3 = GalleryIndex.load(tmp_path / "disk"), GalleryIndex.load(tmp_path / "s3")
+    relative = [Path(r.path).relative_to(gallery).as_posix() for r in disk.records]
+    assert [r.path for r in s3.records] == [f"{uri}/{name}" for name in relative]
+    assert [r.label for r in s3.records] == [r.label for r in disk.records]
+    assert np.array_equal(s3.vectors, disk.vectors)
+    errors = [json.loads(line) for line in (tmp_path / "s3" / "errors.jsonl").read_text().splitlines()]
+    assert [e["path"] for e in errors] == [f"{uri}/class_2/broken.jpg"]
+
+    again = pipeline.index(uri, tmp_path / "s3")  # unchanged objects are skipped by content hash
+    assert (again.processed, again.skipped, again.errors) == (0, 9, 1)
+    hits = pipeline.search(tmp_path / "s3", s3.records[4].path, k=1)  # a query straight from the store
+    assert hits.hits[0].path == s3.records[4].path and hits.hits[0].score > 0.999
+
+
+def test_ray_engine_reads_the_s3_folder_in_its_workers(object_store: ObjectStore, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from carsearch.pipeline.ray_engine import RayOptions
+
+    gallery = build_gallery(tmp_path / "gallery", classes=2, per_class=3)
+    (gallery / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    uri = object_store.upload(gallery, f"{object_store.bucket()}/gallery")
+    pipeline = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "crop=false", "runtime.threads=1"])
+    local = pipeline.index(uri, tmp_path / "local")
+    # the job's own local cluster: its workers inherit the store's endpoint and credentials from this process
+    on_ray = pipeline.index(uri, tmp_path / "ray", engine="ray", ray=RayOptions(num_cpus=2))
+    assert (on_ray.processed, on_ray.errors, on_ray.items_added) == (local.processed, 1, 6)
+    local_index, ray_index = GalleryIndex.load(tmp_path / "local"), GalleryIndex.load(tmp_path / "ray")
+    assert [r.to_dict() for r in ray_index.records] == [r.to_dict() for r in local_index.records]
+    assert all(r.path.startswith(f"{uri}/") for r in ray_index.records)
+    assert np.abs(ray_index.vectors - local_index.vectors).max() <= 1e-5
+    assert (tmp_path / "ray" / "errors.jsonl").read_text() == (tmp_path / "local" / "errors.jsonl").read_text()
