@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,8 @@ def _dataset(ray: Any, job: IndexJob, config: PipelineConfig, options: RayOption
     settings = _absolute_paths(to_dict(config))
     detectors, embedders = default_pools(ray.cluster_resources().get("CPU", 1.0), gpus > 0)
     detectors, embedders = options.detector_actors or detectors, options.embedder_actors or embedders
-    cpus = _actor_cpus(ray.cluster_resources().get("CPU", 1.0), max(detectors) + max(embedders))
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cpus = actor_cpus(nodes, max(detectors) + max(embedders))
     return (
         ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
         .map_batches(decode_batch, batch_size=batch, num_cpus=DECODE_CPUS,
@@ -162,10 +164,31 @@ def default_pools(cluster_cpus: float, gpus: bool) -> tuple[tuple[int, int], tup
     return (detectors, detectors), (embedders, embedders)
 
 
-def _actor_cpus(cluster_cpus: float, actors: int) -> float:
-    """Logical CPUs per actor: 1, or less where ``actors`` (both pools at their largest) would not fit
-    beside a decode task (a pool that cannot start its actors waits forever). Each actor runs one thread."""
-    return min(1.0, max(0.01, (cluster_cpus - DECODE_CPUS) / actors))
+def actor_cpus(node_cpus: Sequence[float], actors: int) -> float:
+    """Logical CPUs per actor (at most 1: each runs one thread), as large as can be while the cluster holds
+    ``actors`` (both pools at their largest) and no placement Ray may choose leaves every node without room
+    for a decode task. Otherwise the job waits forever: on two 1-CPU nodes, two actors of 0.875 CPU left
+    0.125 on each, and it hung (found on a simulated two-node cluster)."""
+    unit = 10_000  # Ray counts resources in steps of 1e-4
+    nodes = Counter(round(c * unit) for c in node_cpus if c > 0)  # node size -> how many nodes of it
+    decode = round(DECODE_CPUS * unit)
+    for share in range(unit, unit // 100 - 1, -10):  # 1.000, 0.999, ... 0.010 CPU per actor
+        if sum((size // share) * count for size, count in nodes.items()) < actors:
+            continue  # the pools cannot all start
+        starving = 0  # actors it takes to leave every node with less than a decode task needs
+        for size, count in nodes.items():
+            needed = (size - decode) // share + 1 if size >= decode else 0
+            if needed * share > size:
+                break  # this node can never be filled that far: decoding always finds room here
+            starving += needed * count
+        else:
+            if starving <= actors:
+                continue
+        return share / unit
+    raise ConfigError(
+        f"{actors} actors do not fit beside the decode tasks on this cluster (CPUs per node: "
+        f"{sorted(node_cpus)}): pass fewer with --ray-actors D,E"
+    )
 
 
 def _pool(ray: Any, sizes: tuple[int, int]) -> Any:

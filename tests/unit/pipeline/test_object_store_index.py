@@ -4,6 +4,9 @@ built from the same files on disk, under the files' URIs."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,8 @@ import pytest
 from carsearch.index import GalleryIndex
 from carsearch.pipeline import Pipeline
 from tests.conftest import TEST_OVERRIDES, ObjectStore, build_gallery
+
+REPO = str(Path(__file__).resolve().parents[3])
 
 
 def test_index_an_s3_folder_like_the_same_folder_on_disk(object_store: ObjectStore, tmp_path: Path) -> None:
@@ -54,3 +59,40 @@ def test_ray_engine_reads_the_s3_folder_in_its_workers(object_store: ObjectStore
     assert all(r.path.startswith(f"{uri}/") for r in ray_index.records)
     assert np.abs(ray_index.vectors - local_index.vectors).max() <= 1e-5
     assert (tmp_path / "ray" / "errors.jsonl").read_text() == (tmp_path / "local" / "errors.jsonl").read_text()
+
+
+def test_cli_on_an_existing_two_node_cluster_reads_s3_and_leaves_the_cluster_running(
+    object_store: ObjectStore, tmp_path: Path
+) -> None:
+    """``--ray-address``: a simulated two-node cluster (two raylets of one CPU each, as ``ray start`` makes),
+    its workers reading the source from the store. Default pools: one detector and one embedder actor,
+    which — before actor shares were chosen per node — left neither node room for a decode task (a hang)."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    gallery = build_gallery(tmp_path / "gallery", classes=2, per_class=3)
+    uri = object_store.upload(gallery, f"{object_store.bucket()}/gallery")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        args = [sys.executable, "-m", "carsearch.cli", "index", uri, "--raw", "--no-progress", "--json"]
+        args += ["--engine", "ray", "--ray-address", cluster.address, "--device", "cpu"]
+        args += sum((["--set", o] for o in TEST_OVERRIDES), [])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+        first = subprocess.run([*args, "--out", str(tmp_path / "ray")], env=env, capture_output=True, text=True,
+                               timeout=240)  # fmt: skip
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert json.loads(first.stdout)["processed"] == 6
+        again = subprocess.run([*args, "--out", str(tmp_path / "ray")], env=env, capture_output=True, text=True,
+                               timeout=240)  # fmt: skip  # the cluster outlived the first command
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert (json.loads(again.stdout)["processed"], json.loads(again.stdout)["skipped"]) == (0, 6)
+    finally:
+        cluster.shutdown()
+    local = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "crop=false", "runtime.threads=1"])
+    local.index(uri, tmp_path / "local")
+    on_cluster, on_disk = GalleryIndex.load(tmp_path / "ray"), GalleryIndex.load(tmp_path / "local")
+    assert [r.to_dict() for r in on_cluster.records] == [r.to_dict() for r in on_disk.records]
+    assert np.abs(on_cluster.vectors - on_disk.vectors).max() <= 1e-5

@@ -130,14 +130,44 @@ def test_ray_engine_survives_kill_9_leaves_no_ray_process_and_resumes(tmp_path: 
     assert not marked_processes("CARSEARCH_TEST_MARK", mark)  # a finished run leaves nothing behind either
 
 
-@pytest.mark.parametrize(("cpus", "detectors", "embedders"), [(2, 1, 1), (2, 2, 1), (2, 4, 4), (64, 8, 2)])
-def test_actor_pools_always_fit_beside_a_decode_task(cpus: int, detectors: int, embedders: int) -> None:
-    from carsearch.pipeline.ray_engine import _actor_cpus
+def placements(nodes: list[float], actors: int, share: float) -> Iterator[list[int]]:
+    """Every way to place ``actors`` actors of ``share`` CPUs on nodes of these sizes (actors per node)."""
+    if not nodes:
+        if actors == 0:
+            yield []
+        return
+    for here in range(min(actors, int(nodes[0] / share + 1e-9)) + 1):
+        for rest in placements(nodes[1:], actors - here, share):
+            yield [here, *rest]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "actors"),
+    [([2], 2), ([2], 4), ([1, 1], 2), ([2, 2], 4), ([3], 3), ([1, 1, 1], 3), ([2, 1], 3), ([4, 4], 8),
+     ([0, 2, 2], 4), ([16, 16], 32), ([64], 10)],
+)  # fmt: skip
+def test_actor_pools_fit_and_decode_tasks_always_find_room(nodes: list[float], actors: int) -> None:
+    from carsearch.pipeline.ray_engine import actor_cpus
     from carsearch.pipeline.ray_workers import DECODE_CPUS
 
-    per_actor = _actor_cpus(cpus, detectors + embedders)
-    assert (detectors + embedders) * per_actor + DECODE_CPUS <= cpus + 1e-9  # else a pool waits forever
-    assert per_actor == 1.0 or (detectors + embedders) * per_actor + DECODE_CPUS == pytest.approx(cpus)
+    share = actor_cpus(nodes, actors)
+    assert 0 < share <= 1
+    if len(nodes) * actors <= 32:  # small enough to try every placement Ray could choose
+        ways = list(placements(nodes, actors, share))
+        assert ways, "the pools cannot all start"
+        for way in ways:
+            free = [cpus - n * share for cpus, n in zip(nodes, way, strict=True)]
+            assert max(free) >= DECODE_CPUS - 1e-9, f"{way} on {nodes} leaves no room for decoding: {free}"
+    assert actor_cpus(nodes, 1) == 1.0 or max(nodes) < 1 + DECODE_CPUS  # one actor needs no squeezing
+
+
+def test_actor_pools_too_large_for_the_cluster_are_refused() -> None:
+    from carsearch.errors import ConfigError
+    from carsearch.pipeline.ray_engine import actor_cpus
+
+    assert actor_cpus([2, 2], 300) <= 0.011  # tiny shares, but they fit
+    with pytest.raises(ConfigError, match="1000 actors do not fit"):
+        actor_cpus([2, 2], 1000)  # would need less than Ray's smallest share we allow (0.01)
 
 
 def test_decode_workers_import_no_heavy_library() -> None:
