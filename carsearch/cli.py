@@ -38,7 +38,8 @@ def _common(
     if models:
         parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
         parser.add_argument(
-            "--detector-weights", help="YOLO weights (.pt/.onnx/.tflite); default yolo11n.pt (downloads)"
+            "--detector-weights",
+            help="YOLO weights (.pt/.onnx/.tflite; a path or an s3:// URI); default yolo11n.pt (downloads)",
         )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-source", choices=["detector", "gt"], help="gt: use CSV/devkit boxes when present")
     p.add_argument("--split", choices=["train", "test", "all"], default="all", help="devkit/Kaggle split")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
-    p.add_argument("--model", help="trained embedder checkpoint (carsearch export)")
+    p.add_argument("--model", help="trained embedder checkpoint (carsearch export; a path or an s3:// URI)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="decode worker processes (0 = in the main process)")
     p.add_argument("--prune", action="store_true", help="drop indexed images the source no longer lists")

@@ -1,5 +1,6 @@
 """Where input files live: local paths, or URIs (``s3://``, ``gs://``, ``hdfs://``, ``file://``) read through
-pyarrow filesystems, so that every node of a Ray cluster can read a source from an object store.
+pyarrow filesystems, so that every node of a Ray cluster can read a source — and the model files — from an
+object store.
 
 A location is a :class:`~pathlib.Path` for a local file and a ``str`` for a URI (``Path`` would collapse
 ``s3://`` into ``s3:/``). Credentials and endpoints come from pyarrow's usual places: the AWS environment
@@ -120,10 +121,53 @@ def join(folder: str | Path, relative: str) -> Location:
     return _uri(parts, posixpath.normpath(posixpath.join(parts.path or "/", relative)))
 
 
+def name(location: str | Path) -> str:
+    """The file name (last path part) of a local path or a URI."""
+    return posixpath.basename((urlsplit(location).path if is_uri(location) else str(location)).rstrip("/"))
+
+
 def suffix(location: str | Path) -> str:
     """The file extension, lower-case with its dot (``.csv``), or ``""``."""
     path = urlsplit(location).path if is_uri(location) else str(location)
     return posixpath.splitext(path)[1].lower()
+
+
+def stamp(location: str | Path) -> str:
+    """``size:mtime`` of a file (``""`` when it is not there): enough to notice that it changed."""
+    if not is_uri(location):
+        path = Path(location).expanduser()
+        return f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else ""
+    try:
+        filesystem, path = _resolve(str(location))
+        info = filesystem.get_file_info(path)
+    except OSError:
+        return ""
+    return f"{info.size}:{info.mtime_ns}" if info.type.name == "File" else ""
+
+
+def cache_root() -> Path:
+    """Where carsearch keeps derived files: ``$CARSEARCH_CACHE`` or ``~/.cache/carsearch``."""
+    return Path(os.environ.get("CARSEARCH_CACHE") or Path.home() / ".cache" / "carsearch")
+
+
+def local_copy(location: str | Path) -> Path:
+    """A local file with ``location``'s bytes, for libraries that need a path (ultralytics): a local path as
+    it is; a URI downloaded into ``cache_root()/downloads`` under its content hash (kept: the next call
+    reads the object again but writes nothing when it has not changed). Raises ``OSError`` like
+    :func:`read_bytes`."""
+    if not is_uri(location):
+        return Path(location).expanduser()
+    import hashlib
+
+    from carsearch.data.atomic import atomic_write_bytes
+
+    data = read_bytes(location)
+    digest = hashlib.blake2b(data, digest_size=8).hexdigest()
+    target = cache_root() / "downloads" / f"{digest}-{name(location) or 'file'}"
+    if not target.is_file() or target.stat().st_size != len(data):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, data)
+    return target
 
 
 def identity(location: str | Path) -> str:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from carsearch.config import DetectorConfig
+from carsearch.data import storage
 from carsearch.errors import ModelLoadError
 from carsearch.types import BBox, Detection
 
@@ -60,7 +61,7 @@ class VehicleDetector:
             self._model = _load_yolo(config.weights, threads or os.cpu_count() or 1)
         names = {int(k): str(v) for k, v in dict(self._model.names).items()}
         self.class_names = resolve_vehicle_classes(names, config.classes)
-        self.identity = f"{Path(config.weights).name}:{','.join(sorted(self.class_names.values()))}"
+        self.identity = f"{storage.name(config.weights)}:{','.join(sorted(self.class_names.values()))}"
 
     def detect(self, images: Sequence[Image.Image]) -> list[list[Detection]]:
         """Vehicles in each RGB image, in that image's pixel coordinates, sorted by decreasing score."""
@@ -125,6 +126,11 @@ def _load_yolo(weights: str, threads: int) -> Any:
         litert.NUM_THREADS = threads
     except (ImportError, AttributeError):  # layout differs in other ultralytics versions: keep their default
         pass
+    if storage.is_uri(weights):  # an object store: ultralytics needs a local file
+        try:
+            weights = str(storage.local_copy(weights))
+        except OSError as exc:
+            raise ModelLoadError(f"cannot fetch detector weights {weights!r}: {exc}") from None
     local = Path(weights).expanduser()
     if local.suffix == "" and not local.exists():
         raise ModelLoadError(f"detector weights {weights!r} not found; {OFFLINE_HINT}")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_bytes
 from carsearch.embedder.model import EmbeddingModel, ModelSpec
 from carsearch.errors import ModelLoadError
@@ -31,9 +32,12 @@ def save_checkpoint(model: EmbeddingModel, path: str | Path, extra: dict[str, An
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's payload, validated; never unpickles arbitrary objects."""
     try:
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else Path(path)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelLoadError(f"checkpoint not found: {path}") from None
+    except OSError as exc:  # an object store that cannot be reached
+        raise ModelLoadError(f"cannot read checkpoint {path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
         raise ModelLoadError(f"{path} is not a loadable carsearch checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from carsearch.data.storage import cache_root
 from carsearch.embedder.model import EmbeddingModel
 from carsearch.errors import ModelLoadError
 
@@ -69,8 +70,8 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def cache_dir() -> Path:
-    """Where exported runtime models are kept: ``$CARSEARCH_CACHE`` or ``~/.cache/carsearch``."""
-    return Path(os.environ.get("CARSEARCH_CACHE") or Path.home() / ".cache" / "carsearch") / "onnx"
+    """Where exported runtime models are kept: ``onnx/`` under :func:`~carsearch.data.storage.cache_root`."""
+    return cache_root() / "onnx"
 
 
 class OnnxRunner:

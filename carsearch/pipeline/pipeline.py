@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from carsearch.config import PipelineConfig, RetrievalConfig, from_dict, load_config, to_dict
+from carsearch.data import storage
 from carsearch.data.cropping import apply_plan, needs_detector, plan_image, plan_in_original
 from carsearch.data.images import content_hash, decode_image, limit_size, read_bytes
 from carsearch.data.sources import Split, read_source
@@ -124,7 +125,7 @@ class Pipeline:
         detector = None
         if self.config.crop:
             detector = {
-                "weights": Path(det.weights).name,
+                "weights": storage.name(det.weights),
                 "classes": sorted(det.classes),
                 "confidence": det.confidence,
                 "iou": det.iou,

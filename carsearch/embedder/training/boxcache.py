@@ -26,12 +26,11 @@ CACHE_VERSION = 1
 
 def cache_path(cache_dir: str | Path, config: DetectorConfig) -> Path:
     """The cache file of one detector setting (weights file + what changes its output), in ``cache_dir``."""
-    weights = Path(config.weights).expanduser()
-    stamp = f"{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights.is_file() else ""
+    weights = storage.as_location(config.weights)
     key = json.dumps(
         [
-            str(weights),
-            stamp,
+            str(weights if storage.is_uri(weights) else Path(weights).expanduser()),
+            storage.stamp(weights),
             sorted(config.classes),
             config.confidence,
             config.iou,
@@ -40,7 +39,8 @@ def cache_path(cache_dir: str | Path, config: DetectorConfig) -> Path:
         ]
     )
     digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
-    return Path(cache_dir) / f"boxes_{weights.stem}_{digest}.json"
+    stem = Path(storage.name(weights)).stem
+    return Path(cache_dir) / f"boxes_{stem}_{digest}.json"
 
 
 def _encode(detections: list[Detection]) -> list[list[Any]]:

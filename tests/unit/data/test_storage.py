@@ -124,3 +124,40 @@ def test_object_store_sources_fail_with_clear_errors(object_store: ObjectStore) 
         read_source(f"s3://{bucket}/x.csv?no_such_option=1")
     with pytest.raises(DataSourceError, match="cannot read source .*Could not connect"):
         read_source(f"s3://{bucket}/x.csv?endpoint_override=127.0.0.1:9&scheme=http")  # nothing listens there
+
+
+def test_local_copy_downloads_once_per_content_and_leaves_local_paths_alone(
+    object_store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CARSEARCH_CACHE", str(tmp_path / "cache"))
+    bucket = object_store.bucket()
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "yolo.tflite").write_bytes(b"weights v1")
+    uri = object_store.upload(folder, f"{bucket}/m") + "/yolo.tflite"
+    first = storage.local_copy(uri)
+    assert first.parent == tmp_path / "cache" / "downloads" and first.name.endswith("-yolo.tflite")
+    assert first.read_bytes() == b"weights v1" and storage.local_copy(uri) == first
+    assert storage.name(uri) == "yolo.tflite" and storage.name(folder / "yolo.tflite") == "yolo.tflite"
+    assert storage.stamp(uri).startswith("10:") and storage.stamp(f"s3://{bucket}/m/none") == ""
+
+    (folder / "yolo.tflite").write_bytes(b"weights v2")  # the object changes: a new copy, the old one kept
+    object_store.upload(folder, f"{bucket}/m")
+    second = storage.local_copy(uri)
+    assert second != first and second.read_bytes() == b"weights v2" and first.read_bytes() == b"weights v1"
+    assert storage.local_copy(folder / "yolo.tflite") == folder / "yolo.tflite"
+    with pytest.raises(FileNotFoundError):
+        storage.local_copy(f"s3://{bucket}/m/missing.pt")
+
+
+def test_models_missing_from_the_store_fail_with_clear_errors(object_store: ObjectStore) -> None:
+    from carsearch.config import DetectorConfig, EmbedderConfig
+    from carsearch.detector import VehicleDetector
+    from carsearch.embedder import Embedder
+    from carsearch.errors import ModelLoadError
+
+    bucket = object_store.bucket()
+    with pytest.raises(ModelLoadError, match=f"cannot fetch detector weights 's3://{bucket}/yolo.pt'.*does not exist"):
+        VehicleDetector(DetectorConfig(weights=f"s3://{bucket}/yolo.pt"))
+    with pytest.raises(ModelLoadError, match=f"checkpoint not found: s3://{bucket}/embedder.pt"):
+        Embedder.from_config(EmbedderConfig(checkpoint=f"s3://{bucket}/embedder.pt"))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from carsearch.index import GalleryIndex
 from carsearch.pipeline import Pipeline
@@ -42,23 +44,49 @@ def test_index_an_s3_folder_like_the_same_folder_on_disk(object_store: ObjectSto
     assert hits.hits[0].path == s3.records[4].path and hits.hits[0].score > 0.999
 
 
-def test_ray_engine_reads_the_s3_folder_in_its_workers(object_store: ObjectStore, tmp_path: Path) -> None:
+def test_ray_engine_reads_the_source_and_the_models_from_s3_in_its_workers(
+    object_store: ObjectStore, tmp_path: Path, tiny_yolo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images, detector weights and embedder checkpoint all in the store (no shared filesystem): the Ray
+    engine's workers fetch them and build the index the local engine builds from the same files on disk."""
     pytest.importorskip("ray")
+    from carsearch.embedder import EmbeddingModel, ModelSpec, Preprocessing, save_checkpoint
     from carsearch.pipeline.ray_engine import RayOptions
 
+    monkeypatch.setenv("CARSEARCH_CACHE", str(tmp_path / "cache"))  # where workers keep downloaded models
     gallery = build_gallery(tmp_path / "gallery", classes=2, per_class=3)
     (gallery / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    uri = object_store.upload(gallery, f"{object_store.bucket()}/gallery")
-    pipeline = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "crop=false", "runtime.threads=1"])
-    local = pipeline.index(uri, tmp_path / "local")
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.manual_seed(0)
+    save_checkpoint(EmbeddingModel(ModelSpec(embedding_dim=16, preprocessing=Preprocessing(image_size=64)),
+                                   pretrained=False), models / "embedder.pt")  # fmt: skip
+    shutil.copy(tiny_yolo, models / "tiny_car.pt")
+    bucket = object_store.bucket()
+    uri = object_store.upload(gallery, f"{bucket}/gallery")
+    store_models = object_store.upload(models, f"{bucket}/models")
+    # one image per detector call and one thread in both engines, as in test_ray_engine.py
+    settings = [*TEST_OVERRIDES, "runtime.batch_size=1", "runtime.threads=1", "detector.confidence=0.05"]
+
+    def pipeline(folder: Path | str) -> Pipeline:
+        return Pipeline.from_config(
+            overrides=[*settings, f"detector.weights={folder}/tiny_car.pt", f"embedder.checkpoint={folder}/embedder.pt"]
+        )
+
+    on_disk, in_store = pipeline(models), pipeline(store_models)
+    local = on_disk.index(gallery, tmp_path / "local")
     # the job's own local cluster: its workers inherit the store's endpoint and credentials from this process
-    on_ray = pipeline.index(uri, tmp_path / "ray", engine="ray", ray=RayOptions(num_cpus=2))
+    on_ray = in_store.index(uri, tmp_path / "ray", engine="ray", ray=RayOptions(num_cpus=2))
     assert (on_ray.processed, on_ray.errors, on_ray.items_added) == (local.processed, 1, 6)
     local_index, ray_index = GalleryIndex.load(tmp_path / "local"), GalleryIndex.load(tmp_path / "ray")
-    assert [r.to_dict() for r in ray_index.records] == [r.to_dict() for r in local_index.records]
-    assert all(r.path.startswith(f"{uri}/") for r in ray_index.records)
+    relative = [Path(r.path).relative_to(gallery).as_posix() for r in local_index.records]
+    assert [r.path for r in ray_index.records] == [f"{uri}/{name}" for name in relative]
+    strip = [{**r.to_dict(), "path": None} for r in local_index.records]
+    assert [{**r.to_dict(), "path": None} for r in ray_index.records] == strip  # same boxes, hashes, labels
     assert np.abs(ray_index.vectors - local_index.vectors).max() <= 1e-5
-    assert (tmp_path / "ray" / "errors.jsonl").read_text() == (tmp_path / "local" / "errors.jsonl").read_text()
+    assert ray_index.manifest["embedder"]["fingerprint"] == local_index.manifest["embedder"]["fingerprint"]
+    assert ray_index.vectors.shape[1] == 16  # the checkpoint's head, not the pretrained backbone
+    assert list((tmp_path / "cache" / "downloads").glob("*-tiny_car.pt"))  # fetched by the workers
 
 
 def test_cli_on_an_existing_two_node_cluster_reads_s3_and_leaves_the_cluster_running(
