@@ -122,8 +122,14 @@ def _dataset(ray: Any, job: IndexJob, config: PipelineConfig, options: RayOption
     context.execution_options.preserve_order = True  # outcomes reach the chunks in source order
     context.enable_progress_bars = False
     batch = config.runtime.batch_size
+    # Each row carries the content hash the index holds for its path (or ""), not the whole table: a resumed
+    # 10M-image job would otherwise ship a 10M-entry dict to every decode task.
     rows = [
-        {"position": i, "item": json.dumps([str(it.path), it.label, it.box.as_list() if it.box else None])}
+        {
+            "position": i,
+            "item": json.dumps([str(it.path), it.label, it.box.as_list() if it.box else None]),
+            "indexed": job.done.get(str(it.path), ""),
+        }
         for i, it in enumerate(job.items)
     ]
     gpus = options.gpus_per_actor
@@ -138,7 +144,7 @@ def _dataset(ray: Any, job: IndexJob, config: PipelineConfig, options: RayOption
     return (
         ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
         .map_batches(decode_batch, batch_size=batch, num_cpus=DECODE_CPUS,
-                     fn_kwargs={"done": job.done, "max_side": config.runtime.max_image_side})
+                     fn_kwargs={"max_side": config.runtime.max_image_side})
         .map_batches(CropActor, batch_size=batch, fn_constructor_args=(settings,),
                      compute=_pool(ray, detectors), num_cpus=cpus)
         .map_batches(EmbedActor, batch_size=batch, fn_constructor_args=(settings,),

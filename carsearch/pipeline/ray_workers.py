@@ -33,11 +33,13 @@ def _source_item(item: str) -> SourceItem:
     return SourceItem(as_location(path), label, BBox(*box) if box else None)
 
 
-def decode_batch(batch: dict[str, np.ndarray], done: dict[str, str], max_side: int) -> dict[str, np.ndarray]:
-    """Read, hash and decode: the image as raw RGB bytes + its shape, or the skip / error."""
+def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.ndarray]:
+    """Read, hash and decode: the image as raw RGB bytes + its shape, or the skip (its content hash equals
+    the row's ``indexed`` hash) / error."""
     out: dict[str, list[Any]] = {k: [] for k in ("position", "item", "status", "reason", "hash", "pixels", "shape")}
-    for position, item in zip(batch["position"], batch["item"], strict=True):
-        decoded = decode_item(int(position), _source_item(item), done, max_side)
+    for position, item, indexed in zip(batch["position"], batch["item"], batch["indexed"], strict=True):
+        source = _source_item(item)
+        decoded = decode_item(int(position), source, {str(source.path): str(indexed)} if indexed else {}, max_side)
         pixels = decoded.image if decoded.image is not None else np.zeros((0, 0, 3), np.uint8)
         out["position"].append(int(position))
         out["item"].append(item)

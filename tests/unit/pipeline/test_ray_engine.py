@@ -180,3 +180,21 @@ def test_decode_workers_import_no_heavy_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_decode_tasks_skip_by_the_hash_each_row_carries(tmp_path: Path) -> None:
+    """A resumed job sends each row the hash its index holds for that path (not the whole table)."""
+    from carsearch.data.images import content_hash
+    from carsearch.pipeline.ray_workers import decode_batch
+
+    paths = [tmp_path / "same.jpg", tmp_path / "changed.jpg", tmp_path / "new.jpg"]
+    for i, path in enumerate(paths):
+        make_car_image(i, CLASS_COLOURS[i]).save(path)
+    batch = {
+        "position": np.array([0, 1, 2]),
+        "item": np.array([json.dumps([str(p), "x", None]) for p in paths], dtype=object),
+        "indexed": np.array([content_hash(paths[0].read_bytes()), "0" * 32, ""], dtype=object),
+    }
+    out = decode_batch(batch, max_side=1024)
+    assert list(out["status"]) == ["skip", "ok", "ok"]
+    assert list(out["hash"]) == [content_hash(p.read_bytes()) for p in paths]
