@@ -17,7 +17,7 @@ import posixpath
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -53,7 +53,9 @@ def _resolve(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
 
 
 def _uri(parts: SplitResult, path: str) -> str:
-    return f"{parts.scheme}://{parts.netloc}{path}" + (f"?{parts.query}" if parts.query else "")
+    """The URI of ``path`` (plain, not percent-encoded) on ``parts``' filesystem, with its options."""
+    encoded = quote(path, safe="/:@!$&'()*+,;=~")  # a space, '%', '?' or '#' in a key must survive
+    return f"{parts.scheme}://{parts.netloc}{encoded}" + (f"?{parts.query}" if parts.query else "")
 
 
 def read_bytes(location: str | Path) -> bytes:
@@ -93,7 +95,7 @@ def list_files(root: str) -> list[tuple[str, str]]:
 
     parts = urlsplit(root)
     filesystem, base = _resolve(root)
-    prefix = parts.path.rstrip("/")
+    prefix = unquote(parts.path).rstrip("/")
     found = []
     for info in filesystem.get_file_info(FileSelector(base, recursive=True, allow_not_found=True)):
         if info.type == FileType.File:
@@ -107,7 +109,7 @@ def parent(location: str | Path) -> Location:
     if not is_uri(location):
         return Path(location).parent
     parts = urlsplit(str(location))
-    return _uri(parts, posixpath.dirname(parts.path.rstrip("/")))
+    return _uri(parts, posixpath.dirname(unquote(parts.path).rstrip("/")))
 
 
 def join(folder: str | Path, relative: str) -> Location:
@@ -118,18 +120,21 @@ def join(folder: str | Path, relative: str) -> Location:
     if not is_uri(folder):
         return Path(folder) / relative
     parts = urlsplit(str(folder))
-    return _uri(parts, posixpath.normpath(posixpath.join(parts.path or "/", relative)))
+    return _uri(parts, posixpath.normpath(posixpath.join(unquote(parts.path) or "/", relative)))
+
+
+def _plain_path(location: str | Path) -> str:
+    return unquote(urlsplit(location).path) if is_uri(location) else str(location)
 
 
 def name(location: str | Path) -> str:
     """The file name (last path part) of a local path or a URI."""
-    return posixpath.basename((urlsplit(location).path if is_uri(location) else str(location)).rstrip("/"))
+    return posixpath.basename(_plain_path(location).rstrip("/"))
 
 
 def suffix(location: str | Path) -> str:
     """The file extension, lower-case with its dot (``.csv``), or ``""``."""
-    path = urlsplit(location).path if is_uri(location) else str(location)
-    return posixpath.splitext(path)[1].lower()
+    return posixpath.splitext(_plain_path(location))[1].lower()
 
 
 def stamp(location: str | Path) -> str:

@@ -68,6 +68,7 @@ def upload_gallery(store: ObjectStore, tmp_path: Path) -> tuple[Path, str]:
     (gallery / ".thumbnails" / "t.jpg").write_bytes(b"hidden")
     (gallery / "class_0" / "notes.txt").write_text("not an image")
     (gallery / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    make_car_image(9, CLASS_COLOURS[0]).save(gallery / "class_0" / "a car #3%.jpg")  # needs percent-encoding
     return gallery, store.upload(gallery, f"{store.bucket()}/photos")
 
 
@@ -75,6 +76,7 @@ def test_a_folder_in_s3_lists_its_images_with_labels(object_store: ObjectStore, 
     gallery, uri = upload_gallery(object_store, tmp_path)
     items = read_source(uri)
     assert [(i.label, i.path) for i in items] == [
+        ("class_0", f"{uri}/class_0/a%20car%20%233%25.jpg"),
         ("class_0", f"{uri}/class_0/img_0.jpg"),
         ("class_0", f"{uri}/class_0/img_1.jpg"),
         ("class_1", f"{uri}/class_1/broken.jpg"),
@@ -82,9 +84,11 @@ def test_a_folder_in_s3_lists_its_images_with_labels(object_store: ObjectStore, 
         ("class_1", f"{uri}/class_1/img_1.jpg"),
     ]  # sorted; hidden folders and non-images left out, as in a local folder
     assert read_source(uri + "/") == items
-    image = load_image(items[0].path)
+    assert storage.name(items[0].path) == "a car #3%.jpg"
+    assert load_image(items[0].path).tobytes() == load_image(gallery / "class_0" / "a car #3%.jpg").tobytes()
+    image = load_image(items[1].path)
     assert image.size == (160, 120) and image.tobytes() == load_image(gallery / "class_0" / "img_0.jpg").tobytes()
-    decoded = decode_item(0, items[2], {}, 1024)
+    decoded = decode_item(0, items[3], {}, 1024)
     local = decode_item(0, SourceItem(gallery / "class_1" / "broken.jpg"), {}, 1024)
     assert (decoded.status, decoded.reason, decoded.content_hash) == ("error", local.reason, local.content_hash)
     missing = decode_item(1, SourceItem(f"{uri}/class_0/gone.jpg"), {}, 1024)
@@ -98,16 +102,20 @@ def test_a_csv_in_s3_resolves_its_rows_against_its_own_folder(object_store: Obje
     folder = tmp_path / "upload"
     (folder / "lists").mkdir(parents=True)
     make_car_image(1, CLASS_COLOURS[0]).save(folder / "a.jpg")
+    make_car_image(2, CLASS_COLOURS[1]).save(folder / "lists" / "c d.jpg")
     rows = "path,label,x1,y1,x2,y2,view\n../a.jpg,audi,1,2,30,40,side\ns3://other/b.jpg,bmw,,,,,front\n"
+    rows += "c d.jpg,citroen,,,,,side\n"
     (folder / "lists" / "cars.csv").write_bytes(b"\xef\xbb\xbf" + rows.encode())  # Excel's BOM too
     uri = object_store.upload(folder, bucket)
     items = read_source(f"{uri}/lists/cars.csv")
     assert [(i.path, i.label, i.box.as_list() if i.box else None) for i in items] == [
         (f"{uri}/a.jpg", "audi", [1.0, 2.0, 30.0, 40.0]),
         ("s3://other/b.jpg", "bmw", None),
+        (f"{uri}/lists/c%20d.jpg", "citroen", None),
     ]
+    assert load_image(items[2].path).tobytes() == load_image(folder / "lists" / "c d.jpg").tobytes()
     only_side = read_source(f"{uri}/lists/cars.csv", where={"view": "side"})
-    assert [i.label for i in only_side] == ["audi"]
+    assert [i.label for i in only_side] == ["audi", "citroen"]
 
 
 def test_object_store_sources_fail_with_clear_errors(object_store: ObjectStore) -> None:
