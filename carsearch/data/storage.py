@@ -11,10 +11,12 @@ listed under it keeps.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, quote, unquote, urlsplit
@@ -23,12 +25,26 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 Location = Path | str
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
+SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")  # what pyarrow.fs opens
+_URI = re.compile(rf"^(?:{'|'.join(SCHEMES)})://", re.IGNORECASE)
 
 
 def is_uri(location: str | Path) -> bool:
-    """Whether ``location`` names a file through a URI scheme (``s3://...``) rather than a local path."""
+    """Whether ``location`` names a file in a store pyarrow reads (``s3://...``) rather than a local path.
+    Other URLs (``https://``) are not: ultralytics downloads its own weights from them."""
     return isinstance(location, str) and bool(_URI.match(location))
+
+
+@contextlib.contextmanager
+def _store_errors(location: str) -> Iterator[None]:
+    """pyarrow's complaints about a URI (ArrowInvalid is a ValueError, ArrowNotImplementedError a
+    NotImplementedError) as the ``OSError`` that callers of file functions expect."""
+    try:
+        yield
+    except OSError:
+        raise
+    except (ValueError, NotImplementedError) as exc:
+        raise OSError(f"{location}: {exc}") from None
 
 
 def as_location(value: str | Path) -> Location:
@@ -46,9 +62,14 @@ def _filesystem(scheme: str, netloc: str, query: str, pid: int) -> tuple[pyarrow
     return filesystem, root.rstrip("/")
 
 
+def _split(uri: str) -> SplitResult:
+    return urlsplit(uri, allow_fragments=False)  # a '#' is part of an object's name, not a fragment
+
+
 def _resolve(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    parts = urlsplit(uri)
-    filesystem, root = _filesystem(parts.scheme, parts.netloc, parts.query, os.getpid())
+    parts = _split(uri)
+    with _store_errors(uri):
+        filesystem, root = _filesystem(parts.scheme.lower(), parts.netloc, parts.query, os.getpid())
     return filesystem, f"{root}/{unquote(parts.path).lstrip('/')}".rstrip("/") or "/"
 
 
@@ -63,11 +84,14 @@ def read_bytes(location: str | Path) -> bytes:
     if not is_uri(location):
         return Path(location).read_bytes()
     filesystem, path = _resolve(str(location))
-    info = filesystem.get_file_info(path)
-    if info.type.name == "Directory":
-        raise IsADirectoryError(21, "Is a directory", str(location))
-    with filesystem.open_input_stream(path) as stream:
-        return stream.readall()
+    with _store_errors(str(location)):
+        try:
+            with filesystem.open_input_stream(path) as stream:  # one request; only a failure asks what is there
+                return stream.readall()
+        except OSError:
+            if filesystem.get_file_info(path).type.name == "Directory":
+                raise IsADirectoryError(21, "Is a directory", str(location)) from None
+            raise
 
 
 def is_file(location: str | Path) -> bool:
@@ -76,7 +100,8 @@ def is_file(location: str | Path) -> bool:
         return Path(location).is_file()
     try:
         filesystem, path = _resolve(str(location))
-        return filesystem.get_file_info(path).type.name == "File"
+        with _store_errors(str(location)):
+            return filesystem.get_file_info(path).type.name == "File"
     except OSError:
         return False
 
@@ -86,45 +111,49 @@ def is_dir(location: str | Path) -> bool:
     if not is_uri(location):
         return Path(location).is_dir()
     filesystem, path = _resolve(str(location))
-    return filesystem.get_file_info(path).type.name == "Directory"
+    with _store_errors(str(location)):
+        return filesystem.get_file_info(path).type.name == "Directory"
 
 
 def list_files(root: str) -> list[tuple[str, str]]:
     """Every file below the URI ``root`` as (path relative to it, its URI), sorted by the relative path."""
     from pyarrow.fs import FileSelector, FileType
 
-    parts = urlsplit(root)
+    parts = _split(root)
     filesystem, base = _resolve(root)
     prefix = unquote(parts.path).rstrip("/")
     found = []
-    for info in filesystem.get_file_info(FileSelector(base, recursive=True, allow_not_found=True)):
+    with _store_errors(root):
+        infos = filesystem.get_file_info(FileSelector(base, recursive=True, allow_not_found=True))
+    for info in infos:
         if info.type == FileType.File:
             relative = posixpath.relpath(info.path, base)
             found.append((relative, _uri(parts, f"{prefix}/{relative}")))
-    return sorted(found)
+    return sorted(found, key=lambda entry: entry[0].split("/"))  # folder by folder, as a local walk sorts
 
 
 def parent(location: str | Path) -> Location:
     """The folder holding ``location``."""
     if not is_uri(location):
         return Path(location).parent
-    parts = urlsplit(str(location))
+    parts = _split(str(location))
     return _uri(parts, posixpath.dirname(unquote(parts.path).rstrip("/")))
 
 
 def join(folder: str | Path, relative: str) -> Location:
-    """``relative`` (a path as a CSV lists it) resolved against ``folder``; a URI or an absolute local path
-    in ``relative`` is taken as it is."""
+    """``relative`` (a path as a CSV lists it) resolved against ``folder``. A URI in ``relative`` is taken as
+    it is; so is an absolute path under a local folder, while under a URI it names a key from the store's
+    root (``/cars/a.jpg`` next to ``s3://bucket/lists/x.csv`` is ``s3://bucket/cars/a.jpg``)."""
     if is_uri(relative):
         return relative
     if not is_uri(folder):
         return Path(folder) / relative
-    parts = urlsplit(str(folder))
+    parts = _split(str(folder))
     return _uri(parts, posixpath.normpath(posixpath.join(unquote(parts.path) or "/", relative)))
 
 
 def _plain_path(location: str | Path) -> str:
-    return unquote(urlsplit(location).path) if is_uri(location) else str(location)
+    return unquote(_split(location).path) if is_uri(location) else str(location)
 
 
 def name(location: str | Path) -> str:
@@ -144,7 +173,8 @@ def stamp(location: str | Path) -> str:
         return f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else ""
     try:
         filesystem, path = _resolve(str(location))
-        info = filesystem.get_file_info(path)
+        with _store_errors(str(location)):
+            info = filesystem.get_file_info(path)
     except OSError:
         return ""
     return f"{info.size}:{info.mtime_ns}" if info.type.name == "File" else ""

@@ -14,6 +14,7 @@ from PIL import Image
 
 from carsearch.data.cropping import apply_plan
 from carsearch.data.images import decode_image, read_bytes
+from carsearch.data.storage import is_uri
 from carsearch.errors import CarSearchError, IndexMismatchError
 from carsearch.explain import Explainer, energy_in_box, paste_into
 from carsearch.explain.cam import Method
@@ -84,13 +85,14 @@ class DemoBackend:
         return cls(main, raw, default_confidence)
 
     def examples(self, count: int = 8) -> list[str]:
-        """Paths of up to ``count`` indexed images, one per label where possible, that still exist."""
+        """Paths of up to ``count`` indexed images, one per label where possible, that still exist (local files
+        only: Gradio's examples cannot read an object store)."""
         seen: set[str | None] = set()
         picked: list[str] = []
         for record in self.main.gallery.records:
             if len(picked) >= count:
                 break
-            if record.label in seen or not Path(record.path).is_file():
+            if record.label in seen or is_uri(record.path) or not Path(record.path).is_file():
                 continue
             seen.add(record.label)
             picked.append(record.path)

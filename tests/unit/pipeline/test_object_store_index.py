@@ -25,7 +25,7 @@ def test_index_an_s3_folder_like_the_same_folder_on_disk(object_store: ObjectSto
     gallery = build_gallery(tmp_path / "gallery", classes=3, per_class=3)
     (gallery / "class_2" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     uri = object_store.upload(gallery, f"{object_store.bucket()}/gallery")
-    # decode workers are forked processes: each must open its own connection to the store
+    # decode workers are forked processes, reading from the store too
     pipeline = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "crop=false", "runtime.workers=2"])
     from_disk = pipeline.index(gallery, tmp_path / "disk")
     from_s3 = pipeline.index(uri, tmp_path / "s3")

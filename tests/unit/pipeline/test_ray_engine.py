@@ -158,6 +158,16 @@ def test_actor_pools_fit_and_decode_tasks_always_find_room(nodes: list[float], a
         for way in ways:
             free = [cpus - n * share for cpus, n in zip(nodes, way, strict=True)]
             assert max(free) >= DECODE_CPUS - 1e-9, f"{way} on {nodes} leaves no room for decoding: {free}"
+    if share < 1:  # and no larger share (Ray's 1e-3 steps) would be safe too
+        bigger = round(share + 0.001, 4)
+        risky = list(placements(nodes, actors, bigger)) if len(nodes) * actors <= 32 else None
+        assert (
+            risky is None
+            or not risky
+            or any(
+                max(cpus - n * bigger for cpus, n in zip(nodes, way, strict=True)) < DECODE_CPUS - 1e-9 for way in risky
+            )
+        ), f"{bigger} CPU per actor would be safe as well"
     assert actor_cpus(nodes, 1) == 1.0 or max(nodes) < 1 + DECODE_CPUS  # one actor needs no squeezing
 
 
