@@ -1,10 +1,11 @@
-"""Scale benchmarks (issue: index at fleet scale). Three parts, each printing a table and writing JSON:
+"""Scale benchmarks (issue: index at fleet scale). Four parts, each printing a table and writing JSON:
 
     python benchmarks/scale.py engines --n 500       # Ray engine vs local engine on the same shared photos
     python benchmarks/scale.py indexes ...           # faiss index kinds at 100k / 1M realistic vectors
     python benchmarks/scale.py records --n 1000000   # index records: Arrow columns vs Python objects
+    python benchmarks/scale.py plan --n 1000000      # the Ray engine's input blocks: Arrow vs Python rows
 
-``engines`` and ``records`` write ``benchmarks/results/scale-{engines,records}-cpu.json`` (``--json`` to
+``engines``, ``records`` and ``plan`` write ``benchmarks/results/scale-{part}-cpu.json`` (``--json`` to
 change it); ``indexes`` is ``benchmarks/scale_indexes.py`` (see its ``--help``).
 """
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("engines", "indexes", "records"):
+    if not argv or argv[0] not in ("engines", "indexes", "records", "plan"):
         print(__doc__)
         return 2
     part, rest = argv[0], argv[1:]
@@ -40,6 +41,10 @@ def main(argv: list[str]) -> int:
         import scale_records
 
         result = scale_records.main(rest)
+    elif part == "plan":
+        import scale_plan
+
+        result = scale_plan.main(rest)
     else:
         import scale_engines
 

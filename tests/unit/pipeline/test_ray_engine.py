@@ -208,3 +208,28 @@ def test_decode_tasks_skip_by_the_hash_each_row_carries(tmp_path: Path) -> None:
     out = decode_batch(batch, max_side=1024)
     assert list(out["status"]) == ["skip", "ok", "ok"]
     assert list(out["hash"]) == [content_hash(p.read_bytes()) for p in paths]
+
+
+@pytest.mark.parametrize(
+    ("n", "blocks", "rows"), [(1, 1, 1), (500, 16, 32), (32 * 1024, 1024, 32), (100_000, 782, 128)]
+)
+def test_input_blocks_are_batches_until_there_would_be_too_many(n: int, blocks: int, rows: int) -> None:
+    from carsearch.data.sources import SourceItem
+    from carsearch.pipeline.ray_engine import MAX_INPUT_BLOCKS, input_blocks
+
+    items = [SourceItem(Path(f"/cams/{i:06d}.jpg"), "x" if i % 2 else None) for i in range(n)]
+    tables = input_blocks(items, {"/cams/000001.jpg": "ab" * 16}, batch=32)
+    assert len(tables) == blocks <= MAX_INPUT_BLOCKS and tables[0].num_rows == min(rows, n)
+    assert sum(t.num_rows for t in tables) == n
+    first = tables[0].to_pylist()[: min(n, 2)]
+    assert first[0] == {"position": 0, "item": '["/cams/000000.jpg", null, null]', "indexed": ""}
+    assert n == 1 or first[1]["indexed"] == "ab" * 16
+
+
+def test_default_pools_give_each_gpu_its_embedder_actors() -> None:
+    from carsearch.pipeline.ray_engine import default_pools
+
+    assert default_pools(2) == ((1, 1), (1, 1))
+    assert default_pools(64) == ((32, 32), (32, 32))
+    assert default_pools(64, gpu_actors=8) == ((32, 32), (8, 8))  # 8 GPUs, one actor each
+    assert default_pools(1, gpu_actors=2) == ((1, 1), (2, 2))  # two actors sharing a GPU (0.5 each)
