@@ -132,10 +132,12 @@ def _dataset(ray: Any, job: IndexJob, config: PipelineConfig, options: RayOption
     detectors, embedders = default_pools(resources.get("CPU", 1.0), gpu_actors)
     detectors, embedders = options.detector_actors or detectors, options.embedder_actors or embedders
     nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    cpus = actor_cpus(nodes, max(detectors) + max(embedders))
+    actors = max(detectors) + max(embedders)
+    cpus = actor_cpus(nodes, actors)
     return (
         ray.data.from_arrow(input_blocks(job.items, job.done, batch))
         .map_batches(decode_batch, batch_size=batch, num_cpus=DECODE_CPUS,
+                     concurrency=decode_slots(nodes, actors, cpus),
                      fn_kwargs={"max_side": config.runtime.max_image_side})
         .map_batches(CropActor, batch_size=batch, fn_constructor_args=(settings,),
                      compute=_pool(ray, detectors), num_cpus=cpus)
@@ -176,14 +178,27 @@ def input_blocks(items: Sequence[SourceItem], indexed: dict[str, str], batch: in
     return [table.slice(start, rows) for start in range(0, len(items), rows)]
 
 
+DECODE_SHARE = 0.25  # of the cluster's CPUs left to decoding by the default pools
+
+
 def default_pools(cluster_cpus: float, gpu_actors: int = 0) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(detector, embedder) actor pool sizes: half the CPUs each (at least one); when the embedders run on
-    GPUs, one embedder actor per ``gpu_actors`` (the cluster's GPUs / GPUs per actor). On 2 cores, 2
-    detector actors + 1 embedder actor were no faster than 1 + 1 (28–34 against 31–32 images/s once
-    running) and took 5 s longer to start (README, Scale-out)."""
-    detectors = max(1, int(cluster_cpus) // 2)
-    embedders = gpu_actors or detectors
+    """(detector, embedder) actor pool sizes: three quarters of the CPUs, shared equally (at least one actor
+    each); the last quarter decodes (``DECODE_SHARE``: decoding is 25% of one image's CPU time for a 1920×1200
+    photo, 62% for a 12 MP frame, ~0% for a thumbnail; ``benchmarks/stage_costs.py``). When the embedders
+    run on GPUs: one embedder actor per ``gpu_actors`` (the cluster's GPUs / GPUs per actor), the detectors
+    take the rest. On 2 cores this is 1 + 1: 2 detector actors + 1 embedder actor were no faster (28–34
+    against 31–32 images/s once running) and took 5 s longer to start (README, Scale-out)."""
+    budget = max(2, int(cluster_cpus * (1 - DECODE_SHARE)))
+    embedders = gpu_actors or budget // 2
+    detectors = max(1, budget - embedders)
     return (detectors, detectors), (embedders, embedders)
+
+
+def decode_slots(node_cpus: Sequence[float], actors: int, share: float) -> int:
+    """How many decode tasks may run at once: the CPUs the actors leave free (at least one). Each task
+    reserves only ``DECODE_CPUS`` so that one fits beside the actors on a small node, but it keeps a core
+    busy while it runs: without this cap, four would run per free CPU."""
+    return max(1, int(sum(node_cpus) - actors * share + 1e-9))
 
 
 def actor_cpus(node_cpus: Sequence[float], actors: int) -> float:

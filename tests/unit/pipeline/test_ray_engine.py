@@ -226,10 +226,15 @@ def test_input_blocks_are_batches_until_there_would_be_too_many(n: int, blocks: 
     assert n == 1 or first[1]["indexed"] == "ab" * 16
 
 
-def test_default_pools_give_each_gpu_its_embedder_actors() -> None:
-    from carsearch.pipeline.ray_engine import default_pools
+def test_default_pools_leave_a_quarter_of_the_cpus_to_decoding_and_give_each_gpu_its_embedders() -> None:
+    from carsearch.pipeline.ray_engine import actor_cpus, decode_slots, default_pools
 
     assert default_pools(2) == ((1, 1), (1, 1))
-    assert default_pools(64) == ((32, 32), (32, 32))
-    assert default_pools(64, gpu_actors=8) == ((32, 32), (8, 8))  # 8 GPUs, one actor each
+    assert default_pools(4) == ((2, 2), (1, 1))  # the odd actor goes to the slower stage, the detector
+    assert default_pools(16) == ((6, 6), (6, 6))
+    assert default_pools(64, gpu_actors=8) == ((40, 40), (8, 8))  # 8 GPUs, one embedder actor each
     assert default_pools(1, gpu_actors=2) == ((1, 1), (2, 2))  # two actors sharing a GPU (0.5 each)
+    # decode tasks run at most one per CPU the actors leave: 4 on a 16-CPU node, 1 beside 1 + 1 on 2 CPUs
+    assert decode_slots([16], 12, actor_cpus([16], 12)) == 4
+    assert decode_slots([2], 2, actor_cpus([2], 2)) == 1
+    assert decode_slots([16, 16, 16, 16], 48, actor_cpus([16] * 4, 48)) == 16
