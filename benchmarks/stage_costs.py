@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = [f"detector.weights={detector}", "runtime.device=cpu", "runtime.threads=1"]
     pipeline = Pipeline.from_config(overrides=settings)
     side = pipeline.config.runtime.max_image_side
-    work = Path(tempfile.mkdtemp(prefix="carsearch-stages-"))
-    frame = work / "frame_12mp.jpg"
+    work = tempfile.TemporaryDirectory(prefix="carsearch-stages-")  # removed when this function returns
+    frame = Path(work.name) / "frame_12mp.jpg"
     Image.open(SHARED / "data" / "street" / "street_01.jpg").convert("RGB").resize((4000, 3000)).save(frame, quality=90)
     images = {
         "thumbnail 128×96": SHARED / "data" / "stanford_cars" / "photos" / "00001.jpg",
