@@ -94,27 +94,6 @@ def read_bytes(location: str | Path) -> bytes:
             raise
 
 
-def is_file(location: str | Path) -> bool:
-    """Whether ``location`` is an existing file (False for folders and for stores that cannot be reached)."""
-    if not is_uri(location):
-        return Path(location).is_file()
-    try:
-        filesystem, path = _resolve(str(location))
-        with _store_errors(str(location)):
-            return filesystem.get_file_info(path).type.name == "File"
-    except OSError:
-        return False
-
-
-def is_dir(location: str | Path) -> bool:
-    """Whether ``location`` is an existing folder (for object stores: a prefix that holds objects)."""
-    if not is_uri(location):
-        return Path(location).is_dir()
-    filesystem, path = _resolve(str(location))
-    with _store_errors(str(location)):
-        return filesystem.get_file_info(path).type.name == "Directory"
-
-
 def list_files(root: str) -> list[tuple[str, str]]:
     """Every file below the URI ``root`` as (path relative to it, its URI), sorted by the relative path."""
     from pyarrow.fs import FileSelector, FileType

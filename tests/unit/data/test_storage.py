@@ -38,14 +38,12 @@ def test_join_parent_and_suffix_keep_the_uris_scheme_host_and_options() -> None:
     assert storage.join(Path("/data"), "/abs/5.jpg") == Path("/abs/5.jpg")
 
 
-def test_file_uris_read_list_and_tell_files_from_folders(tmp_path: Path) -> None:
+def test_file_uris_read_and_list(tmp_path: Path) -> None:
     (tmp_path / "a" / ".hidden").mkdir(parents=True)
     (tmp_path / "a" / "x.jpg").write_bytes(b"x")
     (tmp_path / "top.png").write_bytes(b"top")
     root = tmp_path.as_uri()
     assert storage.read_bytes(f"{root}/a/x.jpg") == b"x"
-    assert storage.is_file(f"{root}/top.png") and not storage.is_file(f"{root}/a")
-    assert storage.is_dir(f"{root}/a") and not storage.is_dir(f"{root}/nothing")
     assert storage.list_files(root) == [("a/x.jpg", f"{root}/a/x.jpg"), ("top.png", f"{root}/top.png")]
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(f"{root}/missing.jpg")
@@ -191,4 +189,4 @@ def test_uris_pyarrow_refuses_are_recorded_errors_not_crashes(bad: str) -> None:
         load_image(bad)
     with pytest.raises(DataSourceError, match="cannot read source|does not exist"):
         read_source(bad.replace(".jpg", ".csv"))
-    assert not storage.is_file(bad) and storage.stamp(bad) == ""
+    assert storage.stamp(bad) == ""
