@@ -1,6 +1,7 @@
 """Throughput of the batch crop-and-index pipeline, its stages, a naive loop, and faiss search latency.
 
     python benchmarks/index_throughput.py --n 200 --detector-weights ../shared/models/yolov8n_coco_int8.tflite
+    python benchmarks/index_throughput.py --n 200 --set embedder.runtime=torch --out …   # the runtimes compared
 
 Prints a table and writes JSON (default ``benchmarks/results/index_throughput-<device>.json``).
 Images: the first N rows of ``--source`` (a CSV or folder; default the shared Stanford Cars crops),
@@ -131,6 +132,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--faiss-sizes", default="10000,100000")
     parser.add_argument("--out", help="JSON path")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pipeline config override, e.g. embedder.runtime=torch (repeatable)",
+    )
     args = parser.parse_args()
 
     from carsearch.data.cropping import apply_plan, plan_image
@@ -147,13 +156,15 @@ def main() -> None:
         f"runtime.device={args.device}",
         f"runtime.batch_size={args.batch_size}",
         f"runtime.workers={args.workers}",
+        *args.overrides,
     ]
     pipe = Pipeline.from_config(overrides=overrides)
     detector, embedder, config = pipe.detector, pipe.embedder, pipe.config
     n = len(items)
     print(
         f"{n} images from {'synthetic' if args.synthetic else args.source}; device {pipe.device}; "
-        f"detector {Path(weights).name}; threads {torch.get_num_threads()}",
+        f"detector {Path(weights).name}; embedder {embedder.source} on {embedder.runtime} "
+        f"({embedder.batch_size} per pass); threads {torch.get_num_threads()}",
         flush=True,
     )
 
@@ -210,6 +221,9 @@ def main() -> None:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "detector": Path(weights).name,
+        "embedder": embedder.source,
+        "embedder_runtime": embedder.runtime,
+        "embedder_batch_size": embedder.batch_size,
         "batch_size": bs,
         "workers": args.workers,
         "a_detector_img_s": round(a, 2),

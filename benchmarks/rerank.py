@@ -1,6 +1,7 @@
 """Search post-processing (flip TTA, AQE/αQE, DBA, k-reciprocal) measured; and torch vs onnxruntime speed.
 
-    python benchmarks/rerank.py --model runs/cpu_quick/lr1e-4/embedder.pt \\
+    carsearch export runs/cpu_quick/proxyanchor_e10 --out proxyanchor_e10.pt   # a run: docs/reranking.md
+    python benchmarks/rerank.py --model proxyanchor_e10.pt --work runs/rerank \\
         --detector-weights ../shared/models/yolov8n_coco_int8.tflite
 
 Protocol. Classes are the sorted labels of the shared Stanford Cars crops: the first 49 are **tuning**
@@ -174,7 +175,7 @@ def embedder_speed(model: str | None, paths: list[Path], batch_sizes: list[int])
 
     images = [Image.open(p).convert("RGB") for p in paths]
     rows = []
-    torch_embedder = Embedder.from_config(EmbedderConfig(checkpoint=model))
+    torch_embedder = Embedder.from_config(EmbedderConfig(model=model or "imagenet", runtime="torch"))
     onnx_embedder = Embedder(torch_embedder.model, runtime="onnx", source=torch_embedder.source)
     tensors = torch_embedder.tensors(images)
     for batch in batch_sizes:
@@ -236,7 +237,8 @@ def main() -> None:
         work / "crops.csv",
     )
 
-    models = {"zero-shot": [], "trained": [f"embedder.checkpoint={Path(args.model).resolve()}"] if args.model else None}
+    trained = [f"embedder.model={Path(args.model).resolve()}"] if args.model else None
+    models = {"zero-shot": ["embedder.model=imagenet"], "trained": trained}
     galleries: dict[str, GalleryIndex] = {}
     print("== galleries", flush=True)
     for model, extra in models.items():

@@ -8,10 +8,10 @@ covariance (top 512 principal components, the rest of the variance isotropic), s
 class's spread; then L2-normalised. Queries are held-out items of the same classes.
 
     # the real embeddings, once (about 1 min on 2 cores):
-    carsearch index ../shared/data/stanford_cars/crops.csv --out /tmp/crops_index --raw
+    carsearch index ../shared/data/stanford_cars/crops.csv --out /tmp/crops_index --raw --model imagenet
     python benchmarks/scale_indexes.py --real /tmp/crops_index --sizes 100000 1000000
 
-Writes ``benchmarks/results/scale-indexes-cpu.json``; part (c), the 10M / 100M estimate, is in the README.
+Writes ``benchmarks/results/scale-indexes-cpu.json``; part (c), the 10M / 100M estimate, is in docs/indexes.md.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def main() -> None:
     rows = [f"{path},{name}" for name in test_classes for path in sorted((data / name).iterdir())]
     test_csv.write_text("path,label\n" + "\n".join(rows) + "\n")
     device = "cuda" if args.accelerator == "gpu" else "cpu"
-    pipe = Pipeline.from_config(overrides=["crop=false", f"embedder.checkpoint={model}", f"runtime.device={device}"])
+    pipe = Pipeline.from_config(overrides=["crop=false", f"embedder.model={model}", f"runtime.device={device}"])
     pipe.index(test_csv, tmp / "index")
     evaluation = pipe.evaluate(tmp / "index")
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -3,72 +3,98 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from carsearch.config import PipelineConfig, to_dict
+from carsearch.config import DEFAULT_MODEL, PipelineConfig, load_dataclass, to_dict
 from carsearch.errors import CarSearchError, ConfigError
 from carsearch.types import BBox
 
 if TYPE_CHECKING:
+    from carsearch.metrics import RetrievalMetrics
     from carsearch.pipeline import Evaluation
     from carsearch.pipeline.ray_engine import RayOptions
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each flag's default, unless it has none (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _common(
-    parser: argparse.ArgumentParser, config: str | None = None, models: bool = True, set_help: str | None = None
+    parser: argparse.ArgumentParser, config: str | None = None, models: str | None = None, set_help: str = ""
 ) -> None:
     """The shared flags a command honours: ``--config`` (when ``config`` says what it holds), ``--set``,
-    ``--device`` and ``--detector-weights`` (when the command runs models), ``-v``. A command that would
-    ignore a flag does not take it (argparse refuses it)."""
+    ``--device`` and ``--detector-weights`` (when the command runs models; ``models`` says which detector
+    is the default), ``-v``. A command that would ignore a flag does not take it (argparse refuses it)."""
     if config is not None:
-        parser.add_argument("--config", help=config)
+        parser.add_argument("--config", metavar="CONFIG", help=config)
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=set_help or "config override, e.g. --set detector.confidence=0.4 (repeatable)",
+        help=f"config override, repeatable; {set_help or 'e.g. --set detector.confidence=0.4'}",
     )
-    if models:
-        parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
-        parser.add_argument(
-            "--detector-weights",
-            help="YOLO weights (.pt/.onnx/.tflite; a path or an s3:// URI); default yolo11n.pt (downloads)",
-        )
+    if models is not None:
+        parser.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1; default auto")
+        parser.add_argument("--detector-weights", metavar="WEIGHTS", help=models)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-PIPELINE_YAML = "pipeline YAML (see configs/); defaults are used without it"
-INDEX_YAML = "YAML whose index section replaces the index's own search settings"
-FROM_INDEX = "override the index's own config (its manifest), e.g. --set detector.confidence=0.4 (repeatable)"
+MODEL_HELP = (
+    "embedder: a shipped name (cars98-lite0, the default: fine-tuned on Stanford Cars classes 1-98; imagenet: the "
+    "pretrained backbone, zero-shot), or a checkpoint from carsearch export (a path or an s3:// URI)"
+)
+PIPELINE_YAML = "pipeline config: a shipped name (default, offline) or a YAML path; defaults without it"
+INDEX_YAML = "config whose index and retrieval sections replace the index's own search settings"
+FROM_INDEX = "applied to the index's own config (its manifest), e.g. --set detector.confidence=0.4"
+SEARCH_ONLY = (
+    "applied to the index's own config; these commands read its index and retrieval sections, "
+    "e.g. --set index.nprobe=32"
+)
+NEW_DETECTOR = "YOLO weights (.pt/.onnx/.tflite; a path or an s3:// URI); default yolo11n.pt (downloads once)"
+INDEX_DETECTOR = (
+    "YOLO weights replacing the index's own detector file (same model moved elsewhere); default: the index's"
+)
+OUT = "output folder"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
+    """The flags that are config keys, as overrides: ``--rerank`` presets first (``--set retrieval.…`` refines
+    them), then ``--set``, then the other flags (a flag wins over a ``--set`` of the same key)."""
     from carsearch.config import rerank_overrides
 
-    # --rerank presets first, so that --set retrieval.… refines them
-    overrides = rerank_overrides(args.rerank) if getattr(args, "rerank", None) else []
-    overrides += args.overrides
-    if getattr(args, "device", None):
-        overrides.append(f"runtime.device={args.device}")
-    if getattr(args, "detector_weights", None):
-        overrides.append(f"detector.weights={args.detector_weights}")
-    for name, key in (("batch_size", "runtime.batch_size"), ("workers", "runtime.workers")):
-        if getattr(args, name, None) is not None:
-            overrides.append(f"{key}={getattr(args, name)}")
-    if getattr(args, "raw", False):
+    values = vars(args)
+    overrides = rerank_overrides(values["rerank"]) if values.get("rerank") else []
+    overrides += values["overrides"]
+    flag_keys = {
+        "device": "runtime.device",
+        "detector_weights": "detector.weights",
+        "batch_size": "runtime.batch_size",
+        "workers": "runtime.workers",
+        "crop_source": "crop_source",
+        "model": "embedder.model",
+    }
+    overrides += [f"{key}={values[flag]}" for flag, key in flag_keys.items() if values.get(flag) is not None]
+    if values.get("raw"):
         overrides.append("crop=false")
-    if getattr(args, "crop_source", None):
-        overrides.append(f"crop_source={args.crop_source}")
-    if getattr(args, "model", None):
-        overrides.append(f"embedder.checkpoint={args.model}")
-    if getattr(args, "flip", False):
+    if values.get("flip"):
         overrides.append("embedder.flip=true")
     return overrides
 
@@ -77,11 +103,12 @@ RERANK_HELP = (
     "search post-processing: none, aqe (query expansion), dba (database-side augmentation), kreciprocal "
     "(k-reciprocal re-ranking), or a comma-separated combination; tune with --set retrieval.KEY=VALUE"
 )
+CAM_METHODS = ["gradcam", "gradcam++", "eigencam"]
 
 
 def _cam_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=["gradcam", "gradcam++", "eigencam"], default="gradcam")
-    parser.add_argument("--layer", help="CAM target layer, e.g. backbone.bn2 (default: automatic for the backbone)")
+    parser.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="class activation map method")
+    parser.add_argument("--layer", help="CAM target layer, e.g. backbone.bn2; default: the backbone's last block")
 
 
 def _box(text: str | None) -> BBox | None:
@@ -103,135 +130,222 @@ def _where(pairs: list[str]) -> dict[str, str] | None:
     return where or None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="carsearch", description="Detect-then-embed car image retrieval.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _version() -> str:
+    import importlib.metadata as md
 
-    p = sub.add_parser("index", help="crop and index a folder / CSV / Stanford devkit / Kaggle dataset")
+    try:
+        return md.version("carsearch")
+    except md.PackageNotFoundError:  # a checkout on sys.path without an install
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="carsearch",
+        description="Detect-then-embed car image retrieval: YOLO crops the car, a metric-learning embedder "
+        "embeds the crop, faiss finds the nearest cars, GradCAM shows where the model looked.",
+        epilog="Run 'carsearch COMMAND --help' (or 'carsearch help COMMAND') for a command's flags.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"carsearch {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
+
+    p = command("index", "crop and index a folder / CSV / Stanford devkit / Kaggle dataset")
     p.add_argument(
         "source",
+        metavar="SOURCE",
         help="folder tree (label = sub-folder), CSV (path,label[,x1,y1,x2,y2]) or dataset root; "
         "a folder or CSV may be a URI (s3://bucket/cars/, gs://...)",
     )
-    p.add_argument("--out", required=True, help="index directory (created; re-running resumes)")
+    p.add_argument("--out", required=True, metavar="INDEX", help="index folder (created; re-running resumes)")
     p.add_argument("--raw", action="store_true", help="no detector: embed whole images")
-    p.add_argument("--crop-source", choices=["detector", "gt"], help="gt: use CSV/devkit boxes when present")
+    p.add_argument(
+        "--crop-source", choices=["detector", "gt"], help="gt: the CSV/devkit boxes where present; default detector"
+    )
     p.add_argument("--split", choices=["train", "test", "all"], default="all", help="devkit/Kaggle split")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
-    p.add_argument("--model", help="trained embedder checkpoint (carsearch export; a path or an s3:// URI)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int, help="decode worker processes (0 = in the main process)")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--batch-size", type=int, help="images decoded and detected together; default 32")
+    p.add_argument("--workers", type=int, help="decode worker processes (0 = in the main process); default 2")
     p.add_argument("--prune", action="store_true", help="drop indexed images the source no longer lists")
-    p.add_argument(
-        "--engine", choices=["local", "ray"], default="local", help="ray: Ray Data actors (pip install '.[ray]')"
-    )
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: Ray Data actors (extra [ray])")
     p.add_argument("--ray-address", help="existing Ray cluster (e.g. auto, ray://head:10001); default: a local one")
-    p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray cluster (default: all cores)")
+    p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray cluster; default: all cores")
     p.add_argument(
         "--ray-actors",
         metavar="D,E",
-        help="detector, embedder actors (default: half the CPUs each, at least 1)",
+        help="detector, embedder actors; default: together three quarters of the CPUs, at least 1 each (one "
+        "embedder per GPU)",
     )
-    p.add_argument("--ray-gpus-per-actor", type=float, help="GPUs per embedder actor (default 1 when GPUs exist)")
+    p.add_argument("--ray-gpus-per-actor", type=float, help="GPUs per embedder actor; default 1 when GPUs exist")
     p.add_argument(
         "--flip", action="store_true", help="flip test-time augmentation (mean of image and mirror); queries follow"
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    _common(p, config=PIPELINE_YAML)
+    _common(p, config=PIPELINE_YAML, models=NEW_DETECTOR)
 
-    p = sub.add_parser("search", help="top-k gallery cars for a query image")
-    p.add_argument("index", help="index directory")
-    p.add_argument("image", help="query image")
-    p.add_argument("-k", type=int, default=10)
+    p = command("search", "top-k gallery cars for a query image")
+    p.add_argument("index", metavar="INDEX", help="index folder")
+    p.add_argument("image", metavar="IMAGE", help="query image")
+    p.add_argument("-k", type=int, default=10, help="results")
     p.add_argument("--exclude-self", action="store_true", help="drop gallery items with the query's exact bytes")
     p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
-    p.add_argument("--json", action="store_true")
-    _common(p, set_help=FROM_INDEX)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _common(p, models=INDEX_DETECTOR, set_help=FROM_INDEX)
 
-    p = sub.add_parser("evaluate", help="leave-one-out Recall@k, MAP@R, R-Precision of a labelled index")
-    p.add_argument("index", help="index directory")
+    p = command("evaluate", "leave-one-out Recall@k, MAP@R, R-Precision of a labelled index (seen / unseen classes)")
+    p.add_argument("index", metavar="INDEX", help="index folder")
     p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP + "; reports plain and post-processed metrics")
-    p.add_argument("--json", action="store_true")
-    _common(p, config=INDEX_YAML, models=False, set_help=FROM_INDEX)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _common(p, config=INDEX_YAML, set_help=SEARCH_ONLY)
 
-    p = sub.add_parser("audit", help="relabelling candidates: neighbours disagree, duplicates labelled differently")
-    p.add_argument("index", help="index directory")
+    p = command("audit", "relabelling candidates: neighbours disagree, duplicates labelled differently")
+    p.add_argument("index", metavar="INDEX", help="index folder")
     p.add_argument("-k", type=int, default=10, help="neighbours considered per item")
     p.add_argument(
         "--max-agree", type=float, default=0.2, help="flag items with at most this share of agreeing neighbours"
     )
     p.add_argument("--near", type=float, default=0.995, help="cosine similarity that counts as a near duplicate")
-    p.add_argument("--json", action="store_true")
-    _common(p, config=INDEX_YAML, models=False, set_help=FROM_INDEX)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _common(p, config=INDEX_YAML, set_help=SEARCH_ONLY)
 
-    # Listed for --help; main() hands their arguments to the training package's own parsers.
-    p = sub.add_parser("explain", help="GradCAM overlays for a query's top results (and its attention-in-box)")
-    p.add_argument("index", help="index directory")
-    p.add_argument("image", help="query image")
-    p.add_argument("--top", type=int, default=3, help="results to explain (default 3)")
-    p.add_argument("--out", required=True, help="folder for query.png, pair_NN.png, topk.png, explain.json")
-    p.add_argument("--box", help="the car's box in the query, x1,y1,x2,y2 (default: the detector's)")
+    p = command("explain", "GradCAM overlays for a query's top results (and its attention-in-box)")
+    p.add_argument("index", metavar="INDEX", help="index folder")
+    p.add_argument("image", metavar="IMAGE", help="query image")
+    p.add_argument("--top", type=int, default=3, help="results to explain")
+    p.add_argument("--out", required=True, help=OUT + " for query.png, pair_NN.png, topk.png, explain.json")
+    p.add_argument("--box", help="the car's box in the query, x1,y1,x2,y2; default: the detector's")
     p.add_argument("--exclude-self", action="store_true", help="skip gallery items with the query's exact bytes")
     p.add_argument("--redact", action="store_true", help="draw the CAMs on grey, not on the photos (shareable)")
     _cam_options(p)
-    _common(p, set_help=FROM_INDEX)
+    _common(p, models=INDEX_DETECTOR, set_help=FROM_INDEX)
 
-    p = sub.add_parser("attention", help="attention-in-box over a dataset: how much CAM energy falls on the car")
-    p.add_argument("source", help="CSV with boxes (path,label,x1,y1,x2,y2), folder, devkit or Kaggle root")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--raw", action="store_true", help="only whole photos (default: raw and crop)")
-    mode.add_argument("--crop", action="store_true", help="only crops (pasted back into the photo)")
-    p.add_argument("--crop-source", choices=["detector", "gt"], help="crops from the detector (default) or gt boxes")
-    p.add_argument("--model", help="trained embedder checkpoint (carsearch export); default: pretrained backbone")
+    p = command("attention", "attention-in-box over a dataset: how much CAM energy falls on the car")
+    p.add_argument(
+        "source", metavar="SOURCE", help="CSV with boxes (path,label,x1,y1,x2,y2), folder, devkit or Kaggle root"
+    )
+    p.add_argument(
+        "--inputs", choices=["both", "whole", "crop"], default="both",
+        help="whole photos, crops pasted back into the photo, or both",
+    )  # fmt: skip
+    p.add_argument(
+        "--crop-source", choices=["detector", "gt"], help="crops from the detector or gt boxes; default detector"
+    )
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--split", choices=["train", "test", "all"], default="all", help="devkit/Kaggle split")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
-    p.add_argument("--limit", type=int, help="first N images only")
-    p.add_argument("--out", help="folder for attention.json and attention.png")
-    p.add_argument("--batch-size", type=int, default=8, help="images per CAM forward/backward (default 8)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, help="first N images only; default all")
+    p.add_argument("--out", help=OUT + " for attention.json and attention.png; default: print only")
+    p.add_argument("--batch-size", type=int, default=8, help="images per CAM forward/backward")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _cam_options(p)
-    _common(p, config=PIPELINE_YAML)
+    _common(p, config=PIPELINE_YAML, models=NEW_DETECTOR)
 
-    p = sub.add_parser("demo", help="the Gradio web demo over an index (binds to 127.0.0.1)")
-    p.add_argument("index", help="index directory (usually built with cropping)")
-    p.add_argument("--raw-index", help="a second index of the same images, built with --raw: shown side by side")
-    p.add_argument("--model", help="trained embedder checkpoint the index(es) were built with")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
-    p.add_argument("--method", choices=["gradcam", "gradcam++", "eigencam"], default="gradcam")
-    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
-    _common(p, set_help=FROM_INDEX)
-
-    p = sub.add_parser(
-        "compare", help="the cropped-vs-raw experiment as a report (report.md, report.html, results.json)"
+    p = command("demo", "the Gradio web demo over an index (binds to 127.0.0.1)")
+    p.add_argument("index", metavar="INDEX", help="index folder (usually built with cropping)")
+    p.add_argument(
+        "--raw-index", metavar="INDEX", help="a second index of the same images, built with --raw: shown side by side"
     )
-    p.add_argument("--config", help="experiment YAML (see configs/compare.yaml); defaults without it")
-    p.add_argument("--out", required=True, help="output folder; re-running reuses finished stages")
+    p.add_argument(
+        "--model",
+        help="the embedder the index(es) were built with, where the manifest's path no longer finds it; "
+        "default: each index's own",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="class activation map method")
+    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
+    _common(p, models=INDEX_DETECTOR, set_help=FROM_INDEX)
+
+    p = command("compare", "the cropped-vs-raw experiment as a report (report.md, report.html, results.json)")
+    p.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help="experiment config: a shipped name (compare) or a YAML path; defaults without it",
+    )
+    p.add_argument("--out", required=True, help=OUT + "; re-running reuses finished stages")
     p.add_argument("--quick", action="store_true", help="a small subset (6+6 classes, 1 short epoch) in a few minutes")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 (the experiment's `device`)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable; e.g. --set train.overrides=[trainer.max_epochs=5]",
+    )
+    p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1; default auto")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
-    sub.add_parser("train", help="fine-tune an embedder: train [--config configs/train/X.yaml] [KEY=VALUE ...]")
-    sub.add_parser("export", help="write a training run's best model as an inference checkpoint: export RUN OUT.pt")
+    p = command("train", "fine-tune an embedder on class-disjoint splits; prints the run folder")
+    p.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help="training recipe: a shipped name (cpu_quick, cpu_full, ...) or a YAML path; defaults without it",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable; e.g. --set trainer.max_epochs=5",
+    )
+    p.add_argument(
+        "--device", help="auto, cpu, cuda (every visible GPU), cuda:N; default: the recipe's trainer.accelerator"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = command("export", "write a training run's model (or a named model) for indexing: a checkpoint or ONNX")
+    p.add_argument(
+        "run_dir", nargs="?", metavar="RUN", help="a run folder written by carsearch train; default: --model's model"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="file to write: FILE.pt (use it with --model FILE) or FILE.onnx"
+    )
+    p.add_argument("--format", choices=["pt", "onnx"], help="default: onnx for a .onnx FILE, else pt")
+    p.add_argument(
+        "--embedding",
+        choices=["head", "pooled"],
+        help="embed with the head's output or the pooled features before it; default: the run's choice",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="without RUN: the model to export, a name (cars98-lite0, imagenet) or a path",
+    )
+    p.add_argument(
+        "--half",
+        action="store_true",
+        help="float16 weights (half the file; refused if an embedding moves by more than 1e-3)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = command("config", "print the effective configuration (a pipeline, training or compare config) as YAML")
+    p.add_argument("--config", metavar="CONFIG", help="a shipped name or a YAML path; default: the pipeline defaults")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable"
+    )
+    p.add_argument("--list", action="store_true", help="list the shipped configs instead")
+
+    p = command("help", "show the help of carsearch or of one command")
+    p.add_argument("topic", nargs="?", metavar="COMMAND", help="a command; default: all commands")
     return parser
 
 
 def command_parsers() -> dict[str, argparse.ArgumentParser]:
-    """Every command's parser, ``train`` and ``export`` included (they parse their own arguments)."""
-    from carsearch.embedder.training.run import export_parser, train_parser
-
+    """Every command's parser."""
     subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parsers: dict[str, argparse.ArgumentParser] = dict(subs.choices)
-    parsers.update(train=train_parser(), export=export_parser())
-    return parsers
+    return {name: parser for name, parser in subs.choices.items() if name != "help"}
 
 
 def flags_markdown() -> str:
-    """README's table of every command's arguments and flags, generated from the parsers."""
+    """docs/cli.md's table of every command's arguments and flags, generated from the parsers."""
     lines = ["| command | arguments | flags |", "|---|---|---|"]
     for name, parser in command_parsers().items():
         positional, flags = [], []
@@ -242,21 +356,59 @@ def flags_markdown() -> str:
                 flags.append(f"`{action.option_strings[0]}`")
             else:
                 meta = action.metavar or action.dest.upper()
-                positional.append(f"[{meta} ...]" if action.nargs == "*" else str(meta))
+                positional.append(f"[{meta}]" if action.nargs == "?" else str(meta))
         lines.append(f"| `carsearch {name}` | {' '.join(positional) or '–'} | {', '.join(flags)} |")
     return "\n".join(lines)
 
 
-def _cmd_train_argv(argv: list[str]) -> int:
-    from carsearch.embedder.training import train_main
+def _cmd_train(args: argparse.Namespace) -> int:
+    from carsearch.embedder.training import load_train_config, train
+    from carsearch.embedder.training.run import device_overrides
 
-    return train_main(argv)
+    logging.getLogger("carsearch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    run_dir = train(load_train_config(args.config, [*args.overrides, *device_overrides(args.device)]))
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:  # DDP ranks > 0 re-run the command: rank 0 prints
+        print(run_dir)
+    return 0
 
 
-def _cmd_export_argv(argv: list[str]) -> int:
-    from carsearch.embedder.training import export_main
+def _cmd_export(args: argparse.Namespace) -> int:
+    from carsearch.embedder.training import export
 
-    return export_main(argv)
+    logging.getLogger("carsearch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.embedding and args.run_dir is None:
+        raise ConfigError("--embedding needs a run folder")
+    if args.run_dir is not None and args.model != DEFAULT_MODEL:
+        raise ConfigError("--model names the model to export when no run folder is given")
+    fmt = args.format or ("onnx" if str(args.out).endswith(".onnx") else "pt")
+    print(export(args.run_dir, args.out, fmt, args.embedding, half=args.half, model_name=args.model))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from carsearch.config import config_names, resolve_config
+
+    if args.list:
+        for name, path in config_names().items():
+            print(f"{name:<18} {_config_class(yaml.safe_load(path.read_text()) or {}).__name__:<15} {path}")
+        return 0
+    data = yaml.safe_load(resolve_config(args.config).read_text()) or {} if args.config else {}
+    config = load_dataclass(_config_class(data), args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def _config_class(data: dict[str, Any]) -> type[Any]:
+    """The config dataclass whose sections a YAML mapping uses: pipeline, training recipe or compare experiment."""
+    from carsearch.compare.config import CompareConfig
+    from carsearch.embedder.training.config import TrainConfig
+
+    for cls in (PipelineConfig, TrainConfig, CompareConfig):  # the first whose sections hold every key
+        if isinstance(data, dict) and set(data) <= {f.name for f in dataclasses.fields(cls)}:
+            return cls
+    return PipelineConfig  # whose loader names the unknown keys
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -355,14 +507,24 @@ def _print_metrics(evaluation: Evaluation, reranked: Evaluation | None, methods:
         f"items: {evaluation.items} (labelled {evaluation.labelled_items}, no_detection {evaluation.no_detection}); "
         f"queries: {m.num_queries} (+{m.num_lone_queries} lone, left out)"
     )
-    rows = [(f"Recall@{k}", lambda e, k=k: e.metrics.recall_at[k]) for k in m.recall_at]
-    rows += [("MAP@R", lambda e: e.metrics.map_at_r), ("R-Prec", lambda e: e.metrics.r_precision)]
-    if reranked is not None:
-        print(f"{'':<10}{'plain':>8}  {methods}")
+    columns: list[tuple[str, RetrievalMetrics | None]] = []
+    for tag, result in (("", evaluation), (f" + {methods}", reranked)):
+        if result is None:
+            continue
+        columns.append((f"all{tag}", result.metrics))
+        for name, group in (("seen", result.seen), ("unseen", result.unseen)):
+            if group is not None and group.classes:
+                columns.append((f"{name} ({group.classes} classes){tag}", group.metrics))
+    rows = [(f"Recall@{k}", lambda r, k=k: r.recall_at[k]) for k in m.recall_at]
+    rows += [("MAP@R", lambda r: r.map_at_r), ("R-Prec", lambda r: r.r_precision)]
+    widths = [max(8, len(title)) for title, _ in columns]
+    print(f"{'':<10}" + "  ".join(f"{title:>{w}}" for (title, _), w in zip(columns, widths, strict=True)))
     for name, value in rows:
-        print(f"{name:<10}{value(evaluation):8.4f}" + (f"  {value(reranked):.4f}" if reranked is not None else ""))
+        cells = [f"{value(r):>{w}.4f}" if r else f"{'–':>{w}}" for (_, r), w in zip(columns, widths, strict=True)]
+        print(f"{name:<10}" + "  ".join(cells))
     if m.other_year_share is not None:
         print(f"wrong top-1 that is the same make/model in another year: {m.other_year_share:.4f}")
+    print(f"note: {evaluation.verdict}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -374,7 +536,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     evaluation = evaluate_index(gallery)
     reranked = None if config.retrieval.plain else evaluate_index(gallery, config.retrieval)
     if args.json:
-        extra = {"reranked": reranked.metrics.to_dict(), "retrieval": to_dict(config.retrieval)} if reranked else {}
+        extra = {"reranked": reranked.to_dict(), "retrieval": to_dict(config.retrieval)} if reranked else {}
         print(json.dumps({**evaluation.to_dict(), **extra}, indent=2))
         return 0
     _print_metrics(evaluation, reranked, args.rerank or "post-processed")
@@ -429,7 +591,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
     pipeline = Pipeline.from_config(args.config, _overrides(args))
     items = read_source(args.source, args.split, _where(args.where))[: args.limit]
-    modes = [False] if args.raw else [True] if args.crop else [False, True]
+    modes = {"whole": [False], "crop": [True], "both": [False, True]}[args.inputs]
     reports = [
         attention_dataset(pipeline, items, crop, args.method, args.layer, args.batch_size, not args.no_progress)
         for crop in modes
@@ -466,7 +628,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from carsearch.demo.app import launch
     from carsearch.demo.handlers import DemoBackend
 
-    overrides = [o for o in _overrides(args) if not o.startswith("embedder.checkpoint=")]
+    overrides = [o for o in _overrides(args) if not o.startswith("embedder.model=")]
     backend = DemoBackend.load(args.index, args.raw_index, args.model, overrides, args.method)
     print(f"carsearch demo: http://{args.host}:{args.port} (index {args.index}; Ctrl+C stops)")
     launch(backend, args.host, args.port, args.share)
@@ -487,6 +649,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "compare": _cmd_compare,
+    "config": _cmd_config,
     "demo": _cmd_demo,
     "explain": _cmd_explain,
     "attention": _cmd_attention,
@@ -494,28 +657,25 @@ COMMANDS = {
     "search": _cmd_search,
     "evaluate": _cmd_evaluate,
     "audit": _cmd_audit,
+    "train": _cmd_train,
+    "export": _cmd_export,
 }
-
-
-def _forwarded(command: str, argv: list[str]) -> int:
-    """``train`` and ``export`` own their argument parsing (training config overrides)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("carsearch").setLevel(logging.INFO)
-    try:
-        return _cmd_train_argv(argv) if command == "train" else _cmd_export_argv(argv)
-    except CarSearchError as exc:
-        print(f"carsearch {command}: error: {exc}", file=sys.stderr)
-        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("train", "export"):
-        return _forwarded(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in (None, "help"):
+        topic = getattr(args, "topic", None)
+        if topic is not None and topic not in COMMANDS:
+            parser.error(f"no command {topic!r}; commands: {', '.join(COMMANDS)}")
+        (command_parsers()[topic] if topic else parser).print_help()
+        return 0
     args.argv = argv
+    verbose = getattr(args, "verbose", False)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         return COMMANDS[args.command](args)

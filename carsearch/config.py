@@ -18,6 +18,28 @@ CropSource = Literal["detector", "gt"]
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 
 DEFAULT_VEHICLE_CLASSES = ("car", "truck", "bus")
+DEFAULT_MODEL = "cars98-lite0"  # the shipped embedder (carsearch.embedder.zoo)
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # installed with the package
+
+
+def config_names() -> dict[str, Path]:
+    """The shipped configs by name (file stem): ``default``, ``offline``, ``compare``, ``cpu_quick``, …"""
+    return {path.stem: path for path in sorted(CONFIGS_DIR.rglob("*.yaml"))}
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file: an existing path, a shipped config's name (``cpu_quick``), or a path under ``configs/``
+    as the repository lays it out (``configs/train/cpu_quick.yaml``), found in the installed package."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    names = config_names()
+    if str(name_or_path) in names:
+        return names[str(name_or_path)]
+    parts = path.parts
+    if parts and parts[0] == "configs" and (CONFIGS_DIR.joinpath(*parts[1:])).is_file():
+        return CONFIGS_DIR.joinpath(*parts[1:])
+    raise ConfigError(f"config file not found: {name_or_path} (shipped configs: {', '.join(names)})")
 
 
 @dataclass(frozen=True)
@@ -29,7 +51,7 @@ class DetectorConfig:
     confidence: float = 0.25
     iou: float = 0.5
     image_size: int = 640
-    margin: float = 0.0  # measured on the shared photos: every step of margin costs Recall@1 (README)
+    margin: float = 0.0  # measured on the shared photos: every step of margin costs Recall@1 (docs/results.md)
     selection: SelectionPolicy = "largest"
     min_box_size: int = 16
     max_detections: int = 20
@@ -46,21 +68,26 @@ class DetectorConfig:
 
 @dataclass(frozen=True)
 class EmbedderConfig:
-    """Embedder settings: a timm backbone (+ optional head), or a trained checkpoint that overrides them."""
+    """Embedder settings. ``model``: a shipped name (``carsearch.embedder.zoo``: ``cars98-lite0``, the
+    default), a checkpoint path or URI (``carsearch export``), or ``imagenet``: the pretrained ``backbone``
+    built from the fields below. A checkpoint carries its own backbone, head and input size; asking for
+    another ``embedding_dim`` or ``image_size`` than it has is an error."""
 
-    backbone: str = "tf_efficientnet_lite0"
+    model: str = DEFAULT_MODEL
+    backbone: str = "tf_efficientnet_lite0"  # model=imagenet only, like pretrained and resize
     pretrained: bool = True
-    checkpoint: str | None = None
     embedding_dim: int | None = None
     image_size: int | None = None  # input height (and width unless image_width); None: the backbone's
     image_width: int | None = None  # a non-square input's width (resize=squash only); None: square
     resize: Literal["squash", "center_crop"] = "squash"
-    batch_size: int | None = None  # images per pass; None: 4 on CPU (32 with runtime onnx), 64 on CUDA
+    batch_size: int | None = None  # images per pass; None: 4 on CPU with torch, 32 with onnx, 64 on CUDA
     channels_last: bool = True
     flip: bool = False  # flip test-time augmentation; an index built with it is queried with it (manifest)
-    runtime: Literal["torch", "onnx"] = "torch"  # onnx: onnxruntime runs the same weights (extra [onnx])
+    # auto: onnxruntime on CPU when it is installed (faster: docs/results.md), torch on CUDA; same vectors
+    runtime: Literal["auto", "torch", "onnx"] = "auto"
 
     def __post_init__(self) -> None:
+        _check(bool(self.model.strip()), "embedder.model must name a model, a checkpoint path or a URI")
         _check(self.batch_size is None or self.batch_size >= 1, "embedder.batch_size must be >= 1")
         _check(self.embedding_dim is None or self.embedding_dim >= 1, "embedder.embedding_dim must be >= 1")
         _check(self.image_size is None or self.image_size >= 32, "embedder.image_size must be >= 32")
@@ -73,7 +100,7 @@ class EmbedderConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """faiss settings (README "Indexes at scale").
+    """faiss settings (docs/indexes.md).
 
     ``kind='auto'``: exact ``flat`` below ``ivf_threshold`` items, ``ivfpq`` from ``pq_threshold`` on (PCA +
     IVF + 4-bit PQ codes, at most ``max_bytes_per_vector`` bytes of RAM per vector, half of it codes; the top
@@ -108,7 +135,7 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    """Post-processing of the faiss neighbours (all off by default; README: which to use when).
+    """Post-processing of the faiss neighbours (all off by default; docs/reranking.md: which to use when).
 
     ``qe_k``: query expansion, the query averaged with its top ``qe_k`` hits and searched again (AQE;
     ``qe_alpha`` > 0 weights each hit by similarity^alpha, αQE). ``dba_k``: database-side augmentation,
@@ -308,17 +335,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
+def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict saved by an older carsearch (an index manifest), in today's keys: ``embedder.checkpoint``
+    became ``embedder.model`` (a null checkpoint meant the pretrained backbone: ``imagenet``)."""
+    embedder = data.get("embedder")
+    if not isinstance(embedder, dict) or "checkpoint" not in embedder:
+        return data
+    embedder = {k: v for k, v in embedder.items() if k != "checkpoint"}
+    embedder.setdefault("model", data["embedder"]["checkpoint"] or "imagenet")
+    return {**data, "embedder": embedder}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a :class:`PipelineConfig` from YAML (or defaults) and apply ``key=value`` overrides."""
     return load_dataclass(PipelineConfig, path, overrides)
 
 
 def load_dataclass(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Config dataclass ``cls`` from a YAML file (or defaults) with ``section.key=value`` overrides."""
+    """Config dataclass ``cls`` from a YAML file (a path or a shipped name; or defaults) with ``section.key=value``
+    overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(resolve_config(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except OSError as exc:

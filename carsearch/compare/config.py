@@ -31,7 +31,7 @@ class CompareTrain:
     test classes are never seen before the retrieval grid.
     """
 
-    recipe: str = "configs/train/cpu_quick.yaml"
+    recipe: str = "cpu_quick"
     overrides: tuple[str, ...] = ()
     val_share: float = 0.25
 

@@ -180,7 +180,7 @@ def _finetune(cache: StageCache, config: CompareConfig, split: Split, mode: str,
 def _embedder(config: CompareConfig, name: str, models: dict[str, Path], device: str) -> Embedder:
     if name == "zero_shot":
         embedder = EmbedderConfig(
-            backbone=config.backbone, image_size=config.image_size, image_width=config.image_width
+            model="imagenet", backbone=config.backbone, image_size=config.image_size, image_width=config.image_width
         )
         return Embedder.from_config(embedder, device)
     return Embedder(load_checkpoint(models[name]), device, source=f"checkpoint:{models[name].name}")

@@ -75,8 +75,9 @@ class DemoBackend:
         overrides: list[str] | None = None,
         method: Method = "gradcam",
     ) -> DemoBackend:
-        """Load the index(es) and their models once (``model``: a checkpoint both indexes were built with)."""
-        extra = list(overrides or []) + ([f"embedder.checkpoint={model}"] if model else [])
+        """Load the index(es) and their models once (``model``: the model both indexes were built with, where
+        the manifest's path no longer finds it; by default each index's own)."""
+        extra = list(overrides or []) + ([f"embedder.model={model}"] if model else [])
         default_confidence = Pipeline.for_index(index, extra).config.detector.confidence
         main = _side("cropped", index, [*extra, f"detector.confidence={DETECTOR_FLOOR}"], method)
         raw = _side("raw", raw_index, extra, method, share=main) if raw_index else None

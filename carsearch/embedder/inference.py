@@ -11,11 +11,21 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from carsearch.config import EmbedderConfig
-from carsearch.embedder.checkpoint import load_checkpoint, weights_fingerprint
+from carsearch.embedder import zoo
+from carsearch.embedder.checkpoint import model_from_payload, read_checkpoint, train_labels, weights_fingerprint
 from carsearch.embedder.model import EmbeddingModel, default_spec
-from carsearch.embedder.onnx import OnnxRunner
+from carsearch.embedder.onnx import OnnxRunner, onnxruntime_available
 from carsearch.embedder.preprocessing import Preprocessing, eval_transform, tensor_transform
 from carsearch.errors import ModelLoadError
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    """``auto``: onnxruntime on CPU when it is installed, torch otherwise (and always on CUDA)."""
+    if runtime == "auto":
+        return "onnx" if device.type == "cpu" and onnxruntime_available() else "torch"
+    if runtime not in ("torch", "onnx"):
+        raise ModelLoadError(f"unknown embedder.runtime {runtime!r}; valid: auto, torch, onnx")
+    return runtime
 
 
 class Embedder:
@@ -30,45 +40,32 @@ class Embedder:
         source: str = "pretrained",
         flip: bool = False,
         runtime: str = "torch",
+        train_labels: tuple[str, ...] | None = None,
     ) -> None:
         self.device = torch.device(device)
+        runtime = resolve_runtime(runtime, self.device)
         self.channels_last = channels_last
         self.model = model.eval().to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # Measured on a 2-core CPU: 50 img/s at 1-4 images per pass, 38 at 32, 29 at 64 (cache-bound).
-        # onnxruntime on 2 CPU cores: 65 img/s at 1 image per pass, 118 at 4, 152 at 32 (benchmarks/rerank.py).
+        # torch eager on CPU is fastest at a few images per pass (cache-bound), onnxruntime at larger batches
+        # (benchmarks/rerank.py measures both)
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 32 if runtime == "onnx" else 4)
         self.source = source
+        self.train_labels = train_labels  # the classes the model was trained on; () none, None unknown
         self.flip = flip  # test-time augmentation: mean of the image's and its mirror image's embeddings
         self.transform = eval_transform(model.spec.preprocessing)
         self.device_transform = tensor_transform(model.spec.preprocessing)
         self.fingerprint = weights_fingerprint(model)
         # runtime "onnx": the same weights run by onnxruntime (same identity: indexes need no rebuild)
         self.runtime = runtime
-        self._onnx = OnnxRunner(model, self.fingerprint, self.device) if runtime == "onnx" else None
+        self._onnx: OnnxRunner | None = None  # made on first use: exporting takes seconds, once per model
 
     @classmethod
     def from_config(cls, config: EmbedderConfig, device: torch.device | str = "cpu") -> Embedder:
-        """The pretrained backbone of ``config``, or its trained checkpoint (validated against it)."""
-        if config.checkpoint:
-            model = load_checkpoint(config.checkpoint)
-            spec = model.spec
-            if config.embedding_dim is not None and config.embedding_dim != model.dim:
-                raise ModelLoadError(
-                    f"checkpoint {config.checkpoint} embeds to {model.dim} dimensions, config asks for "
-                    f"{config.embedding_dim}; drop embedder.embedding_dim or use a matching checkpoint"
-                )
-            height, width = spec.preprocessing.input_size
-            asked = (config.image_size or height, config.image_width or (config.image_size or height))
-            if (config.image_size, config.image_width) != (None, None) and asked != (height, width):
-                raise ModelLoadError(
-                    f"checkpoint {config.checkpoint} was trained at {height}x{width} px (height x width), config "
-                    f"asks for {asked[0]}x{asked[1]}; drop embedder.image_size / image_width or use a matching "
-                    "checkpoint"
-                )
-            source = f"checkpoint:{config.checkpoint}"
-        else:
+        """``config.model``: a shipped name, ``imagenet`` (the pretrained backbone of ``config``) or a checkpoint
+        path / URI; a checkpoint is validated against the dimension and input size ``config`` asks for."""
+        if config.model == zoo.IMAGENET:
             spec = default_spec(
                 config.backbone,
                 config.embedding_dim,
@@ -77,8 +74,18 @@ class Embedder:
                 image_width=config.image_width,
             )
             model = EmbeddingModel(spec, pretrained=config.pretrained)
-            source = "pretrained" if config.pretrained else "random"
-        return cls(model, device, config.batch_size, config.channels_last, source, config.flip, config.runtime)
+            source = zoo.IMAGENET if config.pretrained else "random"
+            labels: tuple[str, ...] | None = ()  # ImageNet holds no car-model classes
+        else:
+            if zoo.is_name(config.model):
+                path, sha256 = zoo.shipped_checkpoint(config.model)
+                payload = read_checkpoint(path, sha256)
+            else:
+                payload = read_checkpoint(config.model)
+            model = model_from_payload(payload, config.model)
+            _check_asked(config, model)
+            source, labels = config.model, train_labels(payload)
+        return cls(model, device, config.batch_size, config.channels_last, source, config.flip, config.runtime, labels)
 
     @property
     def dim(self) -> int:
@@ -91,12 +98,14 @@ class Embedder:
     @property
     def identity(self) -> dict[str, Any]:
         """What must match between an index and the embedder that queries it."""
-        identity = {
+        identity: dict[str, Any] = {
             "spec": self.model.spec.to_dict(),
             "dim": self.dim,
             "fingerprint": self.fingerprint,
-            "source": self.source,
+            "source": self.source,  # the model's name or path: informative, never compared
         }
+        if self.train_labels is not None:
+            identity["train_labels"] = list(self.train_labels)
         return {**identity, "tta": "flip"} if self.flip else identity
 
     def tensors(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -125,7 +134,9 @@ class Embedder:
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 embeddings of one preprocessed chunk (fp16 autocast on CUDA)."""
-        if self._onnx is not None:
+        if self.runtime == "onnx":
+            if self._onnx is None:
+                self._onnx = OnnxRunner(self.model, self.fingerprint, self.device)
             return torch.nn.functional.normalize(self._onnx(chunk), dim=1)
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
@@ -137,3 +148,20 @@ class Embedder:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.embed_tensors(self.tensors(images))
+
+
+def _check_asked(config: EmbedderConfig, model: EmbeddingModel) -> None:
+    """A checkpoint embeds at its own dimension and input size: refuse a config that asks for others."""
+    if config.embedding_dim is not None and config.embedding_dim != model.dim:
+        raise ModelLoadError(
+            f"model {config.model} embeds to {model.dim} dimensions, config asks for {config.embedding_dim}; "
+            "drop embedder.embedding_dim or use a matching model"
+        )
+    height, width = model.spec.preprocessing.input_size
+    asked = (config.image_size or height, config.image_width or (config.image_size or height))
+    if (config.image_size, config.image_width) != (None, None) and asked != (height, width):
+        raise ModelLoadError(
+            f"model {config.model} was trained at {height}x{width} px (height x width), config asks for "
+            f"{asked[0]}x{asked[1]}; drop embedder.image_size / image_width, or use embedder.model=imagenet "
+            "for the pretrained backbone at another size"
+        )

@@ -26,7 +26,7 @@ from carsearch.errors import ModelLoadError
 logger = logging.getLogger(__name__)
 
 INPUT, OUTPUT = "images", "embeddings"
-INSTALL = "pip install -e '.[onnx]' (onnx, onnxruntime, onnxscript)"
+INSTALL = "pip install onnx onnxruntime onnxscript (carsearch's own dependencies: reinstall carsearch)"
 
 
 def export_onnx(model: EmbeddingModel, path: str | Path, fingerprint: str | None = None, opset: int = 18) -> Path:
@@ -67,6 +67,13 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     spec = props.get("carsearch_spec")
     return {"spec": json.loads(spec) if spec else None, "fingerprint": props.get("carsearch_fingerprint") or None}
+
+
+def onnxruntime_available() -> bool:
+    """Whether onnxruntime and the exporter's packages (onnx, onnxscript) can be imported."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
 
 
 def cache_dir() -> Path:

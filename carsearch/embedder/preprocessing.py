@@ -18,7 +18,7 @@ class Preprocessing:
 
     The input is ``image_size`` × ``image_size``, or ``image_size`` high and ``image_width`` wide: car crops
     are about twice as wide as high, and a 2:1 input keeps their shape in as many pixels as a square (it did
-    not beat the square on validation classes; README).
+    not beat the square on validation classes; docs/training.md).
     """
 
     image_size: int = 224

@@ -2,7 +2,7 @@
 
 Kinds: ``flat`` (exact), ``ivf`` (IVF-Flat), ``hnsw`` (HNSW-Flat) and ``ivfpq`` (PCA with a random rotation
 to a smaller dimension, IVF, 4-bit fast-scan PQ codes; candidates re-scored exactly from the full vectors,
-which stay on disk). How ``auto`` chooses and the memory per vector of each kind: README "Indexes at scale".
+which stay on disk). How ``auto`` chooses and the memory per vector of each kind: docs/indexes.md.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def ivfpq_factory(dim: int, n_items: int, max_bytes_per_vector: int, fast_scan: 
     ~15-20 B per vector at 1M items of 1280-d, less at 10M). The first d = 2·B principal components, randomly
     rotated to balance their variance, each quantised to 4 bits (SIMD "fast-scan" PQ, one dimension per
     sub-quantizer: at 1M realistic vectors this kept more of the true top-10 among the candidates than 2 or
-    4 dimensions per sub-quantizer, README "Indexes at scale"). ``fast_scan`` False (faiss-gpu has no
+    4 dimensions per sub-quantizer, docs/indexes.md). ``fast_scan`` False (faiss-gpu has no
     fast-scan): ``PQ{B}np``, B sub-quantizers of 8 bits on the same d dimensions.
     L2 because PCA centres the data, which changes inner products but not distances (unit vectors rank alike).
     """

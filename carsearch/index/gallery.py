@@ -28,7 +28,7 @@ ITEMS = "items.arrow"
 LEGACY_ITEMS = "items.jsonl"
 FAISS = "index.faiss"
 REBUILD = "rebuild it: delete the folder and run `carsearch index SOURCE --out FOLDER` again"
-VERIFY_MAX_BYTES = 1 << 30  # files up to 1 GiB are checksummed at load; larger ones: size only (README)
+VERIFY_MAX_BYTES = 1 << 30  # files up to 1 GiB are checksummed at load; larger ones: size only (docs/indexing.md)
 CHUNK = 16 << 20
 
 

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from carsearch.pipeline.batch import IndexReport
-    from carsearch.pipeline.pipeline import Evaluation, Pipeline, evaluate_index
+    from carsearch.pipeline.pipeline import ClassGroup, Evaluation, Pipeline, evaluate_index
 
-__all__ = ["Evaluation", "IndexReport", "Pipeline", "evaluate_index"]
+__all__ = ["ClassGroup", "Evaluation", "IndexReport", "Pipeline", "evaluate_index"]
 _HOMES = {
+    "ClassGroup": "carsearch.pipeline.pipeline",
     "Evaluation": "carsearch.pipeline.pipeline",
     "IndexReport": "carsearch.pipeline.batch",
     "Pipeline": "carsearch.pipeline.pipeline",

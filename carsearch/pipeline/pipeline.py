@@ -42,13 +42,49 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ClassGroup:
+    """Metrics over the items of one group of classes, searched among themselves (leave-one-out)."""
+
+    classes: int
+    items: int
+    metrics: RetrievalMetrics | None  # None: fewer than 2 items
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"classes": self.classes, "items": self.items, "metrics": self.metrics and self.metrics.to_dict()}
+
+
+@dataclass(frozen=True)
 class Evaluation:
-    """Leave-one-out retrieval metrics of a labelled index, with item counts."""
+    """Leave-one-out retrieval metrics of a labelled index, with item counts.
+
+    ``seen`` / ``unseen``: the classes the embedder was trained on and those it never saw, each group searched
+    among its own items (the CARS196 protocol's test classes are searched so); both None when the embedder
+    does not record its training classes. Only ``unseen`` measures generalisation.
+    """
 
     metrics: RetrievalMetrics
     items: int
     labelled_items: int
     no_detection: int
+    seen: ClassGroup | None = None
+    unseen: ClassGroup | None = None
+
+    @property
+    def verdict(self) -> str:
+        """One plain sentence on what the numbers measure."""
+        if self.seen is None or self.unseen is None:
+            return "the embedder does not record its training classes: seen and unseen classes cannot be told apart"
+        if not self.unseen.classes:
+            return (
+                f"every evaluated class ({self.seen.classes}) is a training class of the embedder: "
+                "these numbers measure memory, not generalisation to unseen cars"
+            )
+        if not self.seen.classes:
+            return f"no evaluated class is a training class of the embedder: all {self.unseen.classes} are unseen"
+        return (
+            f"{self.seen.classes} evaluated classes are training classes of the embedder, {self.unseen.classes} are "
+            "unseen: only the unseen classes' numbers measure generalisation"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +92,9 @@ class Evaluation:
             "items": self.items,
             "labelled_items": self.labelled_items,
             "no_detection": self.no_detection,
+            "seen": self.seen and self.seen.to_dict(),
+            "unseen": self.unseen and self.unseen.to_dict(),
+            "verdict": self.verdict,
         }
 
 
@@ -101,9 +140,9 @@ class Pipeline:
     def for_index(cls, index_dir: str | Path, overrides: list[str] | None = None) -> Pipeline:
         """A pipeline that processes queries exactly as the index at ``index_dir`` was built."""
         manifest = read_manifest(index_dir)
-        from carsearch.config import apply_overrides
+        from carsearch.config import apply_overrides, upgrade_config
 
-        return cls(from_dict(PipelineConfig, apply_overrides(manifest["config"], overrides or [])))
+        return cls(from_dict(PipelineConfig, apply_overrides(upgrade_config(manifest["config"]), overrides or [])))
 
     @property
     def detector(self) -> VehicleDetector:
@@ -252,7 +291,9 @@ class Pipeline:
 
 
 def evaluate_index(gallery: GalleryIndex, retrieval: RetrievalConfig | None = None) -> Evaluation:
-    """Leave-one-out metrics over the labelled items of ``gallery`` (unlabelled items are left out).
+    """Leave-one-out metrics over the labelled items of ``gallery`` (unlabelled items are left out), and the
+    same for the classes its embedder was trained on and for those it never saw (``Evaluation.seen`` /
+    ``unseen``; from the ``train_labels`` its manifest records).
 
     Searched through the gallery's own index kind (IVF/HNSW as built), so the numbers are the index's; for a
     flat index they equal :func:`carsearch.metrics.leave_one_out_metrics` of its vectors. ``retrieval``:
@@ -262,14 +303,29 @@ def evaluate_index(gallery: GalleryIndex, retrieval: RetrievalConfig | None = No
     labelled = gallery.records.labelled_ids()
     if len(labelled) < 2:
         raise EmptyGalleryError(f"evaluation needs at least 2 labelled items, the index has {len(labelled)}")
-    sub = GalleryIndex(gallery.dim, gallery.manifest, gallery.config)
-    sub.add(gallery.vectors[labelled], gallery.records.take(labelled))
-    labels = sub.records.column("label")
     retrieval = retrieval or RetrievalConfig()
-    if retrieval.plain:
-        metrics = evaluate_embeddings(lambda k: sub.search(sub.vectors, k)[1], labels)
-    else:
-        itself = [{i} for i in range(len(sub))]
-        metrics = evaluate_embeddings(lambda k: sub.retrieve(sub.vectors, k, retrieval, exclude=itself)[1], labels)
+    metrics = _leave_one_out(gallery, labelled, retrieval)
     no_detection = gallery.records.count_flag(FLAG_NO_DETECTION)
-    return Evaluation(metrics, len(gallery), len(labelled), no_detection)
+    trained_on = gallery.manifest.get("embedder", {}).get("train_labels")
+    if trained_on is None:
+        return Evaluation(metrics, len(gallery), len(labelled), no_detection)
+    known = set(trained_on)
+    labels = np.array(gallery.records.take(labelled).column("label"), dtype=object)
+    is_seen = np.array([label in known for label in labels], dtype=bool)
+    groups = []
+    for mask in (is_seen, ~is_seen):
+        ids = labelled[mask]
+        group = _leave_one_out(gallery, ids, retrieval) if len(ids) >= 2 else None
+        groups.append(ClassGroup(len(set(labels[mask])), len(ids), group))
+    return Evaluation(metrics, len(gallery), len(labelled), no_detection, seen=groups[0], unseen=groups[1])
+
+
+def _leave_one_out(gallery: GalleryIndex, ids: np.ndarray, retrieval: RetrievalConfig) -> RetrievalMetrics:
+    """Metrics of the items ``ids`` (labelled) searched among themselves."""
+    sub = GalleryIndex(gallery.dim, gallery.manifest, gallery.config)
+    sub.add(gallery.vectors[ids], gallery.records.take(ids))
+    labels = sub.records.column("label")
+    if retrieval.plain:
+        return evaluate_embeddings(lambda k: sub.search(sub.vectors, k)[1], labels)
+    itself = [{i} for i in range(len(sub))]
+    return evaluate_embeddings(lambda k: sub.retrieve(sub.vectors, k, retrieval, exclude=itself)[1], labels)

@@ -26,6 +26,7 @@ import numpy as np
 from carsearch.config import PipelineConfig, to_dict
 from carsearch.data.processes import ProcessSweeper
 from carsearch.data.sources import SourceItem
+from carsearch.embedder import zoo
 from carsearch.errors import ConfigError
 from carsearch.index.records import ItemRecord
 from carsearch.pipeline.batch import IndexJob, IndexReport
@@ -147,14 +148,14 @@ def _dataset(ray: Any, job: IndexJob, config: PipelineConfig, options: RayOption
 
 def _absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
     """The config with relative model paths that exist here made absolute: actors need not share our cwd."""
-    for section, key in (("detector", "weights"), ("embedder", "checkpoint")):
+    for section, key in (("detector", "weights"), ("embedder", "model")):
         value = settings[section].get(key)
-        if value and not Path(value).is_absolute() and Path(value).exists():
+        if value and not zoo.is_name(value) and not Path(value).is_absolute() and Path(value).exists():
             settings[section][key] = str(Path(value).resolve())
     return settings
 
 
-MAX_INPUT_BLOCKS = 1024  # Ray Data pays per block: 1M rows took 74.6 s in 31,250 blocks, 8.0 s in 1,009 (README)
+MAX_INPUT_BLOCKS = 1024  # Ray Data pays per block: per-block overhead dominates at 1M rows (docs/scale-out.md)
 
 
 def input_blocks(items: Sequence[SourceItem], indexed: dict[str, str], batch: int) -> list[Any]:
@@ -189,7 +190,7 @@ def default_pools(cluster_cpus: float, gpu_actors: int = 0) -> tuple[tuple[int, 
     photo, 62% for a 12 MP frame, ~0% for a thumbnail; ``benchmarks/stage_costs.py``). When the embedders
     run on GPUs: one embedder actor per ``gpu_actors`` (the cluster's GPUs / GPUs per actor), the detectors
     take the rest. On 2 cores this is 1 + 1: 2 detector actors + 1 embedder actor were no faster (28–34
-    against 31–32 images/s once running) and took 5 s longer to start (README, Scale-out)."""
+    against 31–32 images/s once running) and took 5 s longer to start (docs/scale-out.md)."""
     budget = max(2, int(cluster_cpus * (1 - DECODE_SHARE)))
     embedders = gpu_actors or budget // 2
     detectors = max(1, budget - embedders)

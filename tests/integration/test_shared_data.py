@@ -78,7 +78,9 @@ def test_audit_reports_every_known_duplicate_pair(shared_dir: Path, tmp_path: Pa
     extra = [p for p in list(labels)[:40] if p not in paths]
     source = tmp_path / "dups.csv"
     source.write_text("path,label\n" + "".join(f"{root / p},{labels[p]}\n" for p in paths + extra))
-    pipe = Pipeline.from_config(overrides=["crop=false", "embedder.image_size=64", "runtime.workers=0"])
+    pipe = Pipeline.from_config(
+        overrides=["crop=false", "embedder.model=imagenet", "embedder.image_size=64", "runtime.workers=0"]
+    )
     pipe.index(source, tmp_path / "idx")
     from carsearch.index import GalleryIndex
     from carsearch.pipeline.audit import audit_index

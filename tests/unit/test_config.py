@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from carsearch.config import (
+    CONFIGS_DIR,
     DEFAULT_VEHICLE_CLASSES,
     DetectorConfig,
     EmbedderConfig,
@@ -22,7 +23,7 @@ from carsearch.config import (
 )
 from carsearch.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = CONFIGS_DIR
 EXPERIMENT_CONFIGS = {"compare.yaml"}  # carsearch compare's own config, tested in test_compare
 CONFIG_FILES = sorted(
     p for p in [*CONFIG_DIR.glob("*.yaml"), *CONFIG_DIR.glob("*.yml")] if p.name not in EXPERIMENT_CONFIGS
@@ -44,7 +45,7 @@ def test_defaults():
     assert config.detector.classes == DEFAULT_VEHICLE_CLASSES == ("car", "truck", "bus")
     assert config.detector.confidence == 0.25
     assert config.detector.selection == "largest"
-    assert config.embedder.checkpoint is None
+    assert config.embedder.model == "cars98-lite0" and config.embedder.runtime == "auto"
     assert config.index.kind == "auto"
     assert config.crop is True and config.crop_source == "detector"
     assert load_config(None, []) == config
@@ -65,7 +66,7 @@ detector:
   confidence: 0.4
   selection: most_confident
 embedder:
-  checkpoint: runs/best.ckpt
+  model: runs/best.ckpt
   embedding_dim: 128
   pretrained: false
 index:
@@ -83,7 +84,7 @@ crop_source: gt
     assert config.detector.confidence == 0.4
     assert config.detector.selection == "most_confident"
     assert config.detector.iou == DetectorConfig().iou  # untouched keys keep their defaults
-    assert config.embedder == EmbedderConfig(checkpoint="runs/best.ckpt", embedding_dim=128, pretrained=False)
+    assert config.embedder == EmbedderConfig(model="runs/best.ckpt", embedding_dim=128, pretrained=False)
     assert config.index == IndexConfig(kind="hnsw")
     assert config.runtime == RuntimeConfig(device="cuda:1", threads=4)
     assert config.crop is False and config.crop_source == "gt"
@@ -220,7 +221,7 @@ def test_lenient_but_exact_coercions():
             "detector.confidence=1",  # int for float
             "index.use_gpu=no",  # yes/no, true/false, 1/0 strings
             "crop='TRUE'",
-            "embedder.checkpoint=null",  # Optional accepts None
+            "embedder.embedding_dim=null",  # Optional accepts None
             "runtime.threads=3",
         ],
     )
@@ -229,7 +230,7 @@ def test_lenient_but_exact_coercions():
     assert config.detector.confidence == 1.0 and isinstance(config.detector.confidence, float)
     assert config.index.use_gpu is False
     assert config.crop is True
-    assert config.embedder.checkpoint is None
+    assert config.embedder.embedding_dim is None
     assert config.runtime.threads == 3
 
 
@@ -345,7 +346,7 @@ def _non_default_config() -> PipelineConfig:
             "detector.classes=[car]",
             "detector.confidence=0.4",
             "detector.selection=all",
-            "embedder.checkpoint=ckpt/last.ckpt",
+            "embedder.model=ckpt/last.ckpt",
             "embedder.embedding_dim=256",
             "embedder.image_size=224",
             "index.kind=ivf",

@@ -6,16 +6,14 @@ Imports Lightning; ``carsearch.embedder`` itself does not import this sub-packag
 from carsearch.embedder.training.config import TrainConfig, load_train_config
 from carsearch.embedder.training.datamodule import EmbedderDataModule
 from carsearch.embedder.training.module import EmbedderModule
-from carsearch.embedder.training.run import export, export_main, load_trained_model, train, train_main
+from carsearch.embedder.training.run import export, load_trained_model, train
 
 __all__ = [
     "EmbedderDataModule",
     "EmbedderModule",
     "TrainConfig",
     "export",
-    "export_main",
     "load_train_config",
     "load_trained_model",
     "train",
-    "train_main",
 ]

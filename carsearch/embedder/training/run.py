@@ -7,7 +7,7 @@ logs, and ``metrics.json`` (test metrics of the selected model, zero-shot metric
 
 from __future__ import annotations
 
-import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -26,11 +26,13 @@ import yaml
 from carsearch.config import EmbedderConfig, to_dict
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
 from carsearch.embedder.checkpoint import save_checkpoint, weights_fingerprint
+from carsearch.embedder.inference import Embedder
 from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec, without_head
 from carsearch.embedder.onnx import export_onnx
-from carsearch.embedder.training.config import ModelConfig, TrainConfig, TrainerConfig, load_train_config
+from carsearch.embedder.training.config import ModelConfig, TrainConfig, TrainerConfig
 from carsearch.embedder.training.datamodule import EmbedderDataModule
 from carsearch.embedder.training.module import EmbedderModule, Embedding
+from carsearch.embedder.zoo import DEFAULT_MODEL
 from carsearch.errors import ConfigError, ModelLoadError
 from carsearch.runtime import configure_threads
 
@@ -324,18 +326,50 @@ def run_embedding(run_dir: str | Path) -> Embedding:
     return "head"
 
 
-def export(
-    run_dir: str | Path | None, out_path: str | Path, fmt: str = "pt", embedding: Embedding | None = None
-) -> Path:
-    """Write the run's best model (without a run: the default pretrained backbone) for inference.
+FP16_TOLERANCE = 1e-3  # the largest embedding difference a float16 checkpoint may make
 
-    ``fmt="pt"``: an inference checkpoint (``EmbedderConfig(checkpoint=out_path)`` loads it); ``"onnx"``: an
-    ONNX graph of the same model (preprocessed batch in, embeddings out) for onnxruntime and other engines.
-    ``embedding``: the head's output or the pooled features before it (default: the run's choice).
+
+def half_precision_error(model: EmbeddingModel, images: int = 16, seed: int = 0) -> float:
+    """The largest absolute difference between ``model``'s embeddings and those of its float16-rounded weights,
+    on smooth random images (gradients + noise) at the model's input size."""
+    rounded = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for tensor in rounded.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    height, width = model.spec.preprocessing.input_size
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.rand(images, 3, 4, 4, generator=generator)
+    batch = torch.nn.functional.interpolate(base, size=(height, width), mode="bilinear", align_corners=False)
+    batch = (batch + 0.1 * torch.randn(batch.shape, generator=generator) - 0.45) / 0.25
+    with torch.inference_mode():
+        return float((model.eval()(batch) - rounded(batch)).abs().max())
+
+
+def export(
+    run_dir: str | Path | None,
+    out_path: str | Path,
+    fmt: str = "pt",
+    embedding: Embedding | None = None,
+    half: bool = False,
+    model_name: str = DEFAULT_MODEL,
+) -> Path:
+    """Write the run's best model (without a run: the model ``model_name``, the shipped one by default).
+
+    ``fmt="pt"``: an inference checkpoint (``EmbedderConfig(model=out_path)`` loads it) that records the
+    classes it was trained on; ``"onnx"``: an ONNX graph of the same model (preprocessed batch in, embeddings
+    out) for onnxruntime and other engines. ``embedding``: the head's output or the pooled features before it
+    (default: the run's choice). ``half``: store float16 weights, refused when that moves an embedding by more
+    than ``FP16_TOLERANCE``.
     """
+    if half and fmt != "pt":
+        raise ConfigError("float16 weights (--half) are for .pt checkpoints; ONNX files keep float32")
     extra: dict[str, Any] = {}
     if run_dir is None:
-        model, source = EmbeddingModel(default_spec(EmbedderConfig().backbone), pretrained=True), "pretrained"
+        embedder = Embedder.from_config(EmbedderConfig(model=model_name, runtime="torch"))
+        model, source = embedder.model, model_name
+        if embedder.train_labels:
+            extra["train_labels"] = list(embedder.train_labels)
     else:
         run_dir = Path(run_dir)
         checkpoint = best_checkpoint(run_dir)
@@ -343,29 +377,31 @@ def export(
         chosen = embedding or run_embedding(run_dir)
         if chosen == "pooled":
             model = without_head(model)
-        extra = {"run_dir": str(run_dir.resolve()), "lightning_checkpoint": checkpoint.name, "embedding": chosen}
+        extra = {"run": run_dir.name, "lightning_checkpoint": checkpoint.name, "embedding": chosen}
+        classes_file = run_dir / "classes.json"
+        if classes_file.exists():
+            extra["train_labels"] = sorted(json.loads(classes_file.read_text()).get("train") or [])
         metrics_file = run_dir / "metrics.json"
         if metrics_file.exists() and chosen == run_embedding(run_dir):  # the run's metrics are of this embedding
             recorded = json.loads(metrics_file.read_text())
             for name in ("test", "zero_shot"):
                 if recorded.get(name):
                     extra[f"{name}_metrics"] = recorded[name]
+    if half:
+        error = half_precision_error(model)
+        if error > FP16_TOLERANCE:
+            raise ModelLoadError(
+                f"float16 weights move embeddings by {error:.2e} (> {FP16_TOLERANCE:g}); export without --half"
+            )
+        logger.info("float16 weights: largest embedding difference %.2e", error)
     if fmt == "onnx":
         export_onnx(model, out_path, weights_fingerprint(model))
     elif fmt == "pt":
-        save_checkpoint(model, out_path, extra=extra)
+        save_checkpoint(model, out_path, extra=extra, half=half)
     else:
         raise ConfigError(f"unknown export format {fmt!r}; valid: pt, onnx")
     logger.info("exported %s → %s (%s)", source, out_path, fmt)
     return Path(out_path)
-
-
-# ---------------------------------------------------------------------- command-line entry points
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. trainer.max_epochs=5")
-    parser.add_argument("--set", dest="more", action="append", default=[], metavar="KEY=VALUE", help="same, repeatable")
-    return parser
 
 
 def device_overrides(device: str | None) -> list[str]:
@@ -379,51 +415,3 @@ def device_overrides(device: str | None) -> list[str]:
     if device.startswith("cuda:") and device[5:].isdigit():
         return ["trainer.accelerator=gpu", f"trainer.devices={device[5:]},"]
     raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-
-
-def train_parser() -> argparse.ArgumentParser:
-    parser = _parser("carsearch train", "Fine-tune an embedder on class-disjoint splits (see configs/train/).")
-    parser.add_argument("--config", help="training YAML (a serialised TrainConfig); defaults without it")
-    parser.add_argument("--device", help="auto (default), cpu, cuda (every visible GPU), cuda:N")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
-
-
-def export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="carsearch export", description="Export a training run's best model.")
-    parser.add_argument(
-        "run_dir", nargs="?", help="a run directory written by carsearch train (omitted: the pretrained backbone)"
-    )
-    parser.add_argument("out", help="file to write: OUT.pt (load with embedder.checkpoint=OUT) or OUT.onnx")
-    parser.add_argument("--format", choices=["pt", "onnx"], help="default: onnx for a .onnx OUT, else pt")
-    parser.add_argument(
-        "--embedding",
-        choices=["head", "pooled"],
-        help="embed with the head's output or the pooled features before it (default: the run's choice)",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
-
-
-def train_main(argv: list[str] | None = None) -> int:
-    """``carsearch train --config configs/train/cpu_quick.yaml [KEY=VALUE ...]``: prints the run directory."""
-    args = train_parser().parse_args(argv)
-    if args.verbose:
-        logging.getLogger("carsearch").setLevel(logging.DEBUG)
-    config = load_train_config(args.config, [*args.overrides, *args.more, *device_overrides(args.device)])
-    run_dir = train(config)
-    if not _is_ddp_child():
-        print(run_dir)  # noqa: T201 - command-line output
-    return 0
-
-
-def export_main(argv: list[str] | None = None) -> int:
-    """``carsearch export [RUN_DIR] OUT.pt|OUT.onnx``: the run's best model (or the pretrained backbone)."""
-    args = export_parser().parse_args(argv)
-    if args.verbose:
-        logging.getLogger("carsearch").setLevel(logging.DEBUG)
-    fmt = args.format or ("onnx" if str(args.out).endswith(".onnx") else "pt")
-    if args.embedding and args.run_dir is None:
-        raise SystemExit("carsearch export: --embedding needs a run directory")
-    print(export(args.run_dir, args.out, fmt, args.embedding))  # noqa: T201 - command-line output
-    return 0

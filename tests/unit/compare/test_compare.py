@@ -12,9 +12,10 @@ from PIL import Image, ImageDraw
 
 from carsearch.cli import main
 from carsearch.compare import load_compare_config
+from carsearch.config import CONFIGS_DIR
 from carsearch.errors import ConfigError
 
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "compare.yaml"
+CONFIG = CONFIGS_DIR / "compare.yaml"
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]  # fmt: skip
 
@@ -98,7 +99,7 @@ def test_quick_compare_crop_beats_raw_and_caches(tmp_path: Path, tiny_yolo: Path
 
 def test_compare_config_file_and_validation() -> None:
     config = load_compare_config(CONFIG)
-    assert config.data.where == {"box_fully_visible": "1"} and config.train.recipe.endswith("cpu_quick.yaml")
+    assert config.data.where == {"box_fully_visible": "1"} and config.train.recipe == "cpu_quick"
     assert load_compare_config(CONFIG, quick=True).image_size == 64
     with pytest.raises(ConfigError, match="train_share"):
         load_compare_config(CONFIG, ["data.train_share=1.5"])

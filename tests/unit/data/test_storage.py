@@ -170,7 +170,7 @@ def test_models_missing_from_the_store_fail_with_clear_errors(object_store: Obje
     with pytest.raises(ModelLoadError, match=f"cannot fetch detector weights 's3://{bucket}/yolo.pt'.*does not exist"):
         VehicleDetector(DetectorConfig(weights=f"s3://{bucket}/yolo.pt"))
     with pytest.raises(ModelLoadError, match=f"checkpoint not found: s3://{bucket}/embedder.pt"):
-        Embedder.from_config(EmbedderConfig(checkpoint=f"s3://{bucket}/embedder.pt"))
+        Embedder.from_config(EmbedderConfig(runtime="torch", model=f"s3://{bucket}/embedder.pt"))
 
 
 def test_a_hash_sign_in_a_given_uri_is_part_of_the_name(tmp_path: Path) -> None:

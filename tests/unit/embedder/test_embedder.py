@@ -16,7 +16,7 @@ from tests.conftest import CLASS_COLOURS, make_car_image
 
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
-    return Embedder.from_config(EmbedderConfig(image_size=64, batch_size=4))
+    return Embedder.from_config(EmbedderConfig(model="imagenet", runtime="torch", image_size=64, batch_size=4))
 
 
 def test_offline_weights_load_by_key_order() -> None:
@@ -92,7 +92,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_checkpoint_round_trip_gives_identical_embeddings(checkpoint: Path) -> None:
     images = [make_car_image(i, CLASS_COLOURS[i % 3]) for i in range(3)]
     first = Embedder(load_checkpoint(checkpoint)).embed(images)
-    again = Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint))).embed(images)
+    again = Embedder.from_config(EmbedderConfig(runtime="torch", model=str(checkpoint))).embed(images)
     assert first.shape == (3, 16)
     assert np.array_equal(first, again)
 
@@ -104,15 +104,17 @@ def test_checkpoint_loads_with_weights_only(checkpoint: Path) -> None:
 
 def test_checkpoint_with_other_dimension_is_refused(checkpoint: Path) -> None:
     with pytest.raises(ModelLoadError, match="16 dimensions"):
-        Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint), embedding_dim=128))
+        Embedder.from_config(EmbedderConfig(runtime="torch", model=str(checkpoint), embedding_dim=128))
 
 
 def test_checkpoint_with_other_preprocessing_is_refused(checkpoint: Path) -> None:
     with pytest.raises(ModelLoadError, match="64x64 px"):
-        Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint), image_size=224))
+        Embedder.from_config(EmbedderConfig(runtime="torch", model=str(checkpoint), image_size=224))
     with pytest.raises(ModelLoadError, match="asks for 64x128"):
-        Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint), image_width=128))
-    Embedder.from_config(EmbedderConfig(checkpoint=str(checkpoint), image_size=64, image_width=64))  # the same
+        Embedder.from_config(EmbedderConfig(runtime="torch", model=str(checkpoint), image_width=128))
+    Embedder.from_config(
+        EmbedderConfig(runtime="torch", model=str(checkpoint), image_size=64, image_width=64)
+    )  # the same
 
 
 def test_a_wide_input_is_recorded_checkpointed_and_embedded_at_its_shape(tmp_path: Path) -> None:
@@ -125,11 +127,13 @@ def test_a_wide_input_is_recorded_checkpointed_and_embedded_at_its_shape(tmp_pat
         Preprocessing(image_size=32, image_width=64, resize="center_crop")
     path = tmp_path / "wide.pt"
     save_checkpoint(EmbeddingModel(ModelSpec(embedding_dim=8, preprocessing=wide), pretrained=False), path)
-    embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(path)))
+    embedder = Embedder.from_config(EmbedderConfig(runtime="torch", model=str(path)))
     assert embedder.preprocessing.input_size == (32, 64)
     assert embedder.transform(make_car_image(0, CLASS_COLOURS[0])).shape == (3, 32, 64)
     assert embedder.embed([make_car_image(i, CLASS_COLOURS[i]) for i in range(2)]).shape == (2, 8)
-    pretrained = Embedder.from_config(EmbedderConfig(image_size=32, image_width=64, pretrained=False))
+    pretrained = Embedder.from_config(
+        EmbedderConfig(model="imagenet", runtime="torch", image_size=32, image_width=64, pretrained=False)
+    )
     assert pretrained.preprocessing.input_size == (32, 64)
 
 
@@ -161,8 +165,8 @@ def test_identity_changes_with_weights(checkpoint: Path, embedder: Embedder) -> 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_preprocessing_and_fp16_match_the_cpu_path() -> None:
     images = [make_car_image(i, CLASS_COLOURS[i % 3], size=(320, 200)) for i in range(4)]
-    cpu = Embedder.from_config(EmbedderConfig(image_size=96))
-    gpu = Embedder.from_config(EmbedderConfig(image_size=96), device="cuda")
+    cpu = Embedder.from_config(EmbedderConfig(model="imagenet", runtime="torch", image_size=96))
+    gpu = Embedder.from_config(EmbedderConfig(model="imagenet", runtime="torch", image_size=96), device="cuda")
     assert gpu.tensors(images).device.type == "cuda"
     assert torch.allclose(gpu.tensors(images).cpu(), cpu.tensors(images), atol=2e-2)
     a, b = cpu.embed(images), gpu.embed(images)
@@ -177,8 +181,8 @@ def test_flip_tta_embeds_an_image_and_its_mirror_alike() -> None:
 
     images = [make_car_image(i, CLASS_COLOURS[i % 3], size=(150, 90)) for i in range(3)]
     mirrors = [ImageOps.mirror(image) for image in images]
-    plain = Embedder.from_config(EmbedderConfig(image_size=64))
-    flip = Embedder.from_config(EmbedderConfig(image_size=64, flip=True))
+    plain = Embedder.from_config(EmbedderConfig(model="imagenet", runtime="torch", image_size=64))
+    flip = Embedder.from_config(EmbedderConfig(model="imagenet", runtime="torch", image_size=64, flip=True))
     assert not np.allclose(plain.embed(images), plain.embed(mirrors), atol=1e-3)  # the images are asymmetric
     both = flip.embed(images)
     assert np.allclose(both, flip.embed(mirrors), atol=1e-5)
@@ -196,12 +200,17 @@ def test_flip_tta_embeds_an_image_and_its_mirror_alike() -> None:
 def test_onnx_runtime_embeds_like_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CARSEARCH_CACHE", str(tmp_path))
     images = [make_car_image(i, CLASS_COLOURS[i % 3]) for i in range(5)]
-    torch_embedder = Embedder.from_config(EmbedderConfig(image_size=64, embedding_dim=32))
-    onnx_embedder = Embedder(torch_embedder.model, runtime="onnx")
+    torch_embedder = Embedder.from_config(
+        EmbedderConfig(model="imagenet", runtime="torch", image_size=64, embedding_dim=32)
+    )
+    onnx_embedder = Embedder(
+        torch_embedder.model, runtime="onnx", source=torch_embedder.source, train_labels=torch_embedder.train_labels
+    )
     assert onnx_embedder.identity == torch_embedder.identity  # same weights: indexes need no rebuild
+    assert not (tmp_path / "onnx").exists()  # exported on first use, not when loaded
+    np.testing.assert_allclose(onnx_embedder.embed(images), torch_embedder.embed(images), atol=1e-4)
     exported = sorted((tmp_path / "onnx").glob("*.onnx"))
     assert len(exported) == 1 and exported[0].name.startswith(torch_embedder.fingerprint)
-    np.testing.assert_allclose(onnx_embedder.embed(images), torch_embedder.embed(images), atol=1e-4)
     stamp = exported[0].stat().st_mtime_ns
     again = Embedder(torch_embedder.model, runtime="onnx")  # exported once per weights and spec
     assert exported[0].stat().st_mtime_ns == stamp

@@ -22,7 +22,8 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-from carsearch.config import DetectorConfig, EmbedderConfig, to_dict
+from carsearch.cli import main
+from carsearch.config import CONFIGS_DIR, DetectorConfig, EmbedderConfig, to_dict
 from carsearch.data.sources import SourceItem
 from carsearch.embedder import Embedder, load_checkpoint
 from carsearch.embedder.preprocessing import eval_transform
@@ -31,11 +32,9 @@ from carsearch.embedder.training import (
     TrainConfig,
     boxcache,
     export,
-    export_main,
     load_train_config,
     load_trained_model,
     train,
-    train_main,
 )
 from carsearch.embedder.training.config import DataConfig, LossConfig, ModelConfig, OptimConfig
 from carsearch.embedder.training.data import (
@@ -56,7 +55,7 @@ from carsearch.metrics import leave_one_out_metrics
 from carsearch.types import BBox
 from tests.conftest import CLASS_COLOURS, make_car_image
 
-TRAIN_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "train"
+TRAIN_CONFIG_DIR = CONFIGS_DIR / "train"
 TINY = [
     "model.backbone=test_efficientnet",
     "model.pretrained=false",
@@ -620,7 +619,7 @@ def test_a_finished_run_directory_is_not_overwritten(trained_run):
 
 def test_export_gives_an_inference_checkpoint_with_identical_embeddings(trained_run, hue_gallery, tmp_path):
     out = export(trained_run, tmp_path / "embedder.pt", embedding="head")
-    embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(out)))
+    embedder = Embedder.from_config(EmbedderConfig(runtime="torch", model=str(out)))
     metrics = json.loads((trained_run / "metrics.json").read_text())
     best = torch.load(metrics["checkpoint"], map_location="cpu", weights_only=True)
     module = tiny_module(LossConfig(name="multi_similarity"), num_classes=7)
@@ -660,7 +659,9 @@ def test_the_run_records_its_embedding_choice_and_tests_with_it(trained_run, hue
     assert metrics["embedding"]["dim"] == (64 if expected == "head" else features) and features != 64
     assert metrics["embedding"]["chosen_by"].startswith(f"val map_at_r at epoch {best['epoch']}:")
     # the reported test metrics are those of the exported model (the run's choice), not of the other embedding
-    embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(export(trained_run, tmp_path / "run.pt"))))
+    embedder = Embedder.from_config(
+        EmbedderConfig(runtime="torch", model=str(export(trained_run, tmp_path / "run.pt")))
+    )
     paths = sorted(p for p in hue_gallery.rglob("*.png") if p.parent.name.startswith("v"))
     vectors = embedder.embed([Image.open(p).convert("RGB") for p in paths])
     recomputed = leave_one_out_metrics(vectors, [p.parent.name for p in paths])
@@ -670,7 +671,7 @@ def test_the_run_records_its_embedding_choice_and_tests_with_it(trained_run, hue
 
 def test_export_of_the_pooled_features_drops_the_head(trained_run, hue_gallery, tmp_path):
     out = export(trained_run, tmp_path / "pooled.pt", embedding="pooled")
-    embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(out)))
+    embedder = Embedder.from_config(EmbedderConfig(runtime="torch", model=str(out)))
     trained = load_trained_model(json.loads((trained_run / "metrics.json").read_text())["checkpoint"])
     assert embedder.dim == trained.backbone.num_features != trained.dim and embedder.model.spec.embedding_dim is None
     assert not any(name.startswith("head.") for name in embedder.model.state_dict())
@@ -682,17 +683,21 @@ def test_export_of_the_pooled_features_drops_the_head(trained_run, hue_gallery, 
     assert torch.load(out, weights_only=True)["extra"]["embedding"] == "pooled"
 
 
+def sets(overrides: list[str]) -> list[str]:
+    return [part for override in overrides for part in ("--set", override)]
+
+
 def test_command_line_entry_points_and_frozen_batchnorm(hue_gallery, tmp_path, capsys):
     args = [*TINY, f"data.source={hue_gallery}", "data.batches_per_epoch=3", "trainer.max_epochs=1"]
     args += ["model.freeze_blocks=1", "model.freeze_bn=false", f"out.dir={tmp_path}", "out.name=cli"]
-    assert train_main(["--set", "loss.name=triplet", *args]) == 0
+    assert main(["train", "--set", "loss.name=triplet", *sets(args)]) == 0
     run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert run_dir == tmp_path / "cli" and (run_dir / "metrics.json").exists()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["selected_by"].startswith("last epoch") and metrics["val"]["history"] == []  # no val classes
     assert "last-epoch000" in metrics["checkpoint"] and metrics["test"]["recall_at_1"] >= 0
     assert load_train_config(run_dir / "config.yaml").model.freeze_blocks == 1
-    assert export_main([str(run_dir), str(tmp_path / "out.pt")]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "out.pt")]) == 0
     model = load_checkpoint(tmp_path / "out.pt")
     # The stem was frozen, BatchNorm statistics included: still the fresh-init values after training;
     # block 2 trained with freeze_bn=false, so its statistics moved.
@@ -700,9 +705,9 @@ def test_command_line_entry_points_and_frozen_batchnorm(hue_gallery, tmp_path, c
         assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) != moved
     # With freeze_bn (the default) no BatchNorm statistics move at all.
     args = [a.replace("freeze_bn=false", "freeze_bn=true").replace("out.name=cli", "out.name=bn") for a in args]
-    assert train_main(["--set", "loss.name=triplet", *args]) == 0
+    assert main(["train", "--set", "loss.name=triplet", *sets(args)]) == 0
     run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
-    assert export_main([str(run_dir), str(tmp_path / "bn.pt")]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "bn.pt")]) == 0
     frozen = load_checkpoint(tmp_path / "bn.pt").backbone.blocks[2][0].bn1
     assert torch.equal(frozen.running_mean, torch.zeros_like(frozen.running_mean))
 
@@ -780,7 +785,7 @@ def test_lightning_ddp_run_on_two_cpu_processes(hue_gallery, trained_run, tmp_pa
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, "-m", "carsearch.embedder.training", "train", *args],
+        [sys.executable, "-m", "carsearch.cli", "train", *sets(args)],
         cwd=root,
         env=env,
         capture_output=True,
@@ -846,9 +851,9 @@ def test_export_onnx_runs_in_onnxruntime_like_torch(trained_run, hue_gallery, tm
 
     from carsearch.embedder.onnx import onnx_metadata
 
-    assert export_main([str(trained_run), str(tmp_path / "embedder.onnx")]) == 0  # format from the suffix
-    assert export_main([str(trained_run), str(tmp_path / "embedder.pt")]) == 0
-    embedder = Embedder.from_config(EmbedderConfig(checkpoint=str(tmp_path / "embedder.pt")))
+    assert main(["export", str(trained_run), "--out", str(tmp_path / "embedder.onnx")]) == 0  # format from the suffix
+    assert main(["export", str(trained_run), "--out", str(tmp_path / "embedder.pt")]) == 0
+    embedder = Embedder.from_config(EmbedderConfig(runtime="torch", model=str(tmp_path / "embedder.pt")))
     meta = onnx_metadata(tmp_path / "embedder.onnx")
     assert meta["spec"] == embedder.model.spec.to_dict() and meta["fingerprint"] == embedder.fingerprint
     images = [Image.open(p).convert("RGB") for p in sorted(hue_gallery.rglob("*.png"))[:5]]
@@ -858,9 +863,15 @@ def test_export_onnx_runs_in_onnxruntime_like_torch(trained_run, hue_gallery, tm
     np.testing.assert_allclose(out / np.linalg.norm(out, axis=1, keepdims=True), embedder.embed(images), atol=1e-4)
 
 
-def test_export_without_a_run_writes_the_pretrained_backbone(tmp_path):
-    assert export_main([str(tmp_path / "pretrained.pt")]) == 0
-    exported = Embedder.from_config(EmbedderConfig(checkpoint=str(tmp_path / "pretrained.pt")))
-    assert exported.fingerprint == Embedder.from_config(EmbedderConfig()).fingerprint and exported.dim == 1280
+def test_export_without_a_run_writes_the_named_model(tmp_path):
+    assert main(["export", "--out", str(tmp_path / "pretrained.pt"), "--model", "imagenet"]) == 0
+    exported = Embedder.from_config(EmbedderConfig(runtime="torch", model=str(tmp_path / "pretrained.pt")))
+    imagenet = Embedder.from_config(EmbedderConfig(runtime="torch", model="imagenet"))
+    assert exported.fingerprint == imagenet.fingerprint and exported.dim == 1280
+    assert main(["export", "--out", str(tmp_path / "shipped.pt")]) == 0  # default: the shipped model, its classes kept
+    shipped = Embedder.from_config(EmbedderConfig(runtime="torch", model=str(tmp_path / "shipped.pt")))
+    default = Embedder.from_config(EmbedderConfig(runtime="torch"))
+    assert shipped.fingerprint == default.fingerprint and shipped.train_labels == default.train_labels
+    assert default.train_labels and len(default.train_labels) == 98
     with pytest.raises(SystemExit):
-        export_main([str(tmp_path / "x.pt"), "--format", "tflite"])
+        main(["export", "--out", str(tmp_path / "x.pt"), "--format", "tflite"])

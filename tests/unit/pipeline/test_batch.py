@@ -286,11 +286,11 @@ def test_a_moved_checkpoint_is_the_same_embedder(tiny_gallery: Path, tmp_path: P
     first.parent.mkdir()
     save_checkpoint(EmbeddingModel(spec, pretrained=False), first)
     overrides = [*TEST_OVERRIDES, "crop=false"]
-    Pipeline.from_config(overrides=[*overrides, f"embedder.checkpoint={first}"]).index(tiny_gallery, tmp_path / "idx")
+    Pipeline.from_config(overrides=[*overrides, f"embedder.model={first}"]).index(tiny_gallery, tmp_path / "idx")
     moved = tmp_path / "b" / "renamed.pt"
     moved.parent.mkdir()
     first.rename(moved)
-    again = Pipeline.from_config(overrides=[*overrides, f"embedder.checkpoint={moved}"])
+    again = Pipeline.from_config(overrides=[*overrides, f"embedder.model={moved}"])
     report = again.index(tiny_gallery, tmp_path / "idx")
     assert (report.skipped, report.processed, report.items_in_index) == (12, 0, 12)
     assert again.search(tmp_path / "idx", tiny_gallery / "class_0" / "img_0.jpg", k=1).hits[0].score > 0.999
@@ -298,5 +298,5 @@ def test_a_moved_checkpoint_is_the_same_embedder(tiny_gallery: Path, tmp_path: P
     other = tmp_path / "other.pt"
     save_checkpoint(EmbeddingModel(spec, pretrained=False), other)
     with pytest.raises(IndexMismatchError, match="fingerprint"):
-        third = Pipeline.from_config(overrides=[*overrides, f"embedder.checkpoint={other}"])
+        third = Pipeline.from_config(overrides=[*overrides, f"embedder.model={other}"])
         third.index(tiny_gallery, tmp_path / "idx")

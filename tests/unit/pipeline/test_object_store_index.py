@@ -70,7 +70,7 @@ def test_ray_engine_reads_the_source_and_the_models_from_s3_in_its_workers(
 
     def pipeline(folder: Path | str) -> Pipeline:
         return Pipeline.from_config(
-            overrides=[*settings, f"detector.weights={folder}/tiny_car.pt", f"embedder.checkpoint={folder}/embedder.pt"]
+            overrides=[*settings, f"detector.weights={folder}/tiny_car.pt", f"embedder.model={folder}/embedder.pt"]
         )
 
     on_disk, in_store = pipeline(models), pipeline(store_models)

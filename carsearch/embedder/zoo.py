@@ -1,0 +1,80 @@
+"""Named embedders, like timm's and ultralytics' model names: ``--model cars98-lite0`` or ``--model imagenet``.
+
+A name maps to a checkpoint shipped inside the package (verified by its SHA-256 before it is read) or, for
+``imagenet``, to the pretrained backbone of ``EmbedderConfig``. Anything that is not a name is a checkpoint
+path or URI written by ``carsearch export``. The model cards are in docs/models.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from carsearch.config import DEFAULT_MODEL
+from carsearch.errors import ModelLoadError
+
+IMAGENET = "imagenet"
+__all__ = ["DEFAULT_MODEL", "IMAGENET", "MODELS", "NamedModel"]
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A shipped model: its file under ``carsearch/embedder/weights/`` and that file's SHA-256 (None: no file)."""
+
+    name: str
+    summary: str
+    file: str | None = None
+    sha256: str | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return WEIGHTS_DIR / self.file if self.file else None
+
+
+MODELS: dict[str, NamedModel] = {
+    model.name: model
+    for model in (
+        NamedModel(
+            DEFAULT_MODEL,
+            "tf_efficientnet_lite0 fine-tuned on Stanford Cars classes 1-98 (triplet + semi-hard mining), "
+            "pooled 1280-d features; non-commercial research use (the dataset's terms)",
+            file="cars98-lite0.pt",
+            sha256="de5ec6fd836a5e71220713ceff34d9bec3ec61db4903032ccf0e3cdd209d2205",
+        ),
+        NamedModel(IMAGENET, "the ImageNet-pretrained backbone (embedder.backbone), zero-shot"),
+    )
+}
+
+
+def is_name(model: str) -> bool:
+    """Whether ``model`` is a registered name (else it is a checkpoint path or URI)."""
+    return model in MODELS
+
+
+def shipped_checkpoint(name: str) -> tuple[Path, str]:
+    """(file, expected SHA-256) of a named model that ships a checkpoint; a clear error otherwise."""
+    entry = MODELS.get(name)
+    if entry is None or entry.path is None or entry.sha256 is None:
+        valid = ", ".join(n for n, m in MODELS.items() if m.path is not None)
+        raise ModelLoadError(f"{name!r} is not a shipped checkpoint; shipped: {valid}")
+    if not entry.path.is_file():
+        raise ModelLoadError(f"model {name!r}: {entry.path} is missing from the installed package; reinstall carsearch")
+    return entry.path, entry.sha256
+
+
+def verified_bytes(path: Path, sha256: str) -> bytes:
+    """The file's bytes, refused with a one-line message unless their SHA-256 is ``sha256``."""
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise ModelLoadError(
+            f"{path} is damaged (SHA-256 {actual[:12]}…, expected {sha256[:12]}…); reinstall carsearch"
+        )
+    return data
+
+
+def describe() -> str:
+    """One line per named model, for help texts."""
+    return "; ".join(f"{name}: {model.summary}" for name, model in MODELS.items())
