@@ -111,6 +111,11 @@ def _cam_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", help="CAM target layer, e.g. backbone.bn2; default: the backbone's last block")
 
 
+def _index_and_query(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", metavar="INDEX", help="index folder")
+    parser.add_argument("image", metavar="IMAGE", help="query image (a path)")
+
+
 def _box(text: str | None) -> BBox | None:
     if not text:
         return None
@@ -189,8 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, config=PIPELINE_YAML, models=NEW_DETECTOR)
 
     p = command("search", "top-k gallery cars for a query image")
-    p.add_argument("index", metavar="INDEX", help="index folder")
-    p.add_argument("image", metavar="IMAGE", help="query image")
+    _index_and_query(p)
     p.add_argument("-k", type=int, default=10, help="results")
     p.add_argument("--exclude-self", action="store_true", help="drop gallery items with the query's exact bytes")
     p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
@@ -214,8 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, config=INDEX_YAML, set_help=SEARCH_ONLY)
 
     p = command("explain", "GradCAM overlays for a query's top results (and its attention-in-box)")
-    p.add_argument("index", metavar="INDEX", help="index folder")
-    p.add_argument("image", metavar="IMAGE", help="query image")
+    _index_and_query(p)
     p.add_argument("--top", type=int, default=3, help="results to explain")
     p.add_argument("--out", required=True, help=OUT + " for query.png, pair_NN.png, topk.png, explain.json")
     p.add_argument("--box", help="the car's box in the query, x1,y1,x2,y2; default: the detector's")

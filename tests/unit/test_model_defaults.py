@@ -27,7 +27,7 @@ def test_commands_that_build_a_pipeline_default_to_the_shipped_model(argv: list[
 
 def test_the_python_api_and_export_default_to_the_shipped_model() -> None:
     assert Pipeline.from_config().config.embedder.model == DEFAULT_MODEL
-    assert command_parsers()["export"].parse_args(["out.pt"]).model == DEFAULT_MODEL
+    assert command_parsers()["export"].parse_args(["--out", "out.pt"]).model == DEFAULT_MODEL
 
 
 @pytest.fixture(scope="module")
