@@ -128,11 +128,12 @@ def save_explanation(explanation: QueryExplanation, out: str | Path, redact: boo
     scale = max(1.0, QUERY_MIN_SIDE / max(image.size))  # thumbnails are upscaled so boxes stay readable
     size = (round(image.width * scale), round(image.height * scale))
     photo = overlay(image.resize(size, Image.BILINEAR), np.asarray(Image.fromarray(explanation.photo_map).resize(size)))
-    region = explanation.plan.region
+    region, box = explanation.plan.region, explanation.box
+    same = region is not None and box is not None and region.to_int() == box.to_int()  # no margin: one box
     if region is not None:
-        photo = draw_box(photo, region.scale(scale), label="embedded crop")
-    if explanation.box is not None and explanation.box != region:
-        photo = draw_box(photo, explanation.box.scale(scale), colour=(255, 255, 0), label="car box")
+        photo = draw_box(photo, region.scale(scale), label="car box = embedded crop" if same else "embedded crop")
+    if box is not None and not same:
+        photo = draw_box(photo, box.scale(scale), colour=(255, 255, 0), label="car box")
     files = [out / "query.png"]
     photo.save(files[0])
     views = explanation.views
