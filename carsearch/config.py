@@ -105,10 +105,11 @@ class IndexConfig:
     ``kind='auto'``: exact ``flat`` below ``ivf_threshold`` items, ``ivfpq`` from ``pq_threshold`` on (PCA +
     IVF + 4-bit PQ codes, at most ``max_bytes_per_vector`` bytes of RAM per vector, half of it codes; the top
     ``rescore``·k candidates re-scored exactly from the vectors on disk), IVF-Flat (``ivf``) in between when
-    ``pq_threshold`` > ``ivf_threshold`` (by default it is not: at 100k realistic vectors ivfpq was as
-    accurate and 5x faster). ``nprobe`` (IVF kinds) / ``ef_search`` (``hnsw``): None = the smallest reaching
-    ``target_recall`` recall@10 against exact search on a held-out sample of the gallery's own vectors,
-    chosen at build time and stored in the manifest; a number fixes it (also when opening an index).
+    ``pq_threshold`` > ``ivf_threshold`` (by default it is not: at 100k realistic vectors ivfpq matched
+    IVF-Flat's recall at a fraction of its latency and RAM, docs/indexes.md). ``nprobe`` (IVF kinds) /
+    ``ef_search`` (``hnsw``): None = the smallest reaching ``target_recall`` recall@10 against exact search
+    on a held-out sample of the gallery's own vectors, chosen at build time and stored in the manifest; a
+    number fixes it (also when opening an index).
     ``target_recall`` 0: no tuning (nprobe 16 / efSearch 64).
     """
 

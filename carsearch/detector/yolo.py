@@ -120,7 +120,7 @@ def _load_yolo(weights: str, threads: int) -> Any:
     except ImportError as exc:  # pragma: no cover - ultralytics is a hard dependency
         raise ModelLoadError(f"ultralytics is not installed: {exc}") from exc
     try:
-        # ultralytics gives the LiteRT interpreter cpu_count - 1 threads (1 on a 2-core laptop: half speed).
+        # ultralytics gives the LiteRT interpreter cpu_count - 1 threads (1 on a 2-core laptop: a core idles).
         import ultralytics.nn.backends.litert as litert
 
         litert.NUM_THREADS = threads

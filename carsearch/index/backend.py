@@ -52,12 +52,12 @@ def ivfpq_factory(dim: int, n_items: int, max_bytes_per_vector: int, fast_scan: 
     """faiss factory string ``PCAR{d},IVF{nlist},PQ{d}x4fs`` (L2 metric) whose RAM per vector fits the budget.
 
     Code bytes B: the largest power of two <= half the budget (at most 64, at most ``dim``/2): the other half
-    holds the 8-byte id, the fast-scan block padding, the coarse centroids and the PCA matrix (together
-    ~15-20 B per vector at 1M items of 1280-d, less at 10M). The first d = 2·B principal components, randomly
-    rotated to balance their variance, each quantised to 4 bits (SIMD "fast-scan" PQ, one dimension per
-    sub-quantizer: at 1M realistic vectors this kept more of the true top-10 among the candidates than 2 or
-    4 dimensions per sub-quantizer, docs/indexes.md). ``fast_scan`` False (faiss-gpu has no
-    fast-scan): ``PQ{B}np``, B sub-quantizers of 8 bits on the same d dimensions.
+    holds the 8-byte id, the fast-scan block padding, the coarse centroids and the PCA matrix (all but the id
+    shared by all vectors, so their cost per vector falls as N grows: docs/indexes.md). The first d = 2·B
+    principal components, randomly rotated to balance their variance, each quantised to 4 bits (SIMD
+    "fast-scan" PQ, one dimension per sub-quantizer: at 1M realistic vectors this kept more of the true
+    top-10 among the candidates than 2 or 4 dimensions per sub-quantizer, docs/indexes.md). ``fast_scan``
+    False (faiss-gpu has no fast-scan): ``PQ{B}np``, B sub-quantizers of 8 bits on the same d dimensions.
     L2 because PCA centres the data, which changes inner products but not distances (unit vectors rank alike).
     """
     if max_bytes_per_vector < 16:
@@ -148,7 +148,7 @@ def search(
     for row, (query, cands) in enumerate(zip(queries, ids, strict=True)):
         valid = np.flatnonzero(cands >= 0)
         rows = np.sort(cands[valid])  # sorted rows: sequential reads from a memory map
-        # einsum, not BLAS: a threaded gemv waking threads next to faiss's OpenMP ones costs ~7 ms (2 cores)
+        # einsum, not BLAS: a threaded gemv waking its threads next to faiss's OpenMP ones slows every query
         exact = np.einsum("nd,d->n", np.asarray(vectors[rows], dtype=np.float32), query)
         scores[row, valid] = exact[np.searchsorted(rows, cands[valid])]
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]

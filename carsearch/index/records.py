@@ -59,9 +59,9 @@ class RecordTable(Sequence[ItemRecord]):
     """The records of an index as Arrow columns, row i beside vector i.
 
     A sequence of :class:`ItemRecord` (built row by row on access) that costs the records' bytes in RAM
-    instead of ~600 B of Python objects per item, and nothing until read when opened from a file
-    (memory-mapped Arrow IPC). Whole-column questions (labelled rows, rows with a content hash) are
-    answered by Arrow compute without making records.
+    instead of Python objects per item, and nothing until read when opened from a file (memory-mapped
+    Arrow IPC; sizes in docs/indexes.md#records). Whole-column questions (labelled rows, rows with a
+    content hash) are answered by Arrow compute without making records.
     """
 
     def __init__(self, table: pa.Table | None = None) -> None:

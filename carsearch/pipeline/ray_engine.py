@@ -186,11 +186,11 @@ DECODE_SHARE = 0.25  # of the cluster's CPUs left to decoding by the default poo
 
 def default_pools(cluster_cpus: float, gpu_actors: int = 0) -> tuple[tuple[int, int], tuple[int, int]]:
     """(detector, embedder) actor pool sizes: three quarters of the CPUs, shared equally (at least one actor
-    each); the last quarter decodes (``DECODE_SHARE``: decoding is 25% of one image's CPU time for a 1920×1200
-    photo, 62% for a 12 MP frame, ~0% for a thumbnail; ``benchmarks/stage_costs.py``). When the embedders
-    run on GPUs: one embedder actor per ``gpu_actors`` (the cluster's GPUs / GPUs per actor), the detectors
-    take the rest. On 2 cores this is 1 + 1: 2 detector actors + 1 embedder actor were no faster (28–34
-    against 31–32 images/s once running) and took 5 s longer to start (docs/scale-out.md)."""
+    each); the last quarter decodes (``DECODE_SHARE``: sized for street photos; decoding costs next to
+    nothing beside the models for a thumbnail and more than both of them for a 12 MP frame;
+    ``benchmarks/stage_costs.py``, docs/scale-out.md). When the embedders run on GPUs: one embedder actor per
+    ``gpu_actors`` (the cluster's GPUs / GPUs per actor), the detectors take the rest. On 2 cores this is
+    1 + 1: 2 detector actors + 1 embedder actor were no faster and slower to start (docs/scale-out.md)."""
     budget = max(2, int(cluster_cpus * (1 - DECODE_SHARE)))
     embedders = gpu_actors or budget // 2
     detectors = max(1, budget - embedders)

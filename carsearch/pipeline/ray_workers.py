@@ -56,8 +56,8 @@ def _pipeline_in_actor(settings: dict[str, Any]) -> Pipeline:
     from carsearch.config import PipelineConfig, apply_overrides, from_dict
     from carsearch.pipeline.pipeline import Pipeline
 
-    # One thread per actor: the cluster's CPUs are shared out by actors, not by intra-op threads. On 2 cores
-    # (1,000 photos, one run): 28.4 images/s once running; 23.7 with 2 detector threads, 18.9 with 2 + 2.
+    # One thread per actor: the cluster's CPUs are shared out by actors, not by intra-op threads. More threads
+    # per actor oversubscribe the cores: on 2 cores they were slower, not faster.
     return Pipeline(from_dict(PipelineConfig, apply_overrides(settings, ["runtime.threads=1"])))
 
 

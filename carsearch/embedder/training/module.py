@@ -136,7 +136,7 @@ class EmbedderModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → (B, D) L2-normalised embeddings, computed ``micro_batch`` images at a time if set.
 
-        Chunks keep activations cache-sized on CPU (a 64-image step is ~25% faster in chunks of 16); the
+        Chunks keep activations cache-sized on CPU, which makes a step faster (docs/training.md); the
         loss still sees the whole batch. With BatchNorm in training mode each chunk has its own statistics.
         """
         return F.normalize(self.model.head(self.pooled(images)), dim=1)
