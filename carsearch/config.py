@@ -57,13 +57,13 @@ class DetectorConfig:
     max_detections: int = 20
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.confidence <= 1.0, "detector.confidence must be in [0, 1]")
-        _check(0.0 <= self.iou <= 1.0, "detector.iou must be in [0, 1]")
-        _check(0.0 <= self.margin <= 1.0, "detector.margin must be in [0, 1]")
-        _check(self.image_size >= 32 and self.image_size % 32 == 0, "detector.image_size must be a multiple of 32")
-        _check(self.min_box_size >= 0, "detector.min_box_size must be >= 0")
-        _check(self.max_detections >= 1, "detector.max_detections must be >= 1")
-        _check(len(self.classes) >= 1, "detector.classes must name at least one class")
+        require(0.0 <= self.confidence <= 1.0, "detector.confidence must be in [0, 1]")
+        require(0.0 <= self.iou <= 1.0, "detector.iou must be in [0, 1]")
+        require(0.0 <= self.margin <= 1.0, "detector.margin must be in [0, 1]")
+        require(self.image_size >= 32 and self.image_size % 32 == 0, "detector.image_size must be a multiple of 32")
+        require(self.min_box_size >= 0, "detector.min_box_size must be >= 0")
+        require(self.max_detections >= 1, "detector.max_detections must be >= 1")
+        require(len(self.classes) >= 1, "detector.classes must name at least one class")
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,12 @@ class EmbedderConfig:
     runtime: Literal["auto", "torch", "onnx"] = "auto"
 
     def __post_init__(self) -> None:
-        _check(bool(self.model.strip()), "embedder.model must name a model, a checkpoint path or a URI")
-        _check(self.batch_size is None or self.batch_size >= 1, "embedder.batch_size must be >= 1")
-        _check(self.embedding_dim is None or self.embedding_dim >= 1, "embedder.embedding_dim must be >= 1")
-        _check(self.image_size is None or self.image_size >= 32, "embedder.image_size must be >= 32")
-        _check(self.image_width is None or self.image_width >= 32, "embedder.image_width must be >= 32")
-        _check(
+        require(bool(self.model.strip()), "embedder.model must name a model, a checkpoint path or a URI")
+        require(self.batch_size is None or self.batch_size >= 1, "embedder.batch_size must be >= 1")
+        require(self.embedding_dim is None or self.embedding_dim >= 1, "embedder.embedding_dim must be >= 1")
+        require(self.image_size is None or self.image_size >= 32, "embedder.image_size must be >= 32")
+        require(self.image_width is None or self.image_width >= 32, "embedder.image_width must be >= 32")
+        require(
             self.image_width in (None, self.image_size) or self.resize == "squash",
             "embedder.image_width (a non-square input) needs embedder.resize=squash",
         )
@@ -125,13 +125,13 @@ class IndexConfig:
     use_gpu: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.ivf_threshold >= 1 and self.pq_threshold >= 1, "index.ivf_threshold and pq_threshold must be >= 1")
-        _check(self.nprobe is None or self.nprobe >= 1, "index.nprobe must be >= 1 (or null: tuned)")
-        _check(self.ef_search is None or self.ef_search >= 1, "index.ef_search must be >= 1 (or null: tuned)")
-        _check(self.max_bytes_per_vector >= 16, "index.max_bytes_per_vector must be >= 16 (8 code + 8 id bytes)")
-        _check(0.0 <= self.target_recall <= 1.0, "index.target_recall must be in [0, 1]")
-        _check(self.rescore >= 1, "index.rescore must be >= 1")
-        _check(self.hnsw_m >= 2, "index.hnsw_m must be >= 2")
+        require(self.ivf_threshold >= 1 and self.pq_threshold >= 1, "index.ivf_threshold and pq_threshold must be >= 1")
+        require(self.nprobe is None or self.nprobe >= 1, "index.nprobe must be >= 1 (or null: tuned)")
+        require(self.ef_search is None or self.ef_search >= 1, "index.ef_search must be >= 1 (or null: tuned)")
+        require(self.max_bytes_per_vector >= 16, "index.max_bytes_per_vector must be >= 16 (8 code + 8 id bytes)")
+        require(0.0 <= self.target_recall <= 1.0, "index.target_recall must be in [0, 1]")
+        require(self.rescore >= 1, "index.rescore must be >= 1")
+        require(self.hnsw_m >= 2, "index.hnsw_m must be >= 2")
 
 
 @dataclass(frozen=True)
@@ -156,11 +156,11 @@ class RetrievalConfig:
     candidates: int = 100
 
     def __post_init__(self) -> None:
-        _check(self.qe_k >= 0 and self.dba_k >= 0, "retrieval.qe_k and retrieval.dba_k must be >= 0")
-        _check(self.qe_alpha >= 0 and self.dba_alpha >= 0, "retrieval.qe_alpha and retrieval.dba_alpha must be >= 0")
-        _check(self.k1 >= 1 and self.k2 >= 1, "retrieval.k1 and retrieval.k2 must be >= 1")
-        _check(0.0 <= self.lambda_value <= 1.0, "retrieval.lambda_value must be in [0, 1]")
-        _check(self.candidates >= 2, "retrieval.candidates must be >= 2")
+        require(self.qe_k >= 0 and self.dba_k >= 0, "retrieval.qe_k and retrieval.dba_k must be >= 0")
+        require(self.qe_alpha >= 0 and self.dba_alpha >= 0, "retrieval.qe_alpha and retrieval.dba_alpha must be >= 0")
+        require(self.k1 >= 1 and self.k2 >= 1, "retrieval.k1 and retrieval.k2 must be >= 1")
+        require(0.0 <= self.lambda_value <= 1.0, "retrieval.lambda_value must be in [0, 1]")
+        require(self.candidates >= 2, "retrieval.candidates must be >= 2")
 
     @property
     def plain(self) -> bool:
@@ -210,10 +210,10 @@ class RuntimeConfig:
     checkpoint_every: int = 256
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "runtime.batch_size must be >= 1")
-        _check(self.workers >= 0, "runtime.workers must be >= 0")
-        _check(self.max_image_side >= 64, "runtime.max_image_side must be >= 64")
-        _check(self.checkpoint_every >= 1, "runtime.checkpoint_every must be >= 1")
+        require(self.batch_size >= 1, "runtime.batch_size must be >= 1")
+        require(self.workers >= 0, "runtime.workers must be >= 0")
+        require(self.max_image_side >= 64, "runtime.max_image_side must be >= 64")
+        require(self.checkpoint_every >= 1, "runtime.checkpoint_every must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,8 @@ class PipelineConfig:
     crop_source: CropSource = "detector"
 
 
-def _check(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds (config validation)."""
     if not condition:
         raise ConfigError(message)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import logging
 import os
+from typing import Any
 
 import torch
 
@@ -36,3 +38,23 @@ def configure_threads(threads: int | None = None) -> int:
         pass
     logger.debug("using %d CPU threads", count)
     return count
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of carsearch and the libraries that decide its vectors (recorded with results)."""
+    found = {}
+    for package in ("carsearch", "torch", "timm", "onnxruntime", "faiss-cpu", "faiss-gpu", "ultralytics"):
+        try:
+            found[package] = md.version(package)
+        except md.PackageNotFoundError:
+            continue
+    return found
+
+
+def progress_bar(total: int, enabled: bool, desc: str) -> Any:
+    """A tqdm bar counting images (None when disabled): the one progress display of the batch commands."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)

@@ -53,6 +53,14 @@ class BBox:
         """The box with every coordinate multiplied by ``factor`` (image resize)."""
         return BBox(self.x1 * factor, self.y1 * factor, self.x2 * factor, self.y2 * factor)
 
+    def iou(self, other: BBox) -> float:
+        """Intersection over union with ``other`` (0 when both are empty)."""
+        ix = max(0.0, min(self.x2, other.x2) - max(self.x1, other.x1))
+        iy = max(0.0, min(self.y2, other.y2) - max(self.y1, other.y1))
+        inter = ix * iy
+        union = self.area + other.area - inter
+        return inter / union if union > 0 else 0.0
+
     def to_int(self) -> tuple[int, int, int, int]:
         """Integer pixel box that contains this one (floor of the start, ceil of the end)."""
         return (math.floor(self.x1), math.floor(self.y1), math.ceil(self.x2), math.ceil(self.y2))

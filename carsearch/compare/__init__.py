@@ -13,8 +13,8 @@ __all__ = ["CompareConfig", "compare", "load_compare_config"]
 
 def compare(config: CompareConfig, out: str | Path, command: str = "carsearch compare") -> dict[str, Path]:
     """Run the experiment into ``out`` (re-runs reuse finished stages) and write report.md/.html + results.json."""
-    from carsearch.pipeline.pipeline import _versions
+    from carsearch.runtime import versions
 
     results = run_compare(config, out)
-    results["versions"] = _versions()
+    results["versions"] = versions()
     return write_report(config, results, out, command, results["_zero_shot"])

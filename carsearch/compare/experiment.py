@@ -88,14 +88,6 @@ def _chosen(crop: PipelineConfig, dets: list[Detection], width: int, height: int
     return plan_image(crop, width, height, dets, single=True)[0].detection
 
 
-def _iou(a: BBox, b: BBox) -> float:
-    ix = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1))
-    iy = max(0.0, min(a.y2, b.y2) - max(a.y1, b.y1))
-    inter = ix * iy
-    union = a.area + b.area - inter
-    return inter / union if union > 0 else 0.0
-
-
 def detector_quality(
     config: CompareConfig, items: list[SourceItem], detections: list[list[Detection]], sizes: list[tuple[int, int]]
 ) -> dict[str, Any]:
@@ -106,7 +98,7 @@ def detector_quality(
         ious = []
         for item, dets, (w, h) in zip(items, _boxes(detections, confidence), sizes, strict=True):
             chosen = _chosen(crop, dets, w, h)
-            ious.append(_iou(chosen.box, item.box.clip(w, h)) if chosen else None)  # type: ignore[union-attr]
+            ious.append(chosen.box.iou(item.box.clip(w, h)) if chosen else None)  # type: ignore[union-attr]
         found = np.array([v for v in ious if v is not None])
         histogram, _ = np.histogram(found, bins=10, range=(0.0, 1.0))
         out["thresholds"][f"{confidence:g}"] = {

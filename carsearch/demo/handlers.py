@@ -1,7 +1,8 @@
 """The demo's logic as plain functions over the pipeline: an upload in, pictures and captions out.
 
-``DemoBackend.load`` loads every model once; ``search`` and ``explain_hit`` answer one request each and
-never raise for bad input — they return a message instead, so the app keeps serving.
+``DemoBackend.load`` loads every model once; ``search`` and ``explain_hit`` answer one request each. Bad
+uploads (not an image, no car) come back as a message, not an exception; other errors raise and the app
+shows them for that request and keeps serving.
 """
 
 from __future__ import annotations

@@ -188,7 +188,3 @@ def to_search_device(index: faiss.Index, use_gpu: bool) -> faiss.Index:
 def serialize(index: faiss.Index) -> bytes:
     """Bytes of a (CPU) index, for atomic writes."""
     return faiss.serialize_index(index).tobytes()
-
-
-def deserialize(data: bytes) -> faiss.Index:
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))

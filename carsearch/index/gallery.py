@@ -36,7 +36,7 @@ class GalleryIndex:
     """Inner-product search over L2-normalised vectors, with the records they came from.
 
     ``manifest`` describes how the vectors were made (embedder identity, detector, crop mode,
-    preprocessing); indexes with different embedders are refused at load and at ``check_embedder``.
+    preprocessing); indexes with different embedders are refused at load.
     An opened index reads its vectors and its records (Arrow columns) through memory maps: RAM holds the faiss
     index and what is read.
     """
@@ -157,10 +157,6 @@ class GalleryIndex:
             augmented.add(vectors, self.records)
             self._augmented[key] = augmented
         return self._augmented[key]
-
-    def check_embedder(self, identity: dict[str, Any]) -> None:
-        """Refuse an embedder whose identity (spec, dim, weights) differs from the index's."""
-        check_identity(self.manifest.get("embedder", {}), identity, where="this index")
 
     def save(self, folder: str | Path) -> None:
         """Write the index directory; each file atomically, the manifest (with counts) last.

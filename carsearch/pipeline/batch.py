@@ -24,6 +24,7 @@ from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read
 from carsearch.index.records import RecordTable
 from carsearch.pipeline.chunks import Chunk, ChunkMeta, ChunkStore
 from carsearch.pipeline.stages import Outcome, attach_vectors, crop_decoded
+from carsearch.runtime import progress_bar
 from carsearch.types import FLAG_NO_DETECTION
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ class IndexJob:
         self.counts = dict.fromkeys(("processed", "skipped", "errors", "replaced", "items", "no_detection"), 0)
         self.timings = {"detect": 0.0, "embed": 0.0}
         self.chunk = Chunk()
-        self.bar = _progress(len(self.items), progress)
+        self.bar = progress_bar(len(self.items), progress, "indexing")
 
     def record(self, outcomes: list[Outcome]) -> None:
         """Count a batch of images' outcomes and keep their items (or errors) for the next chunk, which is
@@ -285,11 +286,3 @@ def run_index_job(
     finally:
         job.close()
     return job.finish(prune)
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True, smoothing=0.1)

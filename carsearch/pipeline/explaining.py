@@ -23,6 +23,7 @@ from carsearch.explain import AttentionSummary, Explainer, energy_in_box, paste_
 from carsearch.explain.cam import Method
 from carsearch.explain.render import PairView, draw_box, overlay, pair_panel, topk_grid
 from carsearch.index import GalleryIndex
+from carsearch.runtime import progress_bar
 from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, Detection, SearchResult
 
 if TYPE_CHECKING:
@@ -225,7 +226,7 @@ def attention_dataset(
     config = dataclasses.replace(pipeline.config, crop=crop)
     report = AttentionReport("crop" if crop else "raw", method, AttentionSummary.from_scores([]))
     scores: list[float] = []
-    bar = _progress(len(items), progress, f"attention ({report.mode})")
+    bar = progress_bar(len(items), progress, f"attention ({report.mode})")
     tic = time.perf_counter()
     for start in range(0, len(items), batch_size):
         chunk, images = [], []
@@ -273,11 +274,3 @@ def attention_dataset(
     report.summary = AttentionSummary.from_scores(scores)
     report.seconds = time.perf_counter() - tic
     return report
-
-
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)

@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import logging
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from carsearch.errors import ConfigError, EmptyGalleryError
 from carsearch.index import GalleryIndex, read_manifest
 from carsearch.metrics import RetrievalMetrics, evaluate_embeddings
 from carsearch.pipeline.batch import IndexReport, run_index_job
-from carsearch.runtime import configure_threads, resolve_device
+from carsearch.runtime import configure_threads, resolve_device, versions
 from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, SearchHit, SearchResult
 
 if TYPE_CHECKING:
@@ -96,16 +95,6 @@ class Evaluation:
             "unseen": self.unseen and self.unseen.to_dict(),
             "verdict": self.verdict,
         }
-
-
-def _versions() -> dict[str, str]:
-    versions = {}
-    for package in ("carsearch", "torch", "timm", "faiss-cpu", "faiss-gpu", "ultralytics"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            continue
-    return versions
 
 
 class Pipeline:
@@ -182,7 +171,7 @@ class Pipeline:
                 "max_image_side": self.config.runtime.max_image_side,  # queries are downscaled alike
             },
             "config": to_dict(self.config),
-            "versions": _versions(),
+            "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from carsearch.config import DetectorConfig, load_dataclass
-from carsearch.errors import ConfigError
+from carsearch.config import DetectorConfig, load_dataclass, require
 
 InputMode = Literal["raw", "gt", "detector"]
 ClassSplit = Literal["half", "all", "list"]
@@ -15,11 +14,6 @@ ValCarve = Literal["last", "spaced"]  # validation classes: the last ones in sor
 LossName = Literal["triplet", "arcface", "subcenter_arcface", "proxy_anchor", "multi_similarity", "contrastive"]
 MinerName = Literal["none", "hard", "semihard", "all", "multi_similarity"]
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -77,32 +71,32 @@ class DataConfig:
     workers: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= 16, "data.image_size must be >= 16")
-        _check(self.image_width is None or self.image_width >= 16, "data.image_width must be >= 16")
-        _check(
+        require(self.image_size >= 16, "data.image_size must be >= 16")
+        require(self.image_width is None or self.image_width >= 16, "data.image_width must be >= 16")
+        require(
             self.image_width in (None, self.image_size) or self.resize == "squash",
             "data.image_width (a non-square input) needs data.resize=squash",
         )
-        _check(
+        require(
             self.resize_to is None or self.resize_to >= self.train_crop_size[0],
             "data.resize_to must be >= data.crop_size (or data.image_size): the random crop is taken from it",
         )
-        _check(self.crop_size is None or self.crop_size >= 16, "data.crop_size must be >= 16")
-        _check(0.0 < self.crop_scale <= 1.0, "data.crop_scale must be in (0, 1]")
-        _check(0.0 <= self.jitter <= 1.0, "data.jitter must be in [0, 1]")
-        _check(0.0 <= self.grayscale <= 1.0, "data.grayscale must be in [0, 1]")
-        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
-        _check(self.val_carve in ("last", "spaced"), f"data.val_carve must be last or spaced, got {self.val_carve!r}")
-        _check(self.classes_per_batch >= 2, "data.classes_per_batch (P) must be >= 2 (negatives need two classes)")
-        _check(self.images_per_class >= 1, "data.images_per_class (K) must be >= 1")
-        _check(self.min_per_class >= 0, "data.min_per_class must be >= 0")
-        _check(self.batches_per_epoch is None or self.batches_per_epoch >= 1, "data.batches_per_epoch must be >= 1")
-        _check(self.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
-        _check(self.workers >= 0, "data.workers must be >= 0")
+        require(self.crop_size is None or self.crop_size >= 16, "data.crop_size must be >= 16")
+        require(0.0 < self.crop_scale <= 1.0, "data.crop_scale must be in (0, 1]")
+        require(0.0 <= self.jitter <= 1.0, "data.jitter must be in [0, 1]")
+        require(0.0 <= self.grayscale <= 1.0, "data.grayscale must be in [0, 1]")
+        require(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+        require(self.val_carve in ("last", "spaced"), f"data.val_carve must be last or spaced, got {self.val_carve!r}")
+        require(self.classes_per_batch >= 2, "data.classes_per_batch (P) must be >= 2 (negatives need two classes)")
+        require(self.images_per_class >= 1, "data.images_per_class (K) must be >= 1")
+        require(self.min_per_class >= 0, "data.min_per_class must be >= 0")
+        require(self.batches_per_epoch is None or self.batches_per_epoch >= 1, "data.batches_per_epoch must be >= 1")
+        require(self.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
+        require(self.workers >= 0, "data.workers must be >= 0")
         if self.class_split == "list":
-            _check(bool(self.train_classes), "data.class_split=list needs data.train_classes")
+            require(bool(self.train_classes), "data.class_split=list needs data.train_classes")
         else:
-            _check(
+            require(
                 not self.train_classes and not self.val_classes and not self.test_classes,
                 "data.train_classes/val_classes/test_classes are only used with data.class_split=list",
             )
@@ -154,9 +148,9 @@ class ModelConfig:
     embed_with: Literal["head", "pooled", "auto"] = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.embedding_dim is None or self.embedding_dim >= 1, "model.embedding_dim must be >= 1 or null")
-        _check(self.embed_with in ("head", "pooled", "auto"), "model.embed_with must be head, pooled or auto")
-        _check(self.freeze_blocks >= -1, "model.freeze_blocks must be >= -1 (-1 = whole backbone)")
+        require(self.embedding_dim is None or self.embedding_dim >= 1, "model.embedding_dim must be >= 1 or null")
+        require(self.embed_with in ("head", "pooled", "auto"), "model.embed_with must be head, pooled or auto")
+        require(self.freeze_blocks >= -1, "model.freeze_blocks must be >= -1 (-1 = whole backbone)")
 
 
 @dataclass(frozen=True)
@@ -175,8 +169,8 @@ class LossConfig:
     miner_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.params, dict), "loss.params must be a mapping of keyword arguments")
-        _check(isinstance(self.miner_params, dict), "loss.miner_params must be a mapping of keyword arguments")
+        require(isinstance(self.params, dict), "loss.params must be a mapping of keyword arguments")
+        require(isinstance(self.miner_params, dict), "loss.miner_params must be a mapping of keyword arguments")
 
 
 @dataclass(frozen=True)
@@ -202,13 +196,13 @@ class OptimConfig:
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0 and self.loss_lr > 0, "optim.lr and optim.loss_lr must be > 0")
-        _check(self.head_lr is None or self.head_lr > 0, "optim.head_lr must be > 0 or null")
-        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
-        _check(self.frozen_warmup_epochs >= 0, "optim.frozen_warmup_epochs must be >= 0")
-        _check(self.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
-        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip must be > 0 or null")
+        require(self.lr > 0 and self.loss_lr > 0, "optim.lr and optim.loss_lr must be > 0")
+        require(self.head_lr is None or self.head_lr > 0, "optim.head_lr must be > 0 or null")
+        require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        require(self.frozen_warmup_epochs >= 0, "optim.frozen_warmup_epochs must be >= 0")
+        require(self.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
+        require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip must be > 0 or null")
 
 
 @dataclass(frozen=True)
@@ -238,18 +232,18 @@ class TrainerConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.max_epochs >= 1, "trainer.max_epochs must be >= 1")
-        _check(self.val_every >= 1, "trainer.val_every must be >= 1")
-        _check(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1 or null")
-        _check(self.select != "last" or self.patience is None, "trainer.patience must be null with select: last")
-        _check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps must be >= 1")
-        _check(self.micro_batch is None or self.micro_batch >= 1, "trainer.micro_batch must be >= 1 or null")
-        _check(
+        require(self.max_epochs >= 1, "trainer.max_epochs must be >= 1")
+        require(self.val_every >= 1, "trainer.val_every must be >= 1")
+        require(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1 or null")
+        require(self.select != "last" or self.patience is None, "trainer.patience must be null with select: last")
+        require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps must be >= 1")
+        require(self.micro_batch is None or self.micro_batch >= 1, "trainer.micro_batch must be >= 1 or null")
+        require(
             self.limit_train_batches is None or self.limit_train_batches >= 1,
             "trainer.limit_train_batches must be >= 1",
         )
         if isinstance(self.devices, str):
-            _check(
+            require(
                 self.devices == "auto" or self.devices.lstrip("-").isdigit() or "," in self.devices,
                 "trainer.devices must be 'auto', a count or a comma-separated list of ids",
             )

@@ -36,10 +36,6 @@ class Criterion:
     name: str
     miner_name: str
 
-    @property
-    def has_parameters(self) -> bool:
-        return any(True for _ in self.loss.parameters())
-
 
 def _construct(cls: type[nn.Module], what: str, kwargs: dict[str, Any]) -> Any:
     try:

@@ -66,3 +66,9 @@ def test_all_policy_gives_one_plan_per_car() -> None:
     plans = plan_crops([BIG_UNSURE, MEDIUM], 200, 100, policy="all", margin=0.0, min_box_size=16)
     assert [p.detection for p in plans] == [BIG_UNSURE, MEDIUM]
     assert plans[0].region == BBox(10, 10, 110, 60)
+
+
+def test_box_iou() -> None:
+    a, b = BBox(0, 0, 10, 10), BBox(5, 0, 15, 10)
+    assert a.iou(a) == 1.0 and a.iou(b) == b.iou(a) == 50 / 150
+    assert a.iou(BBox(20, 20, 30, 30)) == 0.0 and BBox(3, 3, 3, 3).iou(BBox(3, 3, 3, 3)) == 0.0
