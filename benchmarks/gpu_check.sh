@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (see the device tool): unit tests with CUDA visible, then the
+# One prepared run on a CUDA machine: unit tests with CUDA visible, then the
 # throughput benchmark with a PyTorch YOLOv8n (random weights) on synthetic images. Wheels the GPU image
 # lacks travel in .whl/ (ignored by git); results land in $OUT.
 set -uo pipefail
