@@ -341,7 +341,9 @@ def half_precision_error(model: EmbeddingModel, images: int = 16, seed: int = 0)
     generator = torch.Generator().manual_seed(seed)
     base = torch.rand(images, 3, 4, 4, generator=generator)
     batch = torch.nn.functional.interpolate(base, size=(height, width), mode="bilinear", align_corners=False)
-    batch = (batch + 0.1 * torch.randn(batch.shape, generator=generator) - 0.45) / 0.25
+    pre = model.spec.preprocessing  # normalised as the model's own inputs are
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (pre.mean, pre.std))
+    batch = (batch + 0.1 * torch.randn(batch.shape, generator=generator) - mean) / std
     with torch.inference_mode():
         return float((model.eval()(batch) - rounded(batch)).abs().max())
 
