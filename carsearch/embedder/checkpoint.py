@@ -76,9 +76,9 @@ def model_from_payload(payload: dict[str, Any], where: str | Path) -> EmbeddingM
     return model
 
 
-def load_checkpoint(path: str | Path, sha256: str | None = None) -> EmbeddingModel:
-    """The model of the checkpoint at ``path`` (``sha256``: see :func:`read_checkpoint`)."""
-    return model_from_payload(read_checkpoint(path, sha256), path)
+def load_checkpoint(path: str | Path) -> EmbeddingModel:
+    """The model of the checkpoint at ``path``."""
+    return model_from_payload(read_checkpoint(path), path)
 
 
 def train_labels(payload: dict[str, Any]) -> tuple[str, ...] | None:
