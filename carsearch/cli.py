@@ -9,6 +9,7 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -433,14 +434,15 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _ray_options(args: argparse.Namespace) -> RayOptions:
     from carsearch.pipeline.ray_engine import RayOptions
 
-    pools = [None, None]
+    pools: Sequence[tuple[int, int] | None] = [None, None]
     if args.ray_actors:
         try:
-            pools = [(int(n), int(n)) for n in args.ray_actors.split(",")]
+            counts = [(int(n), int(n)) for n in args.ray_actors.split(",")]
         except ValueError:
             raise ConfigError(f"--ray-actors takes D,E (two counts), got {args.ray_actors!r}") from None
-        if len(pools) != 2 or min(min(p) for p in pools) < 1:
+        if len(counts) != 2 or min(min(p) for p in counts) < 1:
             raise ConfigError(f"--ray-actors takes D,E (two counts >= 1), got {args.ray_actors!r}")
+        pools = counts
     return RayOptions(args.ray_address, args.ray_cpus, pools[0], pools[1], args.ray_gpus_per_actor)
 
 
@@ -507,7 +509,11 @@ def _print_metrics(evaluation: Evaluation, reranked: Evaluation | None, methods:
         for name, group in (("seen", result.seen), ("unseen", result.unseen)):
             if group is not None and group.classes:
                 columns.append((f"{name} ({group.classes} classes){tag}", group.metrics))
-    rows = [(f"Recall@{k}", lambda r, k=k: r.recall_at[k]) for k in m.recall_at]
+
+    def recall_at(k: int) -> Callable[[RetrievalMetrics], float]:
+        return lambda r: r.recall_at[k]
+
+    rows = [(f"Recall@{k}", recall_at(k)) for k in m.recall_at]
     rows += [("MAP@R", lambda r: r.map_at_r), ("R-Prec", lambda r: r.r_precision)]
     widths = [max(8, len(title)) for title, _ in columns]
     print(f"{'':<10}" + "  ".join(f"{title:>{w}}" for (title, _), w in zip(columns, widths, strict=True)))
@@ -545,8 +551,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     print(f"{len(report.duplicates)} duplicate pairs with different labels:")
-    for d in report.duplicates:
-        print(f"  [{d.kind} {d.similarity:.4f}] {d.path_a} ({d.label_a})  <->  {d.path_b} ({d.label_b})")
+    for pair in report.duplicates:
+        print(
+            f"  [{pair.kind} {pair.similarity:.4f}] {pair.path_a} ({pair.label_a})  <->  {pair.path_b} ({pair.label_b})"
+        )
     print(f"{len(report.disagreements)} items whose {report.k} nearest neighbours mostly carry another label:")
     for d in report.disagreements[:50]:
         print(f"  {d.path}  label {d.label!r}, {d.agree:.0%} agree; {d.majority_share:.0%} say {d.majority_label!r}")
@@ -557,7 +565,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from carsearch.pipeline import Pipeline
-    from carsearch.pipeline.explaining import explain_query, save_explanation
+    from carsearch.pipeline.cam_jobs import explain_query, save_explanation
 
     pipeline = Pipeline.for_index(args.index, _overrides(args))
     explanation = explain_query(
@@ -579,7 +587,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     from carsearch.data.sources import read_source
     from carsearch.explain.render import attention_plot
     from carsearch.pipeline import Pipeline
-    from carsearch.pipeline.explaining import attention_dataset
+    from carsearch.pipeline.cam_jobs import attention_dataset
 
     pipeline = Pipeline.from_config(args.config, _overrides(args))
     items = read_source(args.source, args.split, _where(args.where))[: args.limit]

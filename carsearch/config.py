@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -16,9 +16,11 @@ from carsearch.errors import ConfigError
 SelectionPolicy = Literal["largest", "most_confident", "all"]
 CropSource = Literal["detector", "gt"]
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
+ResizeMode = Literal["squash", "center_crop"]  # how a crop becomes the model input
 
 DEFAULT_VEHICLE_CLASSES = ("car", "truck", "bus")
 DEFAULT_MODEL = "cars98-lite0"  # the shipped embedder (carsearch.embedder.zoo)
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"  # timm name; offline ImageNet weights (carsearch.embedder.backbones)
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # installed with the package
 
 
@@ -67,19 +69,41 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True)
-class EmbedderConfig:
+class InputGeometry:
+    """The embedder's input, shared by the inference (``embedder``) and training (``data``) configs:
+    ``image_size`` high and as wide, or ``image_width`` wide (a non-square input, e.g. 160 × 320 for the
+    2:1 shape of a typical car crop; ``resize=squash`` only); ``resize``: how a crop gets there (squash or
+    centre crop)."""
+
+    MIN_SIZE: ClassVar[int] = 32
+    SECTION: ClassVar[str] = "embedder"
+
+    image_size: int | None = None  # None: the backbone's (inference only)
+    image_width: int | None = None  # None: square
+    resize: ResizeMode = "squash"
+
+    def __post_init__(self) -> None:
+        section, low = self.SECTION, self.MIN_SIZE
+        require(self.image_size is None or self.image_size >= low, f"{section}.image_size must be >= {low}")
+        require(self.image_width is None or self.image_width >= low, f"{section}.image_width must be >= {low}")
+        require(
+            self.image_width in (None, self.image_size) or self.resize == "squash",
+            f"{section}.image_width (a non-square input) needs {section}.resize=squash",
+        )
+
+
+@dataclass(frozen=True)
+class EmbedderConfig(InputGeometry):
     """Embedder settings. ``model``: a shipped name (``carsearch.embedder.zoo``: ``cars98-lite0``, the
     default), a checkpoint path or URI (``carsearch export``), or ``imagenet``: the pretrained ``backbone``
-    built from the fields below. A checkpoint carries its own backbone, head and input size; asking for
-    another ``embedding_dim`` or ``image_size`` than it has is an error."""
+    built from the fields below. A checkpoint carries its own backbone, head and input geometry
+    (:class:`InputGeometry`); asking for another ``embedding_dim`` or ``image_size`` than it has is an
+    error, and ``resize`` applies to ``imagenet`` only."""
 
     model: str = DEFAULT_MODEL
-    backbone: str = "tf_efficientnet_lite0"  # model=imagenet only, like pretrained and resize
+    backbone: str = DEFAULT_BACKBONE  # model=imagenet only, like pretrained and resize
     pretrained: bool = True
     embedding_dim: int | None = None
-    image_size: int | None = None  # input height (and width unless image_width); None: the backbone's
-    image_width: int | None = None  # a non-square input's width (resize=squash only); None: square
-    resize: Literal["squash", "center_crop"] = "squash"
     batch_size: int | None = None  # images per pass; None: 4 on CPU with torch, 32 with onnx, 64 on CUDA
     channels_last: bool = True
     flip: bool = False  # flip test-time augmentation; an index built with it is queried with it (manifest)
@@ -87,15 +111,10 @@ class EmbedderConfig:
     runtime: Literal["auto", "torch", "onnx"] = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(bool(self.model.strip()), "embedder.model must name a model, a checkpoint path or a URI")
         require(self.batch_size is None or self.batch_size >= 1, "embedder.batch_size must be >= 1")
         require(self.embedding_dim is None or self.embedding_dim >= 1, "embedder.embedding_dim must be >= 1")
-        require(self.image_size is None or self.image_size >= 32, "embedder.image_size must be >= 32")
-        require(self.image_width is None or self.image_width >= 32, "embedder.image_width must be >= 32")
-        require(
-            self.image_width in (None, self.image_size) or self.resize == "squash",
-            "embedder.image_width (a non-square input) needs embedder.resize=squash",
-        )
 
 
 @dataclass(frozen=True)
@@ -235,7 +254,10 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
@@ -243,7 +265,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where.rstrip('.') or cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
@@ -254,8 +276,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, f"{where}.")  # type: ignore[arg-type]
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a hint is a class, never an instance
+        return from_dict(hint, value, f"{where}.")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -92,9 +92,10 @@ def other_year_share(query_labels: Sequence[object], top1_labels: Sequence[objec
     """
     wrong = [(q, t) for q, t in zip(query_labels, top1_labels, strict=True) if q != t]
     parsed = [(split_year(q), split_year(t)) for q, t in wrong]
-    if not wrong or any(q is None or t is None for q, t in parsed):
+    years = [(q, t) for q, t in parsed if q is not None and t is not None]
+    if not wrong or len(years) != len(parsed):
         return None
-    return sum(q[0] == t[0] for q, t in parsed) / len(wrong)  # type: ignore[index]
+    return sum(q[0] == t[0] for q, t in years) / len(wrong)
 
 
 def label_counts_excluding_self(labels: Sequence[object]) -> np.ndarray:

@@ -13,8 +13,4 @@ __all__ = ["CompareConfig", "compare", "load_compare_config"]
 
 def compare(config: CompareConfig, out: str | Path, command: str = "carsearch compare") -> dict[str, Path]:
     """Run the experiment into ``out`` (re-runs reuse finished stages) and write report.md/.html + results.json."""
-    from carsearch.runtime import versions
-
-    results = run_compare(config, out)
-    results["versions"] = versions()
-    return write_report(config, results, out, command, results["_zero_shot"])
+    return write_report(config, run_compare(config, out), out, command)

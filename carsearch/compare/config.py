@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from carsearch.config import DetectorConfig, load_dataclass
+from carsearch.config import DEFAULT_BACKBONE, DetectorConfig, load_dataclass
 from carsearch.errors import ConfigError
 
 
@@ -52,7 +52,7 @@ class CompareConfig:
         default_factory=lambda: DetectorConfig(weights="../shared/models/yolov8n_coco_int8.tflite")
     )
     confidences: tuple[float, ...] = (0.1, 0.25, 0.5)  # detector-quality sweep; crops use detector.confidence
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     image_size: int = 224  # model input height (and width unless image_width), zero-shot and fine-tuned alike
     image_width: int | None = None  # a non-square input's width; None: square
     train: CompareTrain = field(default_factory=CompareTrain)

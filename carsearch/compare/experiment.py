@@ -1,7 +1,7 @@
 """Cropped vs raw: detector quality, a retrieval grid (embedder × input), attention-in-box and examples.
 
-``run_compare(config, out)`` runs every stage (cached in ``out``) and returns the results dict that
-``report.write_report`` turns into ``report.md`` / ``report.html`` / ``results.json``.
+``run_compare(config, out)`` runs every stage (cached in ``out``) and returns the :class:`CompareResults`
+that ``report.write_report`` turns into ``report.md`` / ``report.html`` / ``results.json``.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import platform
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from PIL import Image
 
 from carsearch.compare.config import CompareConfig
-from carsearch.compare.stages import StageCache, digest
+from carsearch.compare.stage_cache import StageCache, digest
 from carsearch.config import EmbedderConfig, PipelineConfig, RuntimeConfig, from_dict, to_dict
 from carsearch.data import storage
 from carsearch.data.cropping import apply_plan, plan_image
@@ -30,12 +30,17 @@ from carsearch.embedder.checkpoint import load_checkpoint
 from carsearch.embedder.training.boxcache import cache_path, detect_cached
 from carsearch.embedder.training.config import TrainConfig, load_train_config
 from carsearch.embedder.training.data import carve_out, crop_config
-from carsearch.embedder.training.run import export, train
+from carsearch.embedder.training.exporter import export
+from carsearch.embedder.training.run import train
 from carsearch.errors import DataSourceError
 from carsearch.metrics import leave_one_out_metrics
-from carsearch.pipeline.explaining import attention_dataset
-from carsearch.runtime import configure_threads, resolve_device
+from carsearch.pipeline.cam_jobs import attention_dataset
+from carsearch.runtime import configure_threads, resolve_device, versions
 from carsearch.types import FLAG_NO_DETECTION, BBox, Detection
+
+if TYPE_CHECKING:
+    from carsearch.embedder.training.config import InputMode
+    from carsearch.explain.cam import Method
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ EMBEDDERS = ("zero_shot", "ft_raw", "ft_crop")
 
 
 @dataclasses.dataclass
-class Split:
+class PhotoSplit:
     """Class-disjoint split of the photos (every item has a ground-truth box)."""
 
     train: list[SourceItem]
@@ -55,7 +60,36 @@ class Split:
         return [[str(i.path), i.label, i.box.as_list() if i.box else None] for i in self.train + self.test]
 
 
-def split_photos(config: CompareConfig) -> Split:
+@dataclasses.dataclass
+class CompareResults:
+    """What the experiment measured. The fields up to ``versions`` are ``results.json`` (:meth:`to_dict`);
+    the rest is what the report's example pictures need: the photos, the zero-shot embedder that explains
+    them, the test photos' detections, and each test photo's leave-one-out top-1 (an index into
+    ``photos.test``) on raw photos and on detector crops with that embedder."""
+
+    config: dict[str, Any]
+    split: dict[str, Any]  # class and image counts, image sizes
+    detector_quality: dict[str, Any]
+    retrieval: dict[str, dict[str, dict[str, float]]]  # embedder -> input -> metric -> value
+    test_no_detection: int
+    attention: dict[str, dict[str, Any]]
+    examples: dict[str, Any]
+    models: dict[str, str]
+    stages: list[dict[str, Any]]
+    wall_time_s: float
+    platform: dict[str, str]
+    versions: dict[str, str]
+    photos: PhotoSplit = dataclasses.field(metadata={"report_only": True})
+    zero_shot: Embedder = dataclasses.field(metadata={"report_only": True})
+    test_detections: list[list[Detection]] = dataclasses.field(metadata={"report_only": True})
+    top1: dict[str, list[int]] = dataclasses.field(metadata={"report_only": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able results (``results.json``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("report_only")}
+
+
+def split_photos(config: CompareConfig) -> PhotoSplit:
     """Filtered photos, first ``train_share`` of the sorted classes for training, the rest for testing."""
     items = [i for i in read_source(config.data.source, where=config.data.where or None) if i.box and i.label]
     by_class: dict[str, list[SourceItem]] = defaultdict(list)
@@ -69,7 +103,7 @@ def split_photos(config: CompareConfig) -> Split:
     if min(len(p) for p in parts) < 2:
         raise DataSourceError(f"need at least 2 classes on each side of the split, got {[len(p) for p in parts]}")
     train, test = ([i for c in p for i in by_class[c][: config.data.max_per_class]] for p in parts)
-    return Split(train, test)
+    return PhotoSplit(train, test)
 
 
 def _boxes(detections: list[list[Detection]], confidence: float) -> list[list[Detection]]:
@@ -81,7 +115,8 @@ def input_config(config: CompareConfig, mode: str) -> PipelineConfig:
 
     The detector row takes the largest usable box whatever ``detector.selection`` says.
     """
-    return crop_config(mode, dataclasses.replace(config.detector, selection="largest"))  # type: ignore[arg-type]
+    # crop_config rejects a mode other than raw, gt and detector
+    return crop_config(cast("InputMode", mode), dataclasses.replace(config.detector, selection="largest"))
 
 
 def _chosen(crop: PipelineConfig, dets: list[Detection], width: int, height: int) -> Detection | None:
@@ -95,10 +130,14 @@ def detector_quality(
     out: dict[str, Any] = {"images": len(items), "thresholds": {}}
     crop = input_config(config, "detector")
     for confidence in sorted(config.confidences):
-        ious = []
+        ious: list[float | None] = []
         for item, dets, (w, h) in zip(items, _boxes(detections, confidence), sizes, strict=True):
             chosen = _chosen(crop, dets, w, h)
-            ious.append(chosen.box.iou(item.box.clip(w, h)) if chosen else None)  # type: ignore[union-attr]
+            if chosen:
+                assert item.box is not None  # split_photos keeps only photos with a box
+                ious.append(chosen.box.iou(item.box.clip(w, h)))
+            else:
+                ious.append(None)
         found = np.array([v for v in ious if v is not None])
         histogram, _ = np.histogram(found, bins=10, range=(0.0, 1.0))
         out["thresholds"][f"{confidence:g}"] = {
@@ -125,11 +164,12 @@ def _write_csv(items: list[SourceItem], path: Path) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "x1", "y1", "x2", "y2"])
         for item in items:
-            writer.writerow([storage.identity(item.path), item.label, *item.box.as_list()])  # type: ignore[union-attr]
+            assert item.box is not None  # split_photos keeps only photos with a box
+            writer.writerow([storage.identity(item.path), item.label, *item.box.as_list()])
     return path
 
 
-def train_config(config: CompareConfig, split: Split, mode: str, out: Path) -> TrainConfig:
+def train_config(config: CompareConfig, split: PhotoSplit, mode: str, out: Path) -> TrainConfig:
     """The shared recipe for one fine-tuned row; its own validation classes come from the training classes."""
     classes = sorted({str(i.label) for i in split.train})
     # At least one validation class, cut as training cuts its own (data.val_carve=last).
@@ -157,7 +197,7 @@ def train_config(config: CompareConfig, split: Split, mode: str, out: Path) -> T
     return from_dict(TrainConfig, data)
 
 
-def _finetune(cache: StageCache, config: CompareConfig, split: Split, mode: str, out: Path) -> Path:
+def _finetune(cache: StageCache, config: CompareConfig, split: PhotoSplit, mode: str, out: Path) -> Path:
     tconfig = train_config(config, split, mode, out)
     key = [to_dict(dataclasses.replace(tconfig, out=dataclasses.replace(tconfig.out, name=""))), split.key]
     model_path = out / "train" / f"{mode}-{digest(key)}.pt"
@@ -190,7 +230,7 @@ def top1(vectors: np.ndarray) -> np.ndarray:
     return sims.argmax(axis=1)
 
 
-def run_compare(config: CompareConfig, out: str | Path) -> dict[str, Any]:
+def run_compare(config: CompareConfig, out: str | Path) -> CompareResults:
     """Every stage of the experiment (cached in ``out``); returns the results for the report."""
     out = Path(out)
     started = time.perf_counter()
@@ -265,7 +305,7 @@ def run_compare(config: CompareConfig, out: str | Path) -> dict[str, Any]:
                 pipeline,
                 split.test[:limit],
                 crop=False,
-                method=config.attention.method,  # type: ignore[arg-type]
+                method=cast("Method", config.attention.method),  # EmbeddingCAM rejects unknown methods
                 batch_size=config.attention.batch_size,
             )
             return report.to_dict(with_items=True)
@@ -289,29 +329,30 @@ def run_compare(config: CompareConfig, out: str | Path) -> dict[str, Any]:
             "both_wrong": int((~correct_crop & ~correct_raw).sum()),
         },
     }
-    return {
-        "config": to_dict(config),
-        "split": {
+    return CompareResults(
+        config=to_dict(config),
+        split={
             "train_classes": len({i.label for i in split.train}),
             "test_classes": len(set(labels)),
             "train_images": len(split.train),
             "test_images": len(split.test),
             "resolution": sorted({f"{w}x{h}" for w, h in sizes})[:5],
         },
-        "detector_quality": quality,
-        "retrieval": grid,
-        "test_no_detection": int(no_detection),
-        "attention": {
+        detector_quality=quality,
+        retrieval=grid,
+        test_no_detection=int(no_detection),
+        attention={
             k: {m: v[m] for m in ("count", "mean", "median", "share_mostly_outside", "chance", "histogram")}
             for k, v in attention.items()
         },
-        "examples": examples,
-        "_pairs": {"raw_top1": raw_top.tolist(), "crop_top1": crop_top.tolist()},
-        "models": {k: str(v) for k, v in models.items()},
-        "stages": cache.log,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "platform": {"python": platform.python_version(), "machine": platform.machine(), "device": device},
-        "_split": split,
-        "_zero_shot": embedders["zero_shot"],
-        "_test_dets": test_dets,
-    }
+        examples=examples,
+        models={k: str(v) for k, v in models.items()},
+        stages=cache.log,
+        wall_time_s=round(time.perf_counter() - started, 1),
+        platform={"python": platform.python_version(), "machine": platform.machine(), "device": device},
+        versions=versions(),
+        photos=split,
+        zero_shot=embedders["zero_shot"],
+        test_detections=test_dets,
+        top1={"raw": raw_top.tolist(), "detector": crop_top.tolist()},
+    )

@@ -7,19 +7,21 @@ import html
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from carsearch.compare.config import CompareConfig
-from carsearch.compare.experiment import EMBEDDERS, INPUTS, crop_for
+from carsearch.compare.experiment import EMBEDDERS, INPUTS, CompareResults, crop_for
 from carsearch.config import to_dict
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
 from carsearch.data.images import load_image
-from carsearch.embedder import Embedder
 from carsearch.embedder.training.config import load_train_config
 from carsearch.explain import Explainer
 from carsearch.explain.render import PairView, hstack, pair_panel, vstack
+
+if TYPE_CHECKING:
+    from carsearch.explain.cam import Method
 
 SELECTION = {"map_at_r": "MAP@R", "recall_at_1": "Recall@1"}
 
@@ -67,13 +69,13 @@ def _plt() -> Any:
     return plt
 
 
-def retrieval_chart(results: dict[str, Any], path: Path) -> Path:
+def retrieval_chart(results: CompareResults, path: Path) -> Path:
     """Grouped bars: Recall@1 per embedder (group) and input (bar)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
     width = 0.26
     for j, mode in enumerate(INPUTS):
-        values = [results["retrieval"][name][mode]["recall_at_1"] * 100 for name in EMBEDDERS]
+        values = [results.retrieval[name][mode]["recall_at_1"] * 100 for name in EMBEDDERS]
         bars = ax.bar(np.arange(len(EMBEDDERS)) + (j - 1) * width, values, width, label=INPUT_NAMES[mode])
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(
@@ -87,10 +89,10 @@ def retrieval_chart(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def iou_chart(results: dict[str, Any], confidence: float, path: Path) -> Path:
+def iou_chart(results: CompareResults, confidence: float, path: Path) -> Path:
     """Histogram of the chosen box's IoU with the ground truth at the crop confidence."""
     plt = _plt()
-    stats = results["detector_quality"]["thresholds"][f"{confidence:g}"]
+    stats = results.detector_quality["thresholds"][f"{confidence:g}"]
     fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
     ax.bar(np.arange(10) / 10 + 0.05, stats["iou_histogram"], width=0.09)
     ax.set_xlabel(f"IoU of the detector's chosen box with the ground truth (confidence ≥ {confidence:g})")
@@ -101,10 +103,10 @@ def iou_chart(results: dict[str, Any], confidence: float, path: Path) -> Path:
     return path
 
 
-def attention_chart(results: dict[str, Any], path: Path) -> Path:
+def attention_chart(results: CompareResults, path: Path) -> Path:
     """Mean attention-in-box per embedder on raw test photos, with the uniform-map level."""
     plt = _plt()
-    att = results["attention"]
+    att = results.attention
     fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
     bars = ax.bar(range(len(EMBEDDERS)), [att[n]["mean"] for n in EMBEDDERS], color="tab:green")
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
@@ -129,19 +131,17 @@ def _grey(image: Any) -> Any:
     return Image.new("RGB", image.size, (128, 128, 128))
 
 
-def example_grid(
-    config: CompareConfig, results: dict[str, Any], which: str, embedder: Embedder, path: Path
-) -> Path | None:
+def example_grid(config: CompareConfig, results: CompareResults, which: str, path: Path) -> Path | None:
     """Rows: the query's raw-photo match (CAMs) | the query's crop match (CAMs), zero-shot embedder."""
-    indices = results["examples"][which]
+    indices = results.examples[which]
     if not indices:
         return None
-    split, dets = results["_split"], results["_test_dets"]
-    explainer = Explainer(embedder, config.attention.method)  # type: ignore[arg-type]
+    split, dets = results.photos, results.test_detections
+    explainer = Explainer(results.zero_shot, cast("Method", config.attention.method))  # EmbeddingCAM checks it
     rows = []
     for i in indices:
         views = []
-        for mode, top in (("raw", results["_pairs"]["raw_top1"][i]), ("detector", results["_pairs"]["crop_top1"][i])):
+        for mode, top in (("raw", results.top1["raw"][i]), ("detector", results.top1["detector"][i])):
             q_item, r_item = split.test[i], split.test[top]
             query, _ = crop_for(config, mode, load_image(q_item.path), q_item, dets[i])
             result, _ = crop_for(config, mode, load_image(r_item.path), r_item, dets[top])
@@ -168,8 +168,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[list[str]]:
     return [header, *rows]
 
 
-def _conclusion(results: dict[str, Any]) -> str:
-    r = results["retrieval"]
+def _conclusion(results: CompareResults) -> str:
+    r = results.retrieval
     z = r["zero_shot"]
     lines = []
     for name in EMBEDDERS:
@@ -185,13 +185,13 @@ def _conclusion(results: dict[str, Any]) -> str:
         f"({r[best[0]][best[1]]['recall_at_1'] * 100:.1f}%); "
         f"zero-shot on raw photos: {z['raw']['recall_at_1'] * 100:.1f}%."
     )
-    att = results["attention"]
+    att = results.attention
     lines.append(
         "Attention-in-box on raw photos (share of CAM energy on the car): "
         + ", ".join(f"{NAMES[n]} {att[n]['mean']:.2f}" for n in EMBEDDERS)
         + f" (a uniform map: {att['zero_shot']['chance']:.2f})."
     )
-    counts = results["examples"]["counts"]
+    counts = results.examples["counts"]
     lines.append(
         f"Zero-shot top-1 on the test photos: the crop fixes {counts['crop_right_raw_wrong']} raw mistakes and "
         f"breaks {counts['raw_right_crop_wrong']} raw successes ({counts['both_right']} right both ways, "
@@ -201,10 +201,10 @@ def _conclusion(results: dict[str, Any]) -> str:
 
 
 def _blocks(
-    config: CompareConfig, results: dict[str, Any], pictures: dict[str, Path | None], command: str
+    config: CompareConfig, results: CompareResults, pictures: dict[str, Path | None], command: str, config_yaml: str
 ) -> list[tuple[str, Any]]:
-    s = results["split"]
-    q = results["detector_quality"]
+    s = results.split
+    q = results.detector_quality
     blocks: list[tuple[str, Any]] = [
         ("h1", "Cropped vs raw: what the detector buys"),
         ("p", f"Command: `{command}`. Generated by the command; not edited by hand."),
@@ -245,7 +245,7 @@ def _blocks(
             f"Leave-one-out over the {s['test_images']} test photos; each cell Recall@1 / Recall@4 / MAP@R (%). "
             f"Detector crops at confidence ≥ {config.detector.confidence:g} with a "
             f"{config.detector.margin:.0%} margin; "
-            f"{results['test_no_detection']} test photos had no detection and are embedded whole. Fine-tuning: recipe "
+            f"{results.test_no_detection} test photos had no detection and are embedded whole. Fine-tuning: recipe "
             f"`{config.train.recipe}` with overrides {list(config.train.overrides) or 'none'}, the same for both rows, "
             f"seed {config.seed}, {_selection(config)} on {config.train.val_share:.0%} of the training classes; "
             f"{_embedding(config)}.",
@@ -257,7 +257,7 @@ def _blocks(
                 [
                     [
                         NAMES[n],
-                        *(_cell(results["retrieval"][n][m]) for m in INPUTS),
+                        *(_cell(results.retrieval[n][m]) for m in INPUTS),
                     ]
                     for n in EMBEDDERS
                 ],
@@ -268,7 +268,7 @@ def _blocks(
         (
             "p",
             f"Share of {config.attention.method} energy inside the ground-truth car box, first "
-            f"{results['attention']['zero_shot']['count']} test photos.",
+            f"{results.attention['zero_shot']['count']} test photos.",
         ),
         (
             "table",
@@ -282,7 +282,7 @@ def _blocks(
                         f"{a['share_mostly_outside']:.1%}",
                         f"{a['chance']:.3f}",
                     ]
-                    for n, a in results["attention"].items()
+                    for n, a in results.attention.items()
                 ],
             ),
         ),
@@ -303,7 +303,7 @@ def _blocks(
     ):
         blocks.append(("h3", title))
         blocks.append(("img", (title, pictures[key])) if pictures[key] else ("p", "No such test photo."))
-    stages = results["stages"]
+    stages = results.stages
     blocks += [
         ("h2", "Run"),
         (
@@ -318,13 +318,13 @@ def _blocks(
         ),
         (
             "p",
-            f"This run took {results['wall_time_s']:.0f} s of wall time on {results['platform']['machine']} "
-            f"({results['platform']['device']}), Python {results['platform']['python']}; versions: "
-            + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+            f"This run took {results.wall_time_s:.0f} s of wall time on {results.platform['machine']} "
+            f"({results.platform['device']}), Python {results.platform['python']}; versions: "
+            + ", ".join(f"{k} {v}" for k, v in results.versions.items())
             + ".",
         ),
         ("h3", "Config"),
-        ("code", results["config_yaml"]),
+        ("code", config_yaml),
     ]
     return blocks
 
@@ -379,9 +379,7 @@ def _html(blocks: list[tuple[str, Any]]) -> str:
     return f"<!doctype html><html><head>{head}</head><body>{''.join(body)}</body></html>\n"
 
 
-def write_report(
-    config: CompareConfig, results: dict[str, Any], out: str | Path, command: str, embedder: Embedder
-) -> dict[str, Path]:
+def write_report(config: CompareConfig, results: CompareResults, out: str | Path, command: str) -> dict[str, Path]:
     """Charts, example grids, ``report.md``, ``report.html`` (images inlined) and ``results.json`` in ``out``."""
     import yaml
 
@@ -389,21 +387,17 @@ def write_report(
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     confidence = config.detector.confidence
-    if f"{confidence:g}" not in results["detector_quality"]["thresholds"]:
+    if f"{confidence:g}" not in results.detector_quality["thresholds"]:
         confidence = min(config.confidences)
     pictures: dict[str, Path | None] = {
         "iou": iou_chart(results, confidence, figures / "detector_iou.png"),
         "retrieval": retrieval_chart(results, figures / "retrieval.png"),
         "attention": attention_chart(results, figures / "attention.png"),
-        "crop_wins": example_grid(
-            config, results, "crop_right_raw_wrong", embedder, figures / "examples_crop_right.png"
-        ),
-        "raw_wins": example_grid(config, results, "raw_right_crop_wrong", embedder, figures / "examples_raw_right.png"),
+        "crop_wins": example_grid(config, results, "crop_right_raw_wrong", figures / "examples_crop_right.png"),
+        "raw_wins": example_grid(config, results, "raw_right_crop_wrong", figures / "examples_raw_right.png"),
     }
-    results["config_yaml"] = yaml.safe_dump(to_dict(config), sort_keys=False)
-    blocks = _blocks(config, results, pictures, command)
+    blocks = _blocks(config, results, pictures, command, yaml.safe_dump(to_dict(config), sort_keys=False))
     atomic_write_bytes(out / "report.md", _md(blocks, out).encode())
     atomic_write_bytes(out / "report.html", _html(blocks).encode())
-    public = {k: v for k, v in results.items() if not k.startswith("_") and k != "config_yaml"}
-    atomic_write_json(out / "results.json", public)
+    atomic_write_json(out / "results.json", results.to_dict())
     return {"md": out / "report.md", "html": out / "report.html", "json": out / "results.json"}

@@ -4,7 +4,7 @@ decode files. Importing this module does not import torch (Ray's decode tasks us
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from carsearch.data.sources import SourceItem
 from carsearch.errors import ImageLoadError
 
 if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
 
 @dataclass
@@ -77,7 +77,7 @@ def decode_loader(dataset: DecodeDataset, batch_size: int, workers: int) -> Data
     from torch.utils.data import DataLoader
 
     return DataLoader(
-        dataset,
+        cast("Dataset[Decoded]", dataset),  # torch's stub wants a Dataset subclass; any map-style object works
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

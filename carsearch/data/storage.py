@@ -132,7 +132,7 @@ def join(folder: str | Path, relative: str) -> Location:
 
 
 def _plain_path(location: str | Path) -> str:
-    return unquote(_split(location).path) if is_uri(location) else str(location)
+    return unquote(_split(str(location)).path) if is_uri(location) else str(location)
 
 
 def name(location: str | Path) -> str:
@@ -151,9 +151,9 @@ def stamp(location: str | Path) -> str:
         path = Path(location).expanduser()
         return f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else ""
     try:
-        filesystem, path = _resolve(str(location))
+        filesystem, key = _resolve(str(location))
         with _store_errors(str(location)):
-            info = filesystem.get_file_info(path)
+            info = filesystem.get_file_info(key)
     except OSError:
         return ""
     return f"{info.size}:{info.mtime_ns}" if info.type.name == "File" else ""

@@ -154,7 +154,8 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
             handlers.select,
             inputs=[state],
             outputs=[query_cam, hit_cam, cam_caption],
-            api_name=False,
+            api_name="false",  # what gradio makes of api_name=False, which its types no longer allow
+            api_visibility="private",  # not in the API docs, not callable by clients
             concurrency_id="model",
         )
     return app

@@ -22,7 +22,7 @@ from carsearch.explain.cam import Method
 from carsearch.explain.render import draw_box, overlay
 from carsearch.index import GalleryIndex
 from carsearch.pipeline import Pipeline
-from carsearch.pipeline.explaining import load_item_crop
+from carsearch.pipeline.cam_jobs import load_item_crop
 from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, SearchResult
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def _display(image: Image.Image, min_side: int = DISPLAY_MIN_SIDE) -> Image.Imag
     scale = min_side / max(image.size)
     if scale <= 1:
         return image
-    return image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
 
 
 def _photo_cam(side: Side, image: Image.Image, plan: CropPlan, box: BBox | None) -> tuple[Image.Image, float | None]:

@@ -135,8 +135,7 @@ def _load_yolo(weights: str, threads: int) -> Any:
     if local.suffix == "" and not local.exists():
         raise ModelLoadError(f"detector weights {weights!r} not found; {OFFLINE_HINT}")
     try:
-        task = _task_for(weights)
-        return YOLO(str(local) if local.exists() else weights, **({"task": task} if task else {}))
+        return YOLO(str(local) if local.exists() else weights, task=_task_for(weights))  # None: YOLO's default
     except Exception as exc:  # noqa: BLE001 - ultralytics raises many types; one clear error for users
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load detector weights {weights!r} ({reason}); {OFFLINE_HINT}") from exc

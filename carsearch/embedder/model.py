@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
+from carsearch.config import DEFAULT_BACKBONE, ResizeMode
 from carsearch.embedder.backbones import create_backbone, data_config
-from carsearch.embedder.preprocessing import Preprocessing, ResizeMode
+from carsearch.embedder.preprocessing import Preprocessing
 
 Pooling = Literal["avg", "max", "avgmax", "gem"]  # avgmax: (avg + max) / 2, timm's SelectAdaptivePool2d
 
@@ -20,7 +21,7 @@ Pooling = Literal["avg", "max", "avgmax", "gem"]  # avgmax: (avg + max) / 2, tim
 class ModelSpec:
     """Everything needed to rebuild an :class:`EmbeddingModel` (stored in checkpoints and manifests)."""
 
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     pooling: Pooling = "avg"
     embedding_dim: int | None = None  # None: the pooled backbone features, no head
     head_bn: bool = False
@@ -68,7 +69,8 @@ class EmbeddingModel(nn.Module):
         if spec.pooling not in ("avg", "max", "avgmax", "gem"):
             raise ValueError(f"unknown pooling {spec.pooling!r}; valid: avg, max, avgmax, gem")
         self.pool: nn.Module = GeM() if spec.pooling == "gem" else SelectAdaptivePool2d(pool_type=spec.pooling)
-        features = int(self.backbone.num_features)
+        # timm's plain int attribute; torch's stub types unknown Module attributes as Tensor | Module
+        features = int(cast(int, self.backbone.num_features))
         if spec.embedding_dim is None:
             self.head: nn.Module = nn.Identity()
             self.dim = features
@@ -86,8 +88,12 @@ class EmbeddingModel(nn.Module):
         """Pooled backbone features (B, C), before the head."""
         return self.pool(self.backbone(x)).flatten(1)
 
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, C) → L2-normalised embeddings (B, D): the head, then normalisation."""
+        return F.normalize(self.head(features), dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.features(x)), dim=1)
+        return self.embed_features(self.features(x))
 
 
 def without_head(model: EmbeddingModel) -> EmbeddingModel:
@@ -102,7 +108,7 @@ def without_head(model: EmbeddingModel) -> EmbeddingModel:
 
 
 def default_spec(
-    backbone: str = "tf_efficientnet_lite0",
+    backbone: str = DEFAULT_BACKBONE,
     embedding_dim: int | None = None,
     image_size: int | None = None,
     pooling: Pooling = "avg",

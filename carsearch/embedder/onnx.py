@@ -14,7 +14,6 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +44,7 @@ def export_onnx(model: EmbeddingModel, path: str | Path, fingerprint: str | None
         model, (example,), input_names=[INPUT], output_names=[OUTPUT], dynamic_shapes=({0: batch},),
         dynamo=True, opset_version=opset, verbose=False,
     )  # fmt: skip
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     proto = program.model_proto
     meta = {"carsearch_spec": json.dumps(model.spec.to_dict()), "carsearch_fingerprint": fingerprint or ""}
     for key, value in meta.items():
@@ -58,15 +58,6 @@ def export_onnx(model: EmbeddingModel, path: str | Path, fingerprint: str | None
         Path(tmp).unlink(missing_ok=True)
     logger.info("exported ONNX model (%dx%d px, dim %d) to %s", height, width, model.dim, path)
     return path
-
-
-def onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The carsearch spec and fingerprint stored in an exported file (empty for foreign files)."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    spec = props.get("carsearch_spec")
-    return {"spec": json.loads(spec) if spec else None, "fingerprint": props.get("carsearch_fingerprint") or None}
 
 
 def onnxruntime_available() -> bool:

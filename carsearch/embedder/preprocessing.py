@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, cast
 
 import torch
 from torchvision.transforms import v2
 
-ResizeMode = Literal["squash", "center_crop"]
+from carsearch.config import ResizeMode
+
 Size = tuple[int, int]  # (height, width) of a model input
+
+
+def _rgb(values: Iterable[Any]) -> tuple[float, float, float]:
+    """Per-channel ``mean`` / ``std`` as a tuple of floats: three (R, G, B) as stored; the count is not checked."""
+    return cast("tuple[float, float, float]", tuple(float(v) for v in values))
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,8 @@ class Preprocessing:
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         return cls(
             image_size=int(data["image_size"]),
-            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            mean=_rgb(data["mean"]),
+            std=_rgb(data["std"]),
             interpolation=str(data["interpolation"]),
             resize=data.get("resize", "squash"),
             image_width=None if data.get("image_width") is None else int(data["image_width"]),
@@ -66,8 +73,8 @@ class Preprocessing:
         """From ``timm.data.resolve_model_data_config`` output (mean/std/interpolation, input size)."""
         return cls(
             image_size=image_size or int(data_config["input_size"][-1]),
-            mean=tuple(float(v) for v in data_config["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in data_config["std"]),  # type: ignore[arg-type]
+            mean=_rgb(data_config["mean"]),
+            std=_rgb(data_config["std"]),
             interpolation=str(data_config.get("interpolation", "bicubic")),
             resize=resize,
             image_width=image_width,

@@ -30,7 +30,7 @@ class SignCorrectedEigenCAM(EigenCAM):
     EigenCAM is gradient-free and class-agnostic: it ignores the similarity target.
     """
 
-    def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201, D102
+    def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):  # noqa: ANN001, ANN201, D102
         return get_2d_projection_with_sign_correction(activations)
 
 

@@ -10,7 +10,9 @@ from carsearch.types import BBox
 
 
 def _resize(cam: np.ndarray, width: int, height: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+    return np.asarray(
+        Image.fromarray(cam.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    )
 
 
 def cam_to_image(cam: np.ndarray, width: int, height: int, preprocessing: Preprocessing) -> np.ndarray:

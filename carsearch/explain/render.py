@@ -34,6 +34,7 @@ def draw_box(image: Image.Image, box: BBox, colour: tuple[int, int, int] = BOX_C
     draw.rectangle(box.as_list(), outline=colour, width=width)
     if label:
         font = ImageFont.load_default(size=max(10, round(max(out.size) / 40)))
+        assert isinstance(font, ImageFont.FreeTypeFont)  # load_default(size=...) always returns a FreeType font
         x, y = box.x1 + width, max(0.0, box.y1 - font.size - 2 * width)
         draw.text((x, y), label, fill=colour, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     return out
@@ -41,7 +42,7 @@ def draw_box(image: Image.Image, box: BBox, colour: tuple[int, int, int] = BOX_C
 
 def _fit_height(image: Image.Image, height: int) -> Image.Image:
     width = max(1, round(image.width * height / image.height))
-    return image.convert("RGB").resize((width, height), Image.BILINEAR)
+    return image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
 
 
 def captioned(image: Image.Image, caption: str, height: int = PANEL_HEIGHT) -> Image.Image:

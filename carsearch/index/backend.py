@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -86,6 +86,7 @@ def build_index(vectors: np.ndarray, config: IndexConfig, batch: int = 100_000) 
     """
     n, dim = vectors.shape
     kind = choose_kind(config, n)
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "ivf":
@@ -124,7 +125,7 @@ def configured_parameter(config: IndexConfig, kind: str) -> int:
 def set_search_parameter(index: faiss.Index, kind: str, value: int) -> int:
     """Set nprobe (IVF kinds, capped at nlist) or efSearch (HNSW) on a CPU index; the value set."""
     if kind == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = int(value)
+        cast(faiss.IndexHNSW, faiss.downcast_index(index)).hnsw.efSearch = int(value)  # stub: returns Index
         return int(value)
     ivf = faiss.extract_index_ivf(index)
     ivf.nprobe = int(min(value, ivf.nlist))
@@ -155,11 +156,6 @@ def search(
     top_ids = np.take_along_axis(ids, order, axis=1)
     top_scores = np.take_along_axis(scores, order, axis=1)
     return top_scores, np.where(np.isfinite(top_scores), top_ids, -1)
-
-
-def memory_bytes(index: faiss.Index) -> int:
-    """Bytes of the CPU index's data (its serialised size: codes, ids, centroids, graph)."""
-    return int(faiss.serialize_index(index).size)
 
 
 def gpu_available() -> bool:

@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import faiss
 import numpy as np
@@ -91,17 +91,6 @@ class GalleryIndex:
         self._cpu = self._faiss = None
         self._info = {}
         self._augmented = {}
-
-    @property
-    def index_info(self) -> dict[str, Any]:
-        """The built index's kind and search parameter, with the recall@10 measured when choosing it."""
-        self._cpu_index()
-        return dict(self._info)
-
-    @property
-    def faiss_index(self) -> Any:
-        """The CPU faiss index (built, trained and tuned on first use), search parameters set."""
-        return self._cpu_index()
 
     def _cpu_index(self) -> Any:
         if self._cpu is None:
@@ -249,7 +238,7 @@ def write_hashed(path: Path, write: Callable[[BinaryIO], None]) -> dict[str, Any
 
     def hashed(handle: BinaryIO) -> None:
         writers.append(_HashingWriter(handle))
-        write(writers[-1])  # type: ignore[arg-type]
+        write(cast(BinaryIO, writers[-1]))  # file-like enough: writers only write, flush and check closed
 
     atomic_write(path, hashed)
     return {"bytes": writers[-1].size, "sha256": writers[-1].sha.hexdigest()}

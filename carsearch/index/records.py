@@ -104,7 +104,8 @@ class RecordTable(Sequence[ItemRecord]):
             return NotImplemented
         return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
 
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence: not hashable, like a list
+    # unhashable, like a list; typeshed needs the same ignore for list: object.__hash__ is not Optional
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"RecordTable({len(self)} records)"

@@ -95,10 +95,11 @@ def search_excluding(
     scores, ids = search(queries, k + extra)
     if not extra:
         return scores[:, :k], ids[:, :k]
+    assert exclude is not None  # extra > 0 only with exclusions
     out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
     out_ids = np.full((len(ids), k), -1, dtype=np.int64)
     for row, (s, i) in enumerate(zip(scores, ids, strict=True)):
-        keep = [j for j, item in enumerate(i) if item >= 0 and int(item) not in exclude[row]][:k]  # type: ignore[index]
+        keep = [j for j, item in enumerate(i) if item >= 0 and int(item) not in exclude[row]][:k]
         out_scores[row, : len(keep)], out_ids[row, : len(keep)] = s[keep], i[keep]
     return out_scores, out_ids
 

@@ -6,8 +6,9 @@ a Ray decode task unpickling :mod:`carsearch.pipeline.ray_workers` — does not 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from carsearch.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from carsearch.pipeline.batch import IndexReport
@@ -22,8 +23,4 @@ _HOMES = {
     "evaluate_index": "carsearch.pipeline.pipeline",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _HOMES)

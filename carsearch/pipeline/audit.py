@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 
 from carsearch.errors import EmptyGalleryError
-from carsearch.index import GalleryIndex
+from carsearch.index import GalleryIndex, ItemRecord
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,10 @@ def audit_index(gallery: GalleryIndex, k: int = 10, max_agree: float = 0.2, near
     return AuditReport(disagreements, sorted(duplicates.values(), key=lambda d: (d.kind, d.path_a)), len(ids), k)
 
 
-def _add_pair(found: dict[tuple[str, str], DuplicatePair], a: object, b: object, kind: str, sim: float) -> None:
-    if a.label == b.label or a.path == b.path:  # type: ignore[attr-defined]
+def _add_pair(found: dict[tuple[str, str], DuplicatePair], a: ItemRecord, b: ItemRecord, kind: str, sim: float) -> None:
+    if a.label == b.label or a.path == b.path:
         return
-    (a, b) = sorted((a, b), key=lambda r: r.path)  # type: ignore[attr-defined]
-    key = (a.path, b.path)  # type: ignore[attr-defined]
+    (a, b) = sorted((a, b), key=lambda r: r.path)
+    key = (a.path, b.path)
     if key not in found or found[key].kind == "near" and kind == "exact":
-        found[key] = DuplicatePair(a.path, str(a.label), b.path, str(b.label), kind, round(sim, 5))  # type: ignore[attr-defined]
+        found[key] = DuplicatePair(a.path, str(a.label), b.path, str(b.label), kind, round(sim, 5))

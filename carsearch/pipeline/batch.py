@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -23,12 +23,10 @@ from carsearch.errors import IndexMismatchError
 from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest
 from carsearch.index.records import RecordTable
 from carsearch.pipeline.chunks import Chunk, ChunkMeta, ChunkStore
-from carsearch.pipeline.stages import Outcome, attach_vectors, crop_decoded
+from carsearch.pipeline.models import Models
+from carsearch.pipeline.outcomes import Outcome, attach_vectors, crop_decoded
 from carsearch.runtime import progress_bar
 from carsearch.types import FLAG_NO_DETECTION
-
-if TYPE_CHECKING:
-    from carsearch.pipeline.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -145,19 +143,19 @@ class IndexJob:
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        models: Models,
         items: list[SourceItem],
         out: str | Path,
         progress: bool = False,
         chunk_format: str = "npz",
     ) -> None:
         self.start = time.perf_counter()
-        self.pipeline = pipeline
+        self.models = models
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.manifest = pipeline.manifest()
+        self.manifest = models.manifest()
         check_resumable(self.out, self.manifest)
-        self.existing = GalleryIndex.load(self.out, pipeline.config.index) if (self.out / MANIFEST).exists() else None
+        self.existing = GalleryIndex.load(self.out, models.config.index) if (self.out / MANIFEST).exists() else None
         self.store = ChunkStore(self.out / WORK, chunk_format)
         self.done: dict[str, str] = {}  # path -> content hash of what the index (or a killed run) holds
         if self.existing is not None:
@@ -200,7 +198,7 @@ class IndexJob:
                 counts["replaced"] += outcome.path in self.done
                 counts["items"] += len(outcome.records)
                 counts["no_detection"] += sum(FLAG_NO_DETECTION in r.flags for r in outcome.records)
-        if self.chunk.images >= self.pipeline.config.runtime.checkpoint_every:
+        if self.chunk.images >= self.models.config.runtime.checkpoint_every:
             self.flush()
         if self.bar is not None:
             self.bar.update(len(outcomes))
@@ -209,7 +207,7 @@ class IndexJob:
     def flush(self) -> None:
         """Write the pending chunk (atomically), e.g. before stopping."""
         if self.chunk:
-            self.store.write(self.chunk, self.pipeline.embedder.dim)
+            self.store.write(self.chunk, self.models.embedder.dim)
             self.chunk = Chunk()
 
     def close(self) -> None:
@@ -226,10 +224,11 @@ class IndexJob:
         the records through Arrow columns.
         """
         self.close()
-        dim = self.pipeline.embedder.dim
+        dim = self.models.embedder.dim
         chunks = [self.store.read_meta(path) for path in self.store.paths()]
-        tables = ([self.existing.records] if self.existing is not None else []) + [c.records for c in chunks]
-        parts = [(len(self.existing), lambda: self.existing.vectors)] if self.existing is not None else []
+        existing = self.existing
+        tables = ([existing.records] if existing is not None else []) + [c.records for c in chunks]
+        parts = [(len(existing), lambda: existing.vectors)] if existing is not None else []
         parts += [(len(c.records), functools.partial(self.store.read_vectors, c.path)) for c in chunks]
         listed = {str(item.path) for item in self.items}
         ids, pruned = merge_order(tables, keep=listed if prune else None)
@@ -238,7 +237,7 @@ class IndexJob:
         records = RecordTable.concatenate(tables).take(ids)
         merged = self.out / WORK / MERGED
         vectors = gather_rows(parts, ids, merged_vectors(merged, len(ids), dim))
-        index = GalleryIndex.from_arrays(vectors, records, self.manifest, self.pipeline.config.index)
+        index = GalleryIndex.from_arrays(vectors, records, self.manifest, self.models.config.index)
         errors = _merge_errors(read_jsonl(self.out / ERRORS), chunks, set(records.column("path")))
         if prune:
             errors = [e for e in errors if e["path"] in listed]
@@ -269,18 +268,24 @@ class IndexJob:
 
 
 def run_index_job(
-    pipeline: Pipeline, items: list[SourceItem], out: str | Path, progress: bool = False, prune: bool = False
+    models: Models,
+    items: list[SourceItem],
+    out: str | Path,
+    options: None = None,
+    progress: bool = False,
+    prune: bool = False,
 ) -> IndexReport:
     """Index ``items`` into the directory ``out`` in this process; re-running continues where a killed run
-    stopped. ``prune``: also drop indexed images that ``items`` no longer lists (deleted or moved files)."""
-    job = IndexJob(pipeline, items, out, progress)
-    runtime = pipeline.config.runtime
+    stopped. ``prune``: also drop indexed images that ``items`` no longer lists (deleted or moved files).
+    The local engine takes no ``options`` (the Ray engine's are :class:`~carsearch.pipeline.ray_engine.RayOptions`)."""
+    job = IndexJob(models, items, out, progress)
+    runtime = models.config.runtime
     dataset = DecodeDataset(job.items, job.done, runtime.max_image_side)
     try:
         for batch in decode_loader(dataset, runtime.batch_size, runtime.workers):
-            outcomes, crops = crop_decoded(pipeline, batch, job.timings)
+            outcomes, crops = crop_decoded(models, batch, job.timings)
             tic = time.perf_counter()
-            vectors = pipeline.embedder.embed(crops) if crops else np.zeros((0, pipeline.embedder.dim), np.float32)
+            vectors = models.embedder.embed(crops) if crops else np.zeros((0, models.embedder.dim), np.float32)
             job.timings["embed"] += time.perf_counter() - tic
             job.record(attach_vectors(outcomes, vectors))
     finally:

@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
-from carsearch.config import PipelineConfig, RetrievalConfig, from_dict, load_config, to_dict
-from carsearch.data import storage
+from carsearch.config import (
+    PipelineConfig,
+    RetrievalConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    to_dict,
+    upgrade_config,
+)
 from carsearch.data.cropping import apply_plan, needs_detector, plan_image, plan_in_original
 from carsearch.data.images import content_hash, decode_image, limit_size, read_bytes
 from carsearch.data.sources import Split, read_source
@@ -31,13 +40,14 @@ from carsearch.errors import ConfigError, EmptyGalleryError
 from carsearch.index import GalleryIndex, read_manifest
 from carsearch.metrics import RetrievalMetrics, evaluate_embeddings
 from carsearch.pipeline.batch import IndexReport, run_index_job
-from carsearch.runtime import configure_threads, resolve_device, versions
+from carsearch.pipeline.models import Models
+from carsearch.pipeline.ray_engine import RayOptions, run_ray_index_job
 from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, SearchHit, SearchResult
 
-if TYPE_CHECKING:
-    from carsearch.pipeline.ray_engine import RayOptions
-
 logger = logging.getLogger(__name__)
+
+# engine name -> the function that runs the batch job (models, items, out, options, progress=, prune=)
+ENGINES: dict[str, Callable[..., IndexReport]] = {"local": run_index_job, "ray": run_ray_index_job}
 
 
 @dataclass(frozen=True)
@@ -100,17 +110,34 @@ class Evaluation:
 class Pipeline:
     """Detect → crop → embed → index/search, configured by one :class:`PipelineConfig`.
 
-    Models load lazily on first use and once per pipeline; the detector loads only when cropping needs it.
+    Its :class:`~carsearch.pipeline.models.Models` load lazily on first use and once per pipeline; the
+    detector loads only when cropping needs it.
     """
 
     def __init__(
         self, config: PipelineConfig, detector: VehicleDetector | None = None, embedder: Embedder | None = None
     ) -> None:
-        self.config = config
-        self.device = resolve_device(config.runtime.device)
-        configure_threads(config.runtime.threads)
-        self._detector = detector
-        self._embedder = embedder
+        self.models = Models(config, detector, embedder)
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.models.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.models.device
+
+    @property
+    def detector(self) -> VehicleDetector:
+        return self.models.detector
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.models.embedder
+
+    def manifest(self) -> dict[str, Any]:
+        """How this pipeline makes vectors; stored with every index it builds."""
+        return self.models.manifest()
 
     @classmethod
     def from_config(
@@ -119,8 +146,6 @@ class Pipeline:
         """From a config object, a YAML path, or defaults, plus ``section.key=value`` overrides."""
         if isinstance(config, PipelineConfig):
             if overrides:
-                from carsearch.config import apply_overrides
-
                 config = from_dict(PipelineConfig, apply_overrides(to_dict(config), overrides))
             return cls(config)
         return cls(load_config(config, overrides))
@@ -129,51 +154,7 @@ class Pipeline:
     def for_index(cls, index_dir: str | Path, overrides: list[str] | None = None) -> Pipeline:
         """A pipeline that processes queries exactly as the index at ``index_dir`` was built."""
         manifest = read_manifest(index_dir)
-        from carsearch.config import apply_overrides, upgrade_config
-
         return cls(from_dict(PipelineConfig, apply_overrides(upgrade_config(manifest["config"]), overrides or [])))
-
-    @property
-    def detector(self) -> VehicleDetector:
-        if self._detector is None:
-            threads = configure_threads(self.config.runtime.threads)
-            self._detector = VehicleDetector(self.config.detector, device=str(self.device), threads=threads)
-            configure_threads(self.config.runtime.threads)  # importing ultralytics pins OMP to one thread
-        return self._detector
-
-    @property
-    def embedder(self) -> Embedder:
-        if self._embedder is None:
-            self._embedder = Embedder.from_config(self.config.embedder, self.device)
-        return self._embedder
-
-    def manifest(self) -> dict[str, Any]:
-        """How this pipeline makes vectors; stored with every index it builds."""
-        det = self.config.detector
-        detector = None
-        if self.config.crop:
-            detector = {
-                "weights": storage.name(det.weights),
-                "classes": sorted(det.classes),
-                "confidence": det.confidence,
-                "iou": det.iou,
-                "image_size": det.image_size,
-                "margin": det.margin,
-                "selection": det.selection,
-                "min_box_size": det.min_box_size,
-            }
-        return {
-            "embedder": self.embedder.identity,
-            "processing": {
-                "crop": self.config.crop,
-                "crop_source": self.config.crop_source,
-                "detector": detector,
-                "max_image_side": self.config.runtime.max_image_side,  # queries are downscaled alike
-            },
-            "config": to_dict(self.config),
-            "versions": versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
 
     # -- single images -------------------------------------------------------------------------------
 
@@ -219,14 +200,12 @@ class Pipeline:
         ``prune``: drop indexed images the source no longer lists. ``engine``: ``local`` (this process and
         its decode workers) or ``ray`` (Ray Data actors; ``ray`` options: cluster address, pool sizes, GPUs).
         """
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+        if ray is not None and engine != "ray":
+            raise ConfigError("Ray options need engine='ray'")
         items = read_source(source, split, where)
-        if engine == "ray":
-            from carsearch.pipeline.ray_engine import run_ray_index_job
-
-            return run_ray_index_job(self, items, out, ray, progress=progress, prune=prune)
-        if engine != "local":
-            raise ConfigError(f"unknown engine {engine!r}; valid: local, ray")
-        return run_index_job(self, items, out, progress=progress, prune=prune)
+        return ENGINES[engine](self.models, items, out, ray, progress=progress, prune=prune)
 
     def open_index(self, index_dir: str | Path) -> GalleryIndex:
         """Load an index, refusing one built with a different embedder."""
@@ -261,7 +240,7 @@ class Pipeline:
         excluded = {int(i) for i in gallery.records.ids_with_hash(query_hash)} if query_hash else set()
         scores, ids = gallery.retrieve(vector[None], k, self.config.retrieval, exclude=[excluded] if excluded else None)
         timings["search"] = (time.perf_counter() - tic) * 1000
-        hits = []
+        hits: list[SearchHit] = []
         for score, item_id in zip(scores[0], ids[0], strict=True):
             if item_id < 0 or len(hits) >= k:
                 continue

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -30,11 +30,9 @@ from carsearch.embedder import zoo
 from carsearch.errors import ConfigError
 from carsearch.index.records import ItemRecord
 from carsearch.pipeline.batch import IndexJob, IndexReport
+from carsearch.pipeline.models import Models
+from carsearch.pipeline.outcomes import Outcome
 from carsearch.pipeline.ray_workers import DECODE_CPUS, CropActor, EmbedActor, decode_batch
-from carsearch.pipeline.stages import Outcome
-
-if TYPE_CHECKING:
-    from carsearch.pipeline.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +90,7 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
 
 
 def run_ray_index_job(
-    pipeline: Pipeline,
+    models: Models,
     items: list[SourceItem],
     out: str | Path,
     options: RayOptions | None = None,
@@ -101,11 +99,11 @@ def run_ray_index_job(
 ) -> IndexReport:
     """:func:`~carsearch.pipeline.batch.run_index_job` with the stages on Ray Data actors."""
     options = options or RayOptions()
-    job = IndexJob(pipeline, items, out, progress, chunk_format="parquet")
+    job = IndexJob(models, items, out, progress, chunk_format="parquet")
     if not job.items:
         return job.finish(prune)
     with ray_session(options) as ray:
-        dataset = _dataset(ray, job, pipeline.config, options)
+        dataset = _dataset(ray, job, models.config, options)
         grouper = OutcomeGrouper()
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):

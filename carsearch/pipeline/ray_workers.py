@@ -3,7 +3,7 @@ detector and embedder actors.
 
 Ray imports this module in every worker that runs one of them, so it imports only the light bottom layer
 at the top: a decode task does not pay for torch, timm, ultralytics and faiss (seconds of CPU per process,
-which on a small machine delay the actors' own start). The actors import the pipeline when they are built.
+which on a small machine delay the actors' own start). The actors import the models when they are built.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from carsearch.data.storage import as_location
 from carsearch.types import BBox
 
 if TYPE_CHECKING:
-    from carsearch.pipeline.pipeline import Pipeline
-    from carsearch.pipeline.stages import Outcome
+    from carsearch.pipeline.models import Models
+    from carsearch.pipeline.outcomes import Outcome
 
 DECODE_CPUS = 0.25  # logical CPUs a decode task reserves
 
@@ -52,20 +52,20 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.nd
     return {k: np.array(v, dtype=object) for k, v in out.items()}
 
 
-def _pipeline_in_actor(settings: dict[str, Any]) -> Pipeline:
+def _models_in_actor(settings: dict[str, Any]) -> Models:
     from carsearch.config import PipelineConfig, apply_overrides, from_dict
-    from carsearch.pipeline.pipeline import Pipeline
+    from carsearch.pipeline.models import Models
 
     # One thread per actor: the cluster's CPUs are shared out by actors, not by intra-op threads. More threads
     # per actor oversubscribe the cores: on 2 cores they were slower, not faster.
-    return Pipeline(from_dict(PipelineConfig, apply_overrides(settings, ["runtime.threads=1"])))
+    return Models(from_dict(PipelineConfig, apply_overrides(settings, ["runtime.threads=1"])))
 
 
 class CropActor:
     """Detector actor: decoded images in, one row per crop (its pixels) or per skipped / failed image out."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        self.pipeline = _pipeline_in_actor(settings)
+        self.models = _models_in_actor(settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         decoded = []
@@ -77,10 +77,10 @@ class CropActor:
             original = tuple(size) if size[0] else None
             source = _source_item(item)
             decoded.append(Decoded(int(position), source, digest or None, status, reason, image, scale, original))
-        from carsearch.pipeline.stages import crop_decoded
+        from carsearch.pipeline.outcomes import crop_decoded
 
         timings = {"detect": 0.0}
-        outcomes, crops = crop_decoded(self.pipeline, decoded, timings)
+        outcomes, crops = crop_decoded(self.models, decoded, timings)
         return _crop_rows(outcomes, crops, timings["detect"])
 
 
@@ -107,10 +107,10 @@ class EmbedActor:
     """Embedder actor: crop rows in, their vectors (N, D) out (zeros for rows without a crop)."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        self.pipeline = _pipeline_in_actor(settings)
+        self.models = _models_in_actor(settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        embedder = self.pipeline.embedder
+        embedder = self.models.embedder
         ok = np.array([kind == "ok" for kind in batch["kind"]], dtype=bool)
         crops = [
             Image.fromarray(np.frombuffer(pixels, np.uint8).reshape(*json.loads(shape), 3))

@@ -1,4 +1,5 @@
-"""Imports flow one way: data → detector / embedder / index → explain → training / pipeline → compare / demo → cli.
+"""Imports flow one way: data → detector / embedder / index → explain → training / pipeline → compare / demo → cli,
+and no modules import each other round a circle at any level (inside a package too).
 
 Static inspection: every ``carsearch`` module is parsed with ``ast`` and every ``carsearch.*`` import in it,
 function-level (lazy) and ``TYPE_CHECKING`` ones included, must name its own unit or a lower layer.
@@ -19,6 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "carsearch.config",
         "carsearch.data",
         "carsearch.errors",
+        "carsearch.lazy",
         "carsearch.metrics",
         "carsearch.runtime",
         "carsearch.types",
@@ -98,3 +100,55 @@ def test_the_check_sees_lazy_relative_and_sideways_imports():
     assert violations({"carsearch.pipeline.batch": "from ..compare import compare\n"})  # relative, upwards
     assert not violations({"carsearch.embedder.training.data": "from carsearch.data.cropping import plan_image\n"})
     assert not violations({"carsearch.data.cropping": "from carsearch.config import PipelineConfig\n"})
+
+
+def import_circles(sources: dict[str, str]) -> list[list[str]]:
+    """Every set of modules that import each other round a circle (strongly connected components of the
+    import graph, lazy and ``TYPE_CHECKING`` imports included), at any level: inside a package too.
+
+    A package ``__init__`` importing its own submodules is no circle: a submodule's import of a sibling is an
+    edge to that sibling, not to the ``__init__``.
+    """
+    graph = {m: sorted({t for _, t in carsearch_imports(m, s) if t != m and t in sources}) for m, s in sources.items()}
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(node: str) -> None:  # Tarjan's algorithm
+        order[node] = low[node] = len(order)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in order:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], order[target])
+        if low[node] == order[node]:
+            component = []
+            while not component or component[-1] != node:
+                component.append(stack.pop())
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in order:
+            visit(module)
+    return circles
+
+
+def test_no_import_circle_at_any_level():
+    circles = import_circles({module: path.read_text() for module, path in SOURCES.items()})
+    assert not circles, "modules that import each other round a circle:\n" + "\n".join(map(str, circles))
+
+
+def test_the_circle_check_sees_a_lazy_circle_inside_a_package():
+    sources = {module: path.read_text() for module, path in SOURCES.items()}
+    sources["carsearch.pipeline.models"] += "\ndef f():\n    from carsearch.pipeline.pipeline import Pipeline\n"
+    (circle,) = import_circles(sources)
+    assert {"carsearch.pipeline.models", "carsearch.pipeline.pipeline"} <= set(circle)
+    typed = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from carsearch.pipeline.batch import IndexJob\n"
+    sources = {module: path.read_text() for module, path in SOURCES.items()}
+    sources["carsearch.pipeline.outcomes"] += typed
+    (circle,) = import_circles(sources)
+    assert {"carsearch.pipeline.batch", "carsearch.pipeline.outcomes"} <= set(circle)

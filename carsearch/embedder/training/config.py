@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from carsearch.config import DetectorConfig, load_dataclass, require
+from carsearch.config import DEFAULT_BACKBONE, DetectorConfig, InputGeometry, load_dataclass, require
+from carsearch.embedder.training.registry import LOSSES, MINERS
 
 InputMode = Literal["raw", "gt", "detector"]
 ClassSplit = Literal["half", "all", "list"]
 ValCarve = Literal["last", "spaced"]  # validation classes: the last ones in sorted order, or evenly spaced
-LossName = Literal["triplet", "arcface", "subcenter_arcface", "proxy_anchor", "multi_similarity", "contrastive"]
-MinerName = Literal["none", "hard", "semihard", "all", "multi_similarity"]
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(InputGeometry):
     """What to train on and how batches are drawn.
 
     ``source``: folder tree / CSV (``path,label[,x1,y1,x2,y2]``) / Stanford devkit / Kaggle layout.
@@ -54,9 +53,10 @@ class DataConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)  # gt/detector crops use its margin
     cache_dir: str | None = None  # detector boxes and image cache; default <out.dir>/cache
     cache: bool = True
-    image_size: int = 224  # inference input height (and width, unless image_width is set)
-    image_width: int | None = None  # inference input width for a non-square input (resize=squash only)
-    resize: Literal["squash", "center_crop"] = "squash"
+    MIN_SIZE: ClassVar[int] = 16
+    SECTION: ClassVar[str] = "data"
+
+    image_size: int = 224  # the inference input's geometry (InputGeometry), which the training views share
     resize_to: int | None = None  # height (the width follows the input's aspect)
     crop_size: int | None = None  # training views' height; None: image_size
     crop_scale: float = 0.6  # RandomResizedCrop scale = (crop_scale, 1)
@@ -71,12 +71,7 @@ class DataConfig:
     workers: int = 0
 
     def __post_init__(self) -> None:
-        require(self.image_size >= 16, "data.image_size must be >= 16")
-        require(self.image_width is None or self.image_width >= 16, "data.image_width must be >= 16")
-        require(
-            self.image_width in (None, self.image_size) or self.resize == "squash",
-            "data.image_width (a non-square input) needs data.resize=squash",
-        )
+        super().__post_init__()
         require(
             self.resize_to is None or self.resize_to >= self.train_crop_size[0],
             "data.resize_to must be >= data.crop_size (or data.image_size): the random crop is taken from it",
@@ -125,7 +120,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The embedder: timm backbone (offline ImageNet weights for ``tf_efficientnet_lite0``) + pooling + head.
+    """The embedder: timm backbone (offline ImageNet weights for ``tf_efficientnet_lite0/1/2``) + pooling + head.
 
     ``freeze_blocks``: 0 trains everything; N > 0 freezes the stem and the first N blocks (their
     BatchNorm statistics too); -1 freezes the whole backbone (only the head and loss train).
@@ -137,7 +132,7 @@ class ModelConfig:
     at the selected epoch (``trainer.select``'s metric; MAP@R for ``last``), the head without validation.
     """
 
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     pretrained: bool = True
     pooling: Literal["avg", "max", "avgmax", "gem"] = "avg"
     embedding_dim: int | None = 512  # None: the pooled backbone features, no head
@@ -155,15 +150,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """A pytorch-metric-learning loss and miner by name.
+    """A pytorch-metric-learning loss and miner by name (the names of
+    :mod:`carsearch.embedder.training.registry`).
 
-    ``margin``: the loss's margin (triplet: cosine-distance margin, also the triplet miner's; arcface /
-    subcenter_arcface: degrees; proxy_anchor: cosine margin); null keeps PML's default. ``params`` and
-    ``miner_params`` are passed to the PML constructors as keyword arguments (e.g. ``alpha``, ``scale``).
+    ``miner``: null takes the loss's own default (semi-hard for triplet, multi_similarity for it, none
+    otherwise); proxy losses take none. ``margin``: the loss's margin (triplet: cosine-distance margin, also
+    the triplet miner's; arcface / subcenter_arcface: degrees; proxy_anchor: cosine margin); null keeps PML's
+    default. ``params`` and ``miner_params`` are passed to the PML constructors as keyword arguments (e.g.
+    ``alpha``, ``scale``).
     """
 
-    name: LossName = "triplet"
-    miner: MinerName | None = None  # None: semihard for triplet, multi_similarity for it, none otherwise
+    name: str = "triplet"
+    miner: str | None = None
     margin: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
     miner_params: dict[str, Any] = field(default_factory=dict)
@@ -171,6 +169,26 @@ class LossConfig:
     def __post_init__(self) -> None:
         require(isinstance(self.params, dict), "loss.params must be a mapping of keyword arguments")
         require(isinstance(self.miner_params, dict), "loss.miner_params must be a mapping of keyword arguments")
+        require(self.name in LOSSES, f"loss.name: expected one of {list(LOSSES)}, got {self.name!r}")
+        require(
+            self.miner is None or self.miner in MINERS,
+            f"loss.miner: expected one of {list(MINERS)}, got {self.miner!r}",
+        )
+        entry = LOSSES[self.name]
+        require(
+            self.margin is None or entry.margin,
+            f"loss.margin does not apply to {self.name}; set its parameters in loss.params "
+            "(e.g. pos_margin/neg_margin for contrastive, base for multi_similarity)",
+        )
+        require(
+            not entry.proxies or self.miner_name == "none",
+            f"loss {self.name} learns from proxies, not mined tuples; set loss.miner=none",
+        )
+
+    @property
+    def miner_name(self) -> str:
+        """The miner that runs: ``miner``, or the loss's default when it is null."""
+        return self.miner or LOSSES[self.name].miner
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,8 @@ class CropDataset(Dataset):
                 )
         if mode == "detector" and (self.detections is None or len(self.detections) != len(self.items)):
             raise ConfigError("input mode 'detector' needs the detections of every item (see boxcache.detect_cached)")
-        self.labels = [self.class_to_index[item.label] for item in self.items]  # type: ignore[index]
+        # every kept item has a label (None names no class), so the filter only narrows the type
+        self.labels = [self.class_to_index[item.label] for item in self.items if item.label is not None]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -55,9 +55,9 @@ class EmbedderDataModule(L.LightningDataModule):
         self.detector_device = detector_device
         self.items: list[SourceItem] | None = None
         self.splits = ClassSplits([], [], [])
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
+        self.train_set: CropDataset | CachedDataset | None = None
+        self.val_set: CropDataset | CachedDataset | None = None
+        self.test_set: CropDataset | CachedDataset | None = None
         self._boxes: list[list[Detection]] | None = None
 
     # ------------------------------------------------------------------ preparation
@@ -87,7 +87,7 @@ class EmbedderDataModule(L.LightningDataModule):
         if self.config.cache:
             self.setup("fit")
 
-    def _dataset(self, classes: list[str], size: Size, augment: v2.Transform | None) -> Dataset:
+    def _dataset(self, classes: list[str], size: Size, augment: v2.Transform | None) -> CropDataset | CachedDataset:
         """The crops of ``classes`` at ``size`` (h, w) in inference geometry, then ``augment`` (or normalisation)."""
         cfg, pre = self.config, self.preprocessing
         items, detections = self._read(), self._detections(self._read())
@@ -145,7 +145,7 @@ class EmbedderDataModule(L.LightningDataModule):
     def train_labels(self) -> list[int]:
         if self.train_set is None:
             raise RuntimeError("call setup() first")
-        return list(self.train_set.labels)  # type: ignore[attr-defined]
+        return list(self.train_set.labels)
 
     # ------------------------------------------------------------------ loaders
     def batches_per_epoch(self) -> int:
@@ -190,7 +190,7 @@ class EmbedderDataModule(L.LightningDataModule):
     def eval_loader(self, dataset: Dataset, distributed: bool = False) -> DataLoader:
         """Batches of ``(images, class indices, item indices)`` in order (sharded across DDP ranks)."""
         rank, world_size = self._rank()
-        sampler = (
+        sampler: DistributedSampler[int] | None = (
             DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
             if world_size > 1 and distributed
             else None

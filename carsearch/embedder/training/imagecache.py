@@ -11,9 +11,10 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import cast
 
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_json
@@ -67,8 +68,10 @@ class _Items:
 def _fill(dataset: CropDataset, out: np.ndarray, workers: int) -> list[int]:
     """Write the readable crops of ``dataset`` into ``out`` in order; returns their item indices."""
     kept: list[int] = []
+    # torch's stub wants a Dataset subclass; any map-style object works
+    items = cast("Dataset[tuple[int, np.ndarray | None, str]]", _Items(dataset))
     for index, pixels, error in DataLoader(
-        _Items(dataset), batch_size=None, num_workers=workers, worker_init_fn=die_with_parent() if workers else None
+        items, batch_size=None, num_workers=workers, worker_init_fn=die_with_parent() if workers else None
     ):
         if pixels is None:
             logger.warning("skipping unreadable training image %s: %s", dataset.items[index].path, error)

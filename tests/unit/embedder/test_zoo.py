@@ -15,7 +15,7 @@ from carsearch.cli import main
 from carsearch.config import CONFIGS_DIR, EmbedderConfig
 from carsearch.embedder import Embedder, EmbeddingModel, default_spec, save_checkpoint, zoo
 from carsearch.embedder.checkpoint import load_checkpoint, read_checkpoint
-from carsearch.embedder.training.run import half_precision_error
+from carsearch.embedder.training.exporter import half_precision_error
 from carsearch.errors import ModelLoadError
 from tests.conftest import CLASS_COLOURS, make_car_image
 

@@ -184,7 +184,7 @@ def test_decode_workers_import_no_heavy_library() -> None:
     """Ray imports ray_workers in every decode task's process: it must not pull in torch, timm or faiss
     (seconds of CPU per process that would delay the actors' start on a small machine)."""
     code = (
-        "import sys, carsearch.pipeline.ray_workers as w; "
+        "import sys, carsearch.pipeline.ray_workers as w, carsearch.index.records; "
         "assert callable(w.decode_batch); "
         "print(sorted(m for m in ('torch', 'timm', 'faiss', 'ultralytics', 'torchvision') if m in sys.modules))"
     )

@@ -12,7 +12,7 @@ from PIL import Image
 from carsearch.data.sources import read_source
 from carsearch.embedder import Embedder
 from carsearch.pipeline import Pipeline
-from carsearch.pipeline.explaining import attention_dataset, explain_query, load_item_crop, save_explanation
+from carsearch.pipeline.cam_jobs import attention_dataset, explain_query, load_item_crop, save_explanation
 from carsearch.types import BBox
 from tests.conftest import TEST_OVERRIDES, build_gallery, make_car_image
 from tests.unit.explain.conftest import QuadrantModel

@@ -1,10 +1,11 @@
-"""The stages of the batch job that every engine runs: detect + crop decoded images, attach embeddings."""
+"""What becomes of each image in the batch job, whatever the engine: detect + crop decoded images, attach
+embeddings."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -12,10 +13,8 @@ from PIL import Image
 from carsearch.data.cropping import apply_plan, needs_detector, plan_image, plan_in_original
 from carsearch.data.decode import Decoded
 from carsearch.index.records import ItemRecord
+from carsearch.pipeline.models import Models
 from carsearch.types import BBox
-
-if TYPE_CHECKING:
-    from carsearch.pipeline.pipeline import Pipeline
 
 
 @dataclass
@@ -31,14 +30,14 @@ class Outcome:
 
 
 def crop_decoded(
-    pipeline: Pipeline, batch: list[Decoded], timings: dict[str, float]
+    models: Models, batch: list[Decoded], timings: dict[str, float]
 ) -> tuple[list[Outcome], list[Image.Image]]:
     """Detect (where needed) and crop a batch of decoded images.
 
     Returns one :class:`Outcome` per image in batch order (records, no vectors yet) and the crops to embed,
     in the order of the ok outcomes' records. ``timings["detect"]`` accumulates detector seconds.
     """
-    config = pipeline.config
+    config = models.config
     outcomes: list[Outcome] = []
     good: list[tuple[Outcome, Decoded, Image.Image, BBox | None]] = []
     for entry in batch:
@@ -50,13 +49,14 @@ def crop_decoded(
             outcomes.append(Outcome(path, "error", error=error))
         else:
             outcomes.append(Outcome(path, "ok"))
+            assert entry.image is not None  # decode_item sets the image of every "ok" entry
             gt = entry.item.box.scale(entry.scale) if entry.item.box is not None else None
             good.append((outcomes[-1], entry, Image.fromarray(entry.image), gt))
     to_detect = [i for i, (_, _, _, gt) in enumerate(good) if needs_detector(config, gt)]
     detections: dict[int, list] = {}
     if to_detect:
         tic = time.perf_counter()
-        found = pipeline.detector.detect([good[i][2] for i in to_detect])
+        found = models.detector.detect([good[i][2] for i in to_detect])
         timings["detect"] += time.perf_counter() - tic
         detections = dict(zip(to_detect, found, strict=True))
     crops: list[Image.Image] = []

@@ -1,4 +1,5 @@
-"""Explanations through the pipeline: CAMs for a query's results, attention-in-box over a dataset."""
+"""CAM jobs through the pipeline: a query's results explained, attention-in-box over a dataset (the CAMs
+themselves are :mod:`carsearch.explain`)."""
 
 from __future__ import annotations
 
@@ -128,7 +129,9 @@ def save_explanation(explanation: QueryExplanation, out: str | Path, redact: boo
     image = _blank(explanation.image) if redact else explanation.image
     scale = max(1.0, QUERY_MIN_SIDE / max(image.size))  # thumbnails are upscaled so boxes stay readable
     size = (round(image.width * scale), round(image.height * scale))
-    photo = overlay(image.resize(size, Image.BILINEAR), np.asarray(Image.fromarray(explanation.photo_map).resize(size)))
+    photo = overlay(
+        image.resize(size, Image.Resampling.BILINEAR), np.asarray(Image.fromarray(explanation.photo_map).resize(size))
+    )
     region, box = explanation.plan.region, explanation.box
     same = region is not None and box is not None and region.to_int() == box.to_int()  # no margin: one box
     if region is not None:
@@ -253,16 +256,17 @@ def attention_dataset(
         for i, plan, cam in zip(keep, plans, maps, strict=True):
             photo_map = paste_into(cam, plan.region, images[i].width, images[i].height)
             box, source = boxes[i]
-            score = energy_in_box(photo_map, box)  # type: ignore[arg-type]
+            assert box is not None  # keep lists only items with a box
+            score = energy_in_box(photo_map, box)
             scores.append(score)
             report.items.append(
                 {
                     "path": str(chunk[i].path),
                     "label": chunk[i].label,
                     "attention": None if np.isnan(score) else round(score, 4),
-                    "box": box.as_list(),  # type: ignore[union-attr]
+                    "box": box.as_list(),
                     "box_source": source,
-                    "box_share": round(box.area / (images[i].width * images[i].height), 4),  # type: ignore[union-attr]
+                    "box_share": round(box.area / (images[i].width * images[i].height), 4),
                     "region": plan.region.as_list() if plan.region else None,
                     "no_detection": FLAG_NO_DETECTION in plan.flags,  # crop mode, nothing found: whole photo
                 }

@@ -1,0 +1,73 @@
+"""The models a pipeline runs, loaded on first use: what the index engines and their stages take.
+
+Like ultralytics' ``Model`` holding its predictor, :class:`~carsearch.pipeline.Pipeline` holds one
+:class:`Models`; the engines (``batch``, ``ray_engine``) and the Ray actors take a :class:`Models`, never
+the front door, so no module of this package imports the one above it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from carsearch.config import PipelineConfig, to_dict
+from carsearch.data import storage
+from carsearch.detector import VehicleDetector
+from carsearch.embedder import Embedder
+from carsearch.runtime import configure_threads, resolve_device, versions
+
+
+class Models:
+    """One :class:`PipelineConfig`, its detector and embedder (each loaded lazily and once), and the manifest
+    that says how they make vectors. The detector loads only when cropping needs it."""
+
+    def __init__(
+        self, config: PipelineConfig, detector: VehicleDetector | None = None, embedder: Embedder | None = None
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(config.runtime.device)
+        configure_threads(config.runtime.threads)
+        self._detector = detector
+        self._embedder = embedder
+
+    @property
+    def detector(self) -> VehicleDetector:
+        if self._detector is None:
+            threads = configure_threads(self.config.runtime.threads)
+            self._detector = VehicleDetector(self.config.detector, device=str(self.device), threads=threads)
+            configure_threads(self.config.runtime.threads)  # importing ultralytics pins OMP to one thread
+        return self._detector
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder.from_config(self.config.embedder, self.device)
+        return self._embedder
+
+    def manifest(self) -> dict[str, Any]:
+        """How these models make vectors; stored with every index they build."""
+        det = self.config.detector
+        detector = None
+        if self.config.crop:
+            detector = {
+                "weights": storage.name(det.weights),
+                "classes": sorted(det.classes),
+                "confidence": det.confidence,
+                "iou": det.iou,
+                "image_size": det.image_size,
+                "margin": det.margin,
+                "selection": det.selection,
+                "min_box_size": det.min_box_size,
+            }
+        return {
+            "embedder": self.embedder.identity,
+            "processing": {
+                "crop": self.config.crop,
+                "crop_source": self.config.crop_source,
+                "detector": detector,
+                "max_image_side": self.config.runtime.max_image_side,  # queries are downscaled alike
+            },
+            "config": to_dict(self.config),
+            "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
