@@ -46,7 +46,13 @@ def resolve_config(name_or_path: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """YOLO detector settings. ``weights``: anything ultralytics loads (.pt, .onnx, .tflite)."""
+    """YOLO detector settings. ``weights``: anything ultralytics loads (.pt, .onnx, .tflite).
+
+    ``confidence``: the boxes the selection policy chooses from. ``fallback_confidence``: when no usable box
+    reaches ``confidence``, crop the most confident one at or above this instead (flagged
+    ``low_confidence``); null embeds the whole image (flagged ``no_detection``). The detector runs at the
+    lower of the two (:attr:`detection_floor`).
+    """
 
     weights: str = "yolo11n.pt"
     classes: tuple[str, ...] = DEFAULT_VEHICLE_CLASSES
@@ -57,15 +63,25 @@ class DetectorConfig:
     selection: SelectionPolicy = "largest"
     min_box_size: int = 16
     max_detections: int = 20
+    fallback_confidence: float | None = None
 
     def __post_init__(self) -> None:
         require(0.0 <= self.confidence <= 1.0, "detector.confidence must be in [0, 1]")
+        require(
+            self.fallback_confidence is None or 0.0 <= self.fallback_confidence <= 1.0,
+            "detector.fallback_confidence must be in [0, 1] or null",
+        )
         require(0.0 <= self.iou <= 1.0, "detector.iou must be in [0, 1]")
         require(0.0 <= self.margin <= 1.0, "detector.margin must be in [0, 1]")
         require(self.image_size >= 32 and self.image_size % 32 == 0, "detector.image_size must be a multiple of 32")
         require(self.min_box_size >= 0, "detector.min_box_size must be >= 0")
         require(self.max_detections >= 1, "detector.max_detections must be >= 1")
         require(len(self.classes) >= 1, "detector.classes must name at least one class")
+
+    @property
+    def detection_floor(self) -> float:
+        """The confidence the detector runs at: the lower of ``confidence`` and ``fallback_confidence``."""
+        return min(self.confidence, self.fallback_confidence if self.fallback_confidence is not None else 1.0)
 
 
 @dataclass(frozen=True)

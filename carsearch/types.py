@@ -87,6 +87,7 @@ FLAG_NO_DETECTION = "no_detection"
 FLAG_GT_BOX = "gt_box"
 FLAG_RAW = "raw"
 FLAG_DOWNSCALED = "downscaled"
+FLAG_LOW_CONFIDENCE = "low_confidence"  # cropped by detector.fallback_confidence
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,16 @@ def plan_image(
         region = crop_region(gt_box.clip(width, height), width, height, det.margin)
         return [CropPlan(region=region, detection=None, flags=(FLAG_GT_BOX,))]
     policy = "largest" if single and det.selection == "all" else det.selection
-    return plan_crops(detections or [], width, height, policy=policy, margin=det.margin, min_box_size=det.min_box_size)
+    return plan_crops(
+        detections or [],
+        width,
+        height,
+        policy=policy,
+        margin=det.margin,
+        min_box_size=det.min_box_size,
+        confidence=det.confidence,
+        fallback_confidence=det.fallback_confidence,
+    )
 
 
 def apply_plan(image: Image.Image, plan: CropPlan) -> Image.Image:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from carsearch.config import SelectionPolicy
-from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, Detection
+from carsearch.types import FLAG_LOW_CONFIDENCE, FLAG_NO_DETECTION, BBox, CropPlan, Detection
 
 
 def filter_small(detections: Sequence[Detection], min_box_size: float) -> list[Detection]:
@@ -45,9 +45,20 @@ def plan_crops(
     policy: SelectionPolicy,
     margin: float,
     min_box_size: float,
+    confidence: float = 0.0,
+    fallback_confidence: float | None = None,
 ) -> list[CropPlan]:
-    """Crop plans for one image; no usable vehicle → one whole-image plan flagged ``no_detection``."""
-    chosen = select_detections(filter_small(detections, min_box_size), policy)
+    """Crop plans for one image from the usable boxes (``min_box_size``) scoring at least ``confidence``.
+
+    None there: the most confident usable box scoring at least ``fallback_confidence``, flagged
+    ``low_confidence``; none either (or no fallback) → one whole-image plan flagged ``no_detection``.
+    """
+    usable = filter_small(detections, min_box_size)
+    chosen = select_detections([d for d in usable if d.score >= confidence], policy)
+    flags: tuple[str, ...] = ()
+    if not chosen and fallback_confidence is not None:
+        chosen = select_detections([d for d in usable if d.score >= fallback_confidence], "most_confident")
+        flags = (FLAG_LOW_CONFIDENCE,)
     if not chosen:
         return [CropPlan(region=None, detection=None, flags=(FLAG_NO_DETECTION,))]
-    return [CropPlan(region=crop_region(d.box, width, height, margin), detection=d) for d in chosen]
+    return [CropPlan(region=crop_region(d.box, width, height, margin), detection=d, flags=flags) for d in chosen]

@@ -71,7 +71,7 @@ class VehicleDetector:
         with _quiet_ultralytics():
             results = self._model.predict(
                 list(images),
-                conf=self.config.confidence,
+                conf=self.config.detection_floor,
                 iou=self.config.iou,
                 imgsz=self.config.image_size,
                 classes=sorted(self.class_names),

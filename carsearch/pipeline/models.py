@@ -59,6 +59,8 @@ class Models:
                 "selection": det.selection,
                 "min_box_size": det.min_box_size,
             }
+            if det.fallback_confidence is not None:  # absent otherwise: indexes from before it still resume
+                detector["fallback_confidence"] = det.fallback_confidence
         return {
             "embedder": self.embedder.identity,
             "processing": {

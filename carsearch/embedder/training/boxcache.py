@@ -32,7 +32,7 @@ def cache_path(cache_dir: str | Path, config: DetectorConfig) -> Path:
             str(weights if storage.is_uri(weights) else Path(weights).expanduser()),
             storage.stamp(weights),
             sorted(config.classes),
-            config.confidence,
+            config.detection_floor,
             config.iou,
             config.image_size,
             config.max_detections,

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from carsearch.config import DetectorConfig
 from carsearch.data.selection import crop_region, filter_small, plan_crops, select_detections
-from carsearch.types import FLAG_NO_DETECTION, BBox, Detection
+from carsearch.types import FLAG_LOW_CONFIDENCE, FLAG_NO_DETECTION, BBox, Detection
 
 
 def det(x1: float, y1: float, x2: float, y2: float, score: float) -> Detection:
@@ -72,3 +73,23 @@ def test_box_iou() -> None:
     a, b = BBox(0, 0, 10, 10), BBox(5, 0, 15, 10)
     assert a.iou(a) == 1.0 and a.iou(b) == b.iou(a) == 50 / 150
     assert a.iou(BBox(20, 20, 30, 30)) == 0.0 and BBox(3, 3, 3, 3).iou(BBox(3, 3, 3, 3)) == 0.0
+
+
+def test_no_box_at_the_confidence_falls_back_to_the_most_confident_one_above_the_floor() -> None:
+    low_big, low_sure, tiny = det(0, 0, 150, 90, 0.08), det(20, 10, 120, 70, 0.2), det(0, 0, 5, 5, 0.9)
+    boxes = [low_big, low_sure, tiny]
+    kwargs: dict = {"policy": "largest", "margin": 0.0, "min_box_size": 16, "confidence": 0.25}
+    (whole,) = plan_crops(boxes, 200, 100, **kwargs)
+    assert whole.region is None and whole.flags == (FLAG_NO_DETECTION,)
+    (fallback,) = plan_crops(boxes, 200, 100, fallback_confidence=0.05, **kwargs)
+    assert fallback.detection == low_sure and fallback.flags == (FLAG_LOW_CONFIDENCE,)  # not the tiny 0.9 one
+    (none_left,) = plan_crops(boxes, 200, 100, fallback_confidence=0.5, **kwargs)
+    assert none_left.region is None and none_left.flags == (FLAG_NO_DETECTION,)
+    (passing,) = plan_crops([*boxes, det(10, 10, 60, 60, 0.3)], 200, 100, fallback_confidence=0.05, **kwargs)
+    assert passing.detection.score == 0.3 and passing.flags == ()  # a box at the confidence: no fallback
+
+
+def test_the_detector_runs_at_the_lower_of_confidence_and_fallback() -> None:
+    assert DetectorConfig(confidence=0.35).detection_floor == 0.35
+    assert DetectorConfig(confidence=0.35, fallback_confidence=0.05).detection_floor == 0.05
+    assert DetectorConfig(confidence=0.05, fallback_confidence=0.1).detection_floor == 0.05

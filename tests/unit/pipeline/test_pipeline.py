@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from carsearch.config import load_config
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
 from carsearch.index import GalleryIndex
 from carsearch.pipeline import Pipeline
+from carsearch.pipeline.models import Models
+from carsearch.types import FLAG_LOW_CONFIDENCE, FLAG_NO_DETECTION, BBox, Detection
 from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, build_gallery, make_car_image
 
 
@@ -127,3 +130,39 @@ def test_a_large_indexed_photo_searched_as_a_query_gets_its_own_vector(
     assert out.error is None and out.state.crop is not None
     demo_vector = backend.main.pipeline.embedder.embed([out.state.crop])[0]
     np.testing.assert_allclose(demo_vector, gallery.vectors[paths.index(str(folder / "2.png"))], atol=1e-5)
+
+
+class FixedDetector:
+    """Finds the same boxes in every image."""
+
+    def __init__(self, detections: list[Detection]) -> None:
+        self.detections = detections
+
+    def detect(self, images: list[Image.Image]) -> list[list[Detection]]:
+        return [list(self.detections) for _ in images]
+
+
+class NamedEmbedder:
+    identity = {"fingerprint": "test"}
+
+
+def test_a_box_below_the_confidence_is_cropped_only_with_a_fallback() -> None:
+    unsure = Detection(BBox(10, 10, 90, 60), 0.1, "car")
+    image = Image.new("RGB", (100, 80))
+    fallback = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "detector.fallback_confidence=0.05"])
+    fallback.models._detector = FixedDetector([unsure])  # type: ignore[assignment]
+    (plan,) = fallback.plan(image)
+    assert plan.detection == unsure and plan.flags == (FLAG_LOW_CONFIDENCE,)
+    (plan,) = fallback.plan(image, min_score=0.5)  # the demo's slider raises the confidence, not the floor
+    assert plan.detection == unsure and plan.flags == (FLAG_LOW_CONFIDENCE,)
+    strict = Pipeline.from_config(overrides=TEST_OVERRIDES)
+    strict.models._detector = FixedDetector([unsure])  # type: ignore[assignment]
+    (plan,) = strict.plan(image)
+    assert plan.region is None and plan.flags == (FLAG_NO_DETECTION,)
+
+
+def test_the_manifest_names_a_fallback_only_when_there_is_one() -> None:
+    """Indexes built before detector.fallback_confidence existed keep their processing settings (and resume)."""
+    for overrides, expected in (([], None), (["detector.fallback_confidence=0.05"], 0.05)):
+        models = Models(load_config(None, [*TEST_OVERRIDES, *overrides]), embedder=NamedEmbedder())  # type: ignore[arg-type]
+        assert models.manifest()["processing"]["detector"].get("fallback_confidence") == expected

@@ -1,0 +1,175 @@
+"""The product path on photos: which detector confidence, and what to do when no box passes it.
+
+    python benchmarks/photo_path.py --run runs/levers/lite1 --run runs/twin/triplet_semihard-25
+
+The shared Stanford Cars photos (128×96 thumbnails with the car's box fully visible) go through the offline
+detector once at a floor confidence (0.05, boxes cached). For each confidence threshold and each fallback
+when no box passes it (``whole``: embed the whole photo, the pipeline's rule; ``best``: the most confident
+box below the threshold, down to the floor), the crop actually embedded is compared with the ground-truth
+box (IoU; a whole photo counts with its own IoU) on the photos of the **first 49 classes** (the half
+split's training classes): the policy is chosen there, by mean IoU. Then every model (``--run``: a training
+run, exported on first use; ``--model``: a checkpoint or a shipped name) is evaluated on the photos of the
+**last 49 classes** (its test classes when it was trained on the half split), leave-one-out: raw photos,
+ground-truth crops, and the detector crops of every policy. The test classes choose nothing. Writes
+``benchmarks/results/photo_path.json`` and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from carsearch.config import DetectorConfig, EmbedderConfig  # noqa: E402
+from carsearch.data.images import load_image  # noqa: E402
+from carsearch.data.selection import plan_crops  # noqa: E402
+from carsearch.data.sources import SourceItem, read_source  # noqa: E402
+from carsearch.embedder import Embedder  # noqa: E402
+from carsearch.embedder.training.boxcache import cache_path, detect_cached  # noqa: E402
+from carsearch.embedder.training.data import sort_classes  # noqa: E402
+from carsearch.metrics import leave_one_out_metrics  # noqa: E402
+from carsearch.types import BBox, Detection  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+PHOTOS = SHARED / "data" / "stanford_cars" / "photos.csv"
+CROPS = SHARED / "data" / "stanford_cars" / "crops.csv"
+DETECTOR = SHARED / "models" / "yolov8n_coco_int8.tflite"
+FLOOR = 0.05
+CONFIDENCES = (0.05, 0.1, 0.15, 0.25, 0.35, 0.5)
+FALLBACKS = ("whole", "best")
+MIN_BOX = DetectorConfig().min_box_size
+
+
+def chosen_region(dets: list[Detection], width: int, height: int, confidence: float, fallback: str) -> BBox | None:
+    """The region the pipeline embeds (None: the whole photo) with ``detector.confidence`` = ``confidence`` and
+    ``detector.fallback_confidence`` = the floor (``best``) or null (``whole``)."""
+    floor = FLOOR if fallback == "best" else None
+    (plan,) = plan_crops(
+        dets,
+        width,
+        height,
+        policy="largest",
+        margin=0.0,
+        min_box_size=MIN_BOX,
+        confidence=confidence,
+        fallback_confidence=floor,
+    )
+    return plan.region
+
+
+def split(items: list[SourceItem]) -> tuple[list[int], list[int]]:
+    """Indices of the photos of the first 49 sorted crop classes, and of the last 49."""
+    with CROPS.open(newline="") as handle:
+        classes = sort_classes([row["label"] for row in csv.DictReader(handle)])
+    train = set(classes[: (len(classes) + 1) // 2])
+    inside = [it.label in train for it in items]
+    return [i for i, yes in enumerate(inside) if yes], [i for i, yes in enumerate(inside) if not yes]
+
+
+def embedder_for(run: str | None, model: str | None) -> tuple[str, Embedder]:
+    if run is not None:
+        out = Path(run) / "photo_path_model.pt"
+        if not out.exists():
+            from carsearch.embedder.training import export
+
+            export(run, out)
+        return Path(run).name, Embedder.from_config(EmbedderConfig(model=str(out)))
+    return str(model), Embedder.from_config(EmbedderConfig(model=str(model)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", default=[], help="a training run folder (repeatable)")
+    parser.add_argument("--model", action="append", default=[], help="a checkpoint path or shipped name")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "photo_path")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "photo_path.json")
+    args = parser.parse_args()
+
+    items = read_source(PHOTOS, where={"box_fully_visible": "1"})
+    detector = DetectorConfig(weights=str(DETECTOR), confidence=FLOOR)
+    dets = detect_cached(items, detector, cache_path(args.cache, detector))
+    sizes = [load_image(it.path).size for it in items]
+    train_ids, test_ids = split(items)
+    regions = {
+        (c, f): [chosen_region(d, w, h, c, f) for d, (w, h) in zip(dets, sizes, strict=True)]
+        for c in CONFIDENCES
+        for f in FALLBACKS
+    }
+
+    policy_rows = []
+    for (c, f), chosen in regions.items():
+        ious = [
+            (chosen[i] or BBox(0, 0, *sizes[i])).iou(items[i].box.clip(*sizes[i]))  # type: ignore[union-attr]
+            for i in train_ids
+        ]
+        policy_rows.append(
+            {
+                "confidence": c,
+                "fallback": f,
+                "no_box": float(np.mean([chosen[i] is None for i in train_ids])),
+                "mean_iou": float(np.mean(ious)),
+                "hit_iou_0.5": float(np.mean([v >= 0.5 for v in ious])),
+            }
+        )
+    best = max(policy_rows, key=lambda r: r["mean_iou"])
+
+    test_items = [items[i] for i in test_ids]
+    photos = [load_image(it.path) for it in test_items]
+    labels = [str(it.label) for it in test_items]
+    inputs: dict[str, list[BBox | None]] = {
+        "raw": [None] * len(test_ids),
+        "gt": [it.box.clip(*p.size) for it, p in zip(test_items, photos, strict=True)],  # type: ignore[union-attr]
+        **{f"det@{c:g}/{f}": [regions[(c, f)][i] for i in test_ids] for c, f in regions},
+    }
+    model_rows = []
+    for name, embedder in [embedder_for(r, None) for r in args.run] + [embedder_for(None, m) for m in args.model]:
+        cache: dict[tuple[int, tuple[float, ...] | None], np.ndarray] = {}
+        row: dict[str, object] = {"model": name}
+        for key, boxes in inputs.items():
+            todo = [(j, b) for j, b in enumerate(boxes) if (j, b and tuple(b.as_list())) not in cache]
+            if todo:
+                crops = [photos[j].crop(b.to_int()) if b is not None else photos[j] for j, b in todo]
+                for (j, b), v in zip(todo, embedder.embed(crops), strict=True):
+                    cache[(j, b and tuple(b.as_list()))] = v
+            vectors = np.stack([cache[(j, b and tuple(b.as_list()))] for j, b in enumerate(boxes)])
+            m = leave_one_out_metrics(vectors, labels)
+            row[key] = {"recall_at_1": m.recall_at[1], "map_at_r": m.map_at_r}
+        model_rows.append(row)
+
+    result = {
+        "photos": {"train_classes": len(train_ids), "test_classes": len(test_ids)},
+        "floor": FLOOR,
+        "policies": policy_rows,
+        "chosen": {"confidence": best["confidence"], "fallback": best["fallback"], "by": "mean IoU, training classes"},
+        "models": model_rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Policies on the {len(train_ids)} photos of the first 49 classes (crop embedded vs ground truth):\n")
+    print("| confidence | fallback | no box | mean IoU | IoU ≥ 0.5 |\n|---|---|---|---|---|")
+    for r in policy_rows:
+        mark = " **(chosen)**" if r is best else ""
+        print(
+            f"| {r['confidence']:g} | {r['fallback']}{mark} | {r['no_box']:.1%} | {r['mean_iou']:.3f} | "
+            f"{r['hit_iou_0.5']:.1%} |"
+        )
+    print(f"\nR@1 / MAP@R (%) on the {len(test_ids)} photos of the last 49 classes:\n")
+    keys = list(inputs)
+    print("| model | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for row in model_rows:
+        cells = [f"{100 * row[k]['recall_at_1']:.1f} / {100 * row[k]['map_at_r']:.2f}" for k in keys]  # type: ignore[index]
+        print(f"| {row['model']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
