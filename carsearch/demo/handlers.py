@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from carsearch.config import DetectorConfig
 from carsearch.data.cropping import apply_plan
 from carsearch.data.images import decode_image, read_bytes
 from carsearch.data.storage import is_uri
@@ -65,7 +66,7 @@ class DemoBackend:
 
     main: Side
     raw: Side | None = None
-    default_confidence: float = 0.25
+    default_confidence: float = DetectorConfig().confidence
 
     @classmethod
     def load(

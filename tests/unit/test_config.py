@@ -43,7 +43,7 @@ def test_defaults():
     config = load_config()
     assert config == PipelineConfig()
     assert config.detector.classes == DEFAULT_VEHICLE_CLASSES == ("car", "truck", "bus")
-    assert config.detector.confidence == 0.25
+    assert config.detector.confidence == 0.35 and config.detector.fallback_confidence == 0.05
     assert config.detector.selection == "largest"
     assert config.embedder.model == "cars98-lite0" and config.embedder.runtime == "auto"
     assert config.index.kind == "auto"
@@ -323,7 +323,7 @@ def test_direct_construction_validates():
 def test_replace_revalidates_and_configs_are_frozen():
     config = PipelineConfig()
     changed = dataclasses.replace(config.detector, confidence=0.9)
-    assert changed.confidence == 0.9 and config.detector.confidence == 0.25
+    assert changed.confidence == 0.9 and config.detector.confidence == 0.35
     with pytest.raises(ConfigError, match="confidence"):
         dataclasses.replace(config.detector, confidence=1.5)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from carsearch.cli import _overrides, build_parser, command_parsers, main
-from carsearch.config import load_config
+from carsearch.config import DetectorConfig, PipelineConfig, from_dict, load_config, to_dict, upgrade_config
 from carsearch.embedder.zoo import DEFAULT_MODEL
 from carsearch.pipeline import Pipeline
 from tests.conftest import build_gallery
@@ -79,3 +79,13 @@ def test_an_index_built_before_named_models_opens_with_its_own_embedder(default_
         manifest["config"]["embedder"].pop("checkpoint")
         manifest["config"]["embedder"]["model"] = DEFAULT_MODEL
         (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_index_built_before_the_detector_fallback_queries_without_it() -> None:
+    """Its images were embedded whole when no box passed the confidence: its queries must be too."""
+    old = to_dict(PipelineConfig())
+    del old["detector"]["fallback_confidence"]
+    assert DetectorConfig().fallback_confidence is not None  # today's default has a fallback
+    assert from_dict(PipelineConfig, upgrade_config(old)).detector.fallback_confidence is None
+    kept = to_dict(PipelineConfig())
+    assert from_dict(PipelineConfig, upgrade_config(kept)).detector.fallback_confidence == 0.05

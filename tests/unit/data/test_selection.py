@@ -90,6 +90,6 @@ def test_no_box_at_the_confidence_falls_back_to_the_most_confident_one_above_the
 
 
 def test_the_detector_runs_at_the_lower_of_confidence_and_fallback() -> None:
-    assert DetectorConfig(confidence=0.35).detection_floor == 0.35
+    assert DetectorConfig(confidence=0.35, fallback_confidence=None).detection_floor == 0.35
     assert DetectorConfig(confidence=0.35, fallback_confidence=0.05).detection_floor == 0.05
     assert DetectorConfig(confidence=0.05, fallback_confidence=0.1).detection_floor == 0.05

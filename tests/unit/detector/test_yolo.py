@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,12 @@ def test_detections_are_valid_boxes_inside_the_image(tiny_yolo: Path) -> None:
 
 def test_confidence_threshold_filters(tiny_yolo: Path) -> None:
     # The tiny model's car score is sigmoid(3) ≈ 0.95: a 0.99 threshold must drop everything.
-    detector = VehicleDetector(DetectorConfig(weights=str(tiny_yolo), image_size=160, confidence=0.99))
-    assert detector.detect([make_car_image(1, (200, 0, 0))]) == [[]]
+    strict = DetectorConfig(weights=str(tiny_yolo), image_size=160, confidence=0.99, fallback_confidence=None)
+    assert VehicleDetector(strict).detect([make_car_image(1, (200, 0, 0))]) == [[]]
+    # With a fallback the detector runs at its floor: the boxes below the confidence come back for the fallback
+    floor = dataclasses.replace(strict, fallback_confidence=0.5)
+    assert all(0.5 <= d.score < 0.99 for d in VehicleDetector(floor).detect([make_car_image(1, (200, 0, 0))])[0])
+    assert VehicleDetector(floor).detect([make_car_image(1, (200, 0, 0))])[0]
 
 
 def test_blind_model_finds_nothing(tiny_yolo_blind: Path) -> None:

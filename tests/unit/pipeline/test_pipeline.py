@@ -149,13 +149,13 @@ class NamedEmbedder:
 def test_a_box_below_the_confidence_is_cropped_only_with_a_fallback() -> None:
     unsure = Detection(BBox(10, 10, 90, 60), 0.1, "car")
     image = Image.new("RGB", (100, 80))
-    fallback = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "detector.fallback_confidence=0.05"])
+    fallback = Pipeline.from_config(overrides=TEST_OVERRIDES)  # the default: fallback_confidence 0.05
     fallback.models._detector = FixedDetector([unsure])  # type: ignore[assignment]
     (plan,) = fallback.plan(image)
     assert plan.detection == unsure and plan.flags == (FLAG_LOW_CONFIDENCE,)
-    (plan,) = fallback.plan(image, min_score=0.5)  # the demo's slider raises the confidence, not the floor
-    assert plan.detection == unsure and plan.flags == (FLAG_LOW_CONFIDENCE,)
-    strict = Pipeline.from_config(overrides=TEST_OVERRIDES)
+    (plan,) = fallback.plan(image, min_score=0.5)  # the demo's slider: boxes below it are ignored altogether
+    assert plan.region is None and plan.flags == (FLAG_NO_DETECTION,)
+    strict = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "detector.fallback_confidence=null"])
     strict.models._detector = FixedDetector([unsure])  # type: ignore[assignment]
     (plan,) = strict.plan(image)
     assert plan.region is None and plan.flags == (FLAG_NO_DETECTION,)
@@ -163,6 +163,6 @@ def test_a_box_below_the_confidence_is_cropped_only_with_a_fallback() -> None:
 
 def test_the_manifest_names_a_fallback_only_when_there_is_one() -> None:
     """Indexes built before detector.fallback_confidence existed keep their processing settings (and resume)."""
-    for overrides, expected in (([], None), (["detector.fallback_confidence=0.05"], 0.05)):
+    for overrides, expected in ((["detector.fallback_confidence=null"], None), ([], 0.05)):
         models = Models(load_config(None, [*TEST_OVERRIDES, *overrides]), embedder=NamedEmbedder())  # type: ignore[arg-type]
         assert models.manifest()["processing"]["detector"].get("fallback_confidence") == expected
