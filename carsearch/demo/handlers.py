@@ -24,7 +24,7 @@ from carsearch.explain.render import draw_box, overlay
 from carsearch.index import GalleryIndex
 from carsearch.pipeline import Pipeline
 from carsearch.pipeline.cam_jobs import load_item_crop
-from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, SearchResult
+from carsearch.types import FLAG_LOW_CONFIDENCE, FLAG_NO_DETECTION, BBox, CropPlan, SearchResult
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,11 @@ def _message(plan: CropPlan, confidence: float, hits: int) -> str:
     if plan.detection is None:
         return f"Searched with the whole image (raw index). {hits} results."
     det = plan.detection
+    if FLAG_LOW_CONFIDENCE in plan.flags:
+        return (
+            f"No car reached confidence {confidence:.2f}: searched with the most confident box, a "
+            f"**{det.class_name}** ({det.score:.2f}). {hits} results."
+        )
     return f"Found a **{det.class_name}** (confidence {det.score:.2f}); searched with its crop. {hits} results."
 
 

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -161,12 +162,14 @@ class Pipeline:
     def plan(
         self, image: Image.Image, gt_box: BBox | None = None, single: bool = True, min_score: float | None = None
     ) -> list[CropPlan]:
-        """Crop plans for one RGB image (detector runs only when needed; boxes scoring below ``min_score`` are
-        ignored, by the fallback too)."""
-        detections = self.detector.detect([image])[0] if needs_detector(self.config, gt_box) else None
-        if detections and min_score is not None:
-            detections = [d for d in detections if d.score >= min_score]
-        return plan_image(self.config, image.width, image.height, detections, gt_box, single=single)
+        """Crop plans for one RGB image (detector runs only when needed). ``min_score`` raises
+        ``detector.confidence`` for this image; ``detector.fallback_confidence`` still applies below it."""
+        config = self.config
+        detections = self.detector.detect([image])[0] if needs_detector(config, gt_box) else None
+        if min_score is not None:
+            detector = dataclasses.replace(config.detector, confidence=max(config.detector.confidence, min_score))
+            config = dataclasses.replace(config, detector=detector)
+        return plan_image(config, image.width, image.height, detections, gt_box, single=single)
 
     def embed_image(
         self, image: Image.Image, gt_box: BBox | None = None, min_score: float | None = None
@@ -222,7 +225,8 @@ class Pipeline:
     ) -> SearchResult:
         """Top-``k`` gallery items for the car in ``query`` (an image or a file path).
 
-        ``min_score``: ignore detections below this confidence (above the detector's own threshold).
+        ``min_score``: this query's detector confidence, above the config's (the demo's slider); the
+        fallback box below it still applies.
         """
         tic = time.perf_counter()
         gallery = index if isinstance(index, GalleryIndex) else self.open_index(index)

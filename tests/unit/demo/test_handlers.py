@@ -47,12 +47,21 @@ def test_search_shows_box_crop_hits_and_both_indexes(demo: tuple[DemoBackend, Pa
     assert len(out.state.hits) == 4
 
 
-def test_confidence_slider_above_every_detection_means_no_car(demo: tuple[DemoBackend, Path]) -> None:
+def test_confidence_slider_above_every_detection_searches_with_the_fallback_box(
+    demo: tuple[DemoBackend, Path],
+) -> None:
     backend, gallery = demo
-    out = search(backend, gallery / "class_0" / "img_1.jpg", k=3, confidence=1.0)
-    assert out.message.startswith("**No car found**") and "whole image" in out.message
-    assert out.state.crop is not None and out.state.crop.size == (160, 120)
-    assert len(out.hits) == 3 and out.attention == "Attention-in-box: no car box known."
+    out = search(backend, gallery / "class_0" / "img_1.jpg", k=3, confidence=1.0)  # the index's fallback applies
+    assert out.message.startswith("No car reached confidence 1.00") and "most confident box" in out.message
+    assert out.state.crop is not None and out.state.crop.width < 160 and len(out.hits) == 3
+
+
+def test_no_box_even_at_the_floor_is_said_plainly() -> None:
+    from carsearch.demo.handlers import _message
+    from carsearch.types import FLAG_NO_DETECTION, CropPlan
+
+    message = _message(CropPlan(None, None, (FLAG_NO_DETECTION,)), 0.35, 3)
+    assert message.startswith("**No car found** (confidence ≥ 0.35)") and "whole image" in message
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P"])

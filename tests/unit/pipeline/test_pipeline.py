@@ -153,8 +153,12 @@ def test_a_box_below_the_confidence_is_cropped_only_with_a_fallback() -> None:
     fallback.models._detector = FixedDetector([unsure])  # type: ignore[assignment]
     (plan,) = fallback.plan(image)
     assert plan.detection == unsure and plan.flags == (FLAG_LOW_CONFIDENCE,)
-    (plan,) = fallback.plan(image, min_score=0.5)  # the demo's slider: boxes below it are ignored altogether
-    assert plan.region is None and plan.flags == (FLAG_NO_DETECTION,)
+    sure = Detection(BBox(20, 20, 50, 40), 0.4, "car")  # passes the default confidence 0.35
+    fallback.models._detector = FixedDetector([unsure, sure])  # type: ignore[assignment]
+    (plan,) = fallback.plan(image)
+    assert plan.detection == sure and plan.flags == ()
+    (plan,) = fallback.plan(image, min_score=0.5)  # the demo's slider raises the confidence, not the floor
+    assert plan.detection == sure and plan.flags == (FLAG_LOW_CONFIDENCE,)
     strict = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "detector.fallback_confidence=null"])
     strict.models._detector = FixedDetector([unsure])  # type: ignore[assignment]
     (plan,) = strict.plan(image)
