@@ -163,7 +163,7 @@ def main() -> None:
         model_rows.append(row)
 
     result = {
-        "photos": {"train_classes": len(train_ids), "test_classes": len(test_ids)},
+        "photos": {"first_49_classes": len(train_ids), "last_49_classes": len(test_ids)},  # photo counts
         "floor": FLOOR,
         "policies": policy_rows,
         "chosen": {
