@@ -232,6 +232,10 @@ class TrainerConfig:
     otherwise), or ``last`` (a fixed schedule; validation is then only recorded).
     Without validation classes the run keeps its last epoch. ``patience``: validations without a better
     selection metric before stopping (null: never stop early; must be null with ``select: last``).
+    Weight averaging (``averaging.StepAveraging``; at most one): ``ema_half_life`` keeps an EMA of the weights
+    with that half-life in epochs; ``average_last_epochs`` keeps the mean of the weights after every step
+    of that many final epochs. Validation, checkpoints, the test evaluation and the export then use the
+    averaged weights.
     """
 
     max_epochs: int = 20
@@ -248,9 +252,20 @@ class TrainerConfig:
     threads: int | None = None  # CPU threads for torch (None: all cores)
     micro_batch: int | None = None  # forward/backward this many images at a time (CPU caches); None: whole batch
     progress_bar: bool = True
+    ema_half_life: float | None = None  # epochs
+    average_last_epochs: int | None = None
 
     def __post_init__(self) -> None:
         require(self.max_epochs >= 1, "trainer.max_epochs must be >= 1")
+        require(self.ema_half_life is None or self.ema_half_life > 0, "trainer.ema_half_life must be > 0 (epochs)")
+        require(
+            self.average_last_epochs is None or 1 <= self.average_last_epochs <= self.max_epochs,
+            "trainer.average_last_epochs must be between 1 and trainer.max_epochs",
+        )
+        require(
+            self.ema_half_life is None or self.average_last_epochs is None,
+            "set one of trainer.ema_half_life and trainer.average_last_epochs, not both",
+        )
         require(self.val_every >= 1, "trainer.val_every must be >= 1")
         require(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1 or null")
         require(self.select != "last" or self.patience is None, "trainer.patience must be null with select: last")

@@ -24,6 +24,7 @@ import yaml
 from carsearch.config import to_dict
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
 from carsearch.embedder.model import ModelSpec, default_spec
+from carsearch.embedder.training.averaging import StepAveraging
 from carsearch.embedder.training.choice import choose_embedding
 from carsearch.embedder.training.config import TrainConfig, TrainerConfig
 from carsearch.embedder.training.datamodule import EmbedderDataModule
@@ -117,6 +118,15 @@ def _strategy(config: TrainConfig) -> str:
     return strategy
 
 
+def averaging_callback(config: TrainerConfig) -> StepAveraging | None:
+    """The weight-averaging callback the trainer settings ask for, if any."""
+    if config.ema_half_life is not None:
+        return StepAveraging(ema_half_life=config.ema_half_life)
+    if config.average_last_epochs is not None:
+        return StepAveraging(last_epochs=config.average_last_epochs)
+    return None
+
+
 def train(config: TrainConfig) -> Path:
     """Train; pick the epoch on validation classes (or keep the last one); test once; returns the run directory.
 
@@ -168,6 +178,9 @@ def train(config: TrainConfig) -> Path:
     callbacks: list[Any] = [checkpoint]
     if monitor and config.trainer.patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=config.trainer.patience))
+    averaging = averaging_callback(config.trainer)
+    if averaging is not None:
+        callbacks.append(averaging)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=config.trainer.devices,
@@ -238,6 +251,7 @@ def train(config: TrainConfig) -> Path:
             "selected_epoch": best["epoch"] if monitor and best else int(trainer.current_epoch) - 1,
             "val": {"best": best, "final": history[-1] if history else None, "history": history},
             "checkpoint": str(selected) if selected else None,
+            "averaging": averaging.summary() if averaging is not None else None,
             "epochs": int(trainer.current_epoch),
             "global_steps": int(trainer.global_step),
             "images": {
