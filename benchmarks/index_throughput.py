@@ -120,6 +120,8 @@ def bench_faiss(dim: int, sizes: list[int], queries: int = 100, k: int = 10) -> 
 
 
 def main() -> None:
+    from carsearch.cli import add_set_option
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=str(SHARED_CROPS))
     parser.add_argument("--n", type=int, default=200)
@@ -132,14 +134,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--faiss-sizes", default="10000,100000")
     parser.add_argument("--out", help="JSON path")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="pipeline config override, e.g. embedder.runtime=torch (repeatable)",
-    )
+    add_set_option(parser, "e.g. --set embedder.runtime=torch")
     args = parser.parse_args()
 
     from carsearch.data.cropping import apply_plan, plan_image

@@ -36,7 +36,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _set_option(parser: argparse.ArgumentParser, example: str) -> None:
+def add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
     """``--set KEY=VALUE``, the one override form of every command that reads a config."""
     parser.add_argument(
         "--set",
@@ -56,7 +56,7 @@ def _common(
     is the default), ``-v``. A command that would ignore a flag does not take it (argparse refuses it)."""
     if config is not None:
         parser.add_argument("--config", metavar="CONFIG", help=config)
-    _set_option(parser, set_help or "e.g. --set detector.confidence=0.4")
+    add_set_option(parser, set_help or "e.g. --set detector.confidence=0.4")
     if models is not None:
         parser.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1; default auto")
         parser.add_argument("--detector-weights", metavar="WEIGHTS", help=models)
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help=OUT + "; re-running reuses finished stages")
     p.add_argument("--quick", action="store_true", help="a small subset (6+6 classes, 1 short epoch) in a few minutes")
-    _set_option(p, "e.g. --set train.overrides=[trainer.max_epochs=5]")
+    add_set_option(p, "e.g. --set train.overrides=[trainer.max_epochs=5]")
     p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1; default auto")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CONFIG",
         help="training recipe: a shipped name (cpu_quick, cpu_full, ...) or a YAML path; defaults without it",
     )
-    _set_option(p, "e.g. --set trainer.max_epochs=5")
+    add_set_option(p, "e.g. --set trainer.max_epochs=5")
     p.add_argument(
         "--device", help="auto, cpu, cuda (every visible GPU), cuda:N; default: the recipe's trainer.accelerator"
     )
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("config", "print the effective configuration (a pipeline, training or compare config) as YAML")
     p.add_argument("--config", metavar="CONFIG", help="a shipped name or a YAML path; default: the pipeline defaults")
-    _set_option(p, "e.g. --set embedder.model=imagenet")
+    add_set_option(p, "e.g. --set embedder.model=imagenet")
     p.add_argument("--list", action="store_true", help="list the shipped configs instead")
 
     p = command("help", "show the help of carsearch or of one command")
