@@ -3,10 +3,12 @@
     python benchmarks/scale_twin.py --train-classes 25 --losses triplet_semihard,proxy_anchor,multi_similarity
 
 Each run is ``carsearch train --config cpu_quick`` with only the loss swapped (the commands of
-docs/training.md's loss table) and the first N of the 98 sorted shared classes training; the test set is
-always the same last 49 classes, so the 25- and 49-class rows compare directly. Fixed schedule, final
-model: the test classes choose nothing. Runs go to ``--out-dir/LOSS-N``; a finished run is read, not
-retrained. Writes ``benchmarks/results/scale_twin.json`` and prints a Markdown table.
+docs/training.md's loss table) on ``--backbone`` (default Lite0, the backbone of the loss table and of the
+published twin; cpu_quick's own is Lite1: give it another ``--out-dir``) and the first N of the 98 sorted
+shared classes training; the test set is always the same last 49 classes, so the 25- and 49-class rows compare
+directly. Fixed schedule, final model: the test classes choose nothing. Runs go to ``--out-dir/LOSS-N``; a
+finished run is read, not retrained. Writes ``benchmarks/results/scale_twin.json`` and prints a Markdown
+table.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def class_lists(source: Path, train_count: int) -> tuple[list[str], list[str]]:
     return classes[:train_count], classes[cut:]
 
 
-def run(loss: str, train_count: int, source: Path, out_dir: Path) -> dict:
+def run(loss: str, train_count: int, source: Path, out_dir: Path, backbone: str) -> dict:
     """Train one arm (unless its metrics.json exists) and return its metrics."""
     name = f"{loss}-{train_count}"
     metrics_path = out_dir / name / "metrics.json"
@@ -59,6 +61,7 @@ def run(loss: str, train_count: int, source: Path, out_dir: Path) -> dict:
             f"data.test_classes={json.dumps(test)}",
             f"out.dir={out_dir}",
             f"out.name={name}",
+            f"model.backbone={backbone}",
             *LOSSES[loss],
         ]
         command = [str(Path(sys.executable).with_name("carsearch")), "train", "--config", "cpu_quick"]
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--train-classes", default="25", help="comma-separated counts of training classes")
     parser.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated, of: {', '.join(LOSSES)}")
     parser.add_argument("--source", type=Path, default=SOURCE)
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "twin")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale_twin.json")
     args = parser.parse_args()
@@ -81,7 +85,7 @@ def main() -> None:
         for loss in args.losses.split(","):
             if loss not in LOSSES:
                 raise SystemExit(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
-            metrics = run(loss, count, args.source, args.out_dir)
+            metrics = run(loss, count, args.source, args.out_dir, args.backbone)
             rows.append(
                 {
                     "loss": loss,
