@@ -158,6 +158,10 @@ class LossConfig:
     the triplet miner's; arcface / subcenter_arcface: degrees; proxy_anchor: cosine margin); null keeps PML's
     default. ``params`` and ``miner_params`` are passed to the PML constructors as keyword arguments (e.g.
     ``alpha``, ``scale``).
+
+    ``plus``: a second loss added to this one with weight ``plus_weight`` (e.g. a proxy loss beside mined
+    triplets); it runs without a miner, so it must be one that needs none (a proxy / class-weight loss or
+    ``contrastive``); ``plus_params`` are its keyword arguments, its margin included.
     """
 
     name: str = "triplet"
@@ -165,10 +169,25 @@ class LossConfig:
     margin: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
     miner_params: dict[str, Any] = field(default_factory=dict)
+    plus: str | None = None
+    plus_weight: float = 1.0
+    plus_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(isinstance(self.params, dict), "loss.params must be a mapping of keyword arguments")
         require(isinstance(self.miner_params, dict), "loss.miner_params must be a mapping of keyword arguments")
+        require(isinstance(self.plus_params, dict), "loss.plus_params must be a mapping of keyword arguments")
+        if self.plus is not None:
+            require(self.plus in LOSSES, f"loss.plus: expected one of {list(LOSSES)}, got {self.plus!r}")
+            require(self.plus != self.name, f"loss.plus repeats loss.name ({self.name}); raise its weight instead")
+            require(
+                LOSSES[self.plus].miner == "none",
+                f"loss.plus={self.plus} learns from mined tuples; the added loss runs without a miner "
+                "(a proxy / class-weight loss or contrastive)",
+            )
+            require(self.plus_weight > 0, f"loss.plus_weight must be > 0, got {self.plus_weight}")
+        else:
+            require(not self.plus_params, "loss.plus_params given without loss.plus")
         require(self.name in LOSSES, f"loss.name: expected one of {list(LOSSES)}, got {self.name!r}")
         require(
             self.miner is None or self.miner in MINERS,

@@ -15,12 +15,15 @@ from carsearch.errors import ConfigError
 
 @dataclass
 class Criterion:
-    """A PML loss and its optional miner; ``loss`` has parameters iff it is a proxy/classification loss."""
+    """A PML loss and its optional miner, and ``plus``: a second loss (no miner) added with ``plus_weight``.
+    A loss has parameters iff it is a proxy/classification loss."""
 
     loss: losses.BaseMetricLossFunction
     miner: miners.BaseMiner | None
     name: str
     miner_name: str
+    plus: losses.BaseMetricLossFunction | None = None
+    plus_weight: float = 1.0
 
 
 def _construct(cls: type[nn.Module], what: str, kwargs: dict[str, Any]) -> Any:
@@ -46,20 +49,34 @@ def build_miner(
     return _construct(getattr(miners, entry.pml_class), f"loss.miner={name}", kwargs)
 
 
-def build_criterion(config: LossConfig, num_classes: int, embedding_size: int) -> Criterion:
-    """The configured loss (+ miner). ``num_classes``/``embedding_size`` size proxy and class-weight losses."""
-    entry = LOSSES[config.name]  # the config has checked the names and which options apply
-    kwargs = dict(config.params)
-    if config.margin is not None:
-        kwargs["margin"] = config.margin
+def build_loss(
+    name: str, params: dict[str, Any], num_classes: int, embedding_size: int
+) -> losses.BaseMetricLossFunction:
+    """The PML loss :data:`~carsearch.embedder.training.registry.LOSSES` names, proxy losses sized by
+    ``num_classes`` × ``embedding_size``."""
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(LOSSES)}")
+    entry = LOSSES[name]
+    kwargs = dict(params)
     if entry.proxies:
         if num_classes < 2:
-            raise ConfigError(f"loss {config.name} needs at least 2 training classes, got {num_classes}")
+            raise ConfigError(f"loss {name} needs at least 2 training classes, got {num_classes}")
         kwargs.update(num_classes=num_classes, embedding_size=embedding_size)
-    loss = _construct(getattr(losses, entry.pml_class), f"loss.name={config.name}", kwargs)
+    return _construct(getattr(losses, entry.pml_class), f"loss {name}", kwargs)
+
+
+def build_criterion(config: LossConfig, num_classes: int, embedding_size: int) -> Criterion:
+    """The configured loss (+ miner) and ``loss.plus``. ``num_classes``/``embedding_size`` size proxy and
+    class-weight losses."""
+    params = dict(config.params)
+    if config.margin is not None:
+        params["margin"] = config.margin
+    loss = build_loss(config.name, params, num_classes, embedding_size)
     miner_margin = config.margin if config.name == "triplet" else None
     miner = build_miner(config.miner_name, miner_margin, config.miner_params)
-    return Criterion(loss=loss, miner=miner, name=config.name, miner_name=config.miner_name)
+    plus = None if config.plus is None else build_loss(config.plus, config.plus_params, num_classes, embedding_size)
+    name = config.name if config.plus is None else f"{config.name}+{config.plus}"
+    return Criterion(loss, miner, name, config.miner_name, plus=plus, plus_weight=config.plus_weight)
 
 
 def mined_count(miner: miners.BaseMiner | None) -> int | None:

@@ -130,7 +130,14 @@ class EmbedderModule(L.LightningModule):
         criterion = build_criterion(self.loss_config, num_classes, self.model.dim)
         self.criterion = criterion.loss
         self.miner = criterion.miner
-        self._fns: tuple[nn.Module, nn.Module | None] = (self.criterion, self.miner)  # a tuple: not registered
+        self.plus_criterion = criterion.plus  # loss.plus, added with loss.plus_weight (None: no second loss)
+        self.plus_weight = criterion.plus_weight
+        # called in compute_loss; a tuple, so not registered twice (distribute swaps in PML's wrappers)
+        self._fns: tuple[nn.Module, nn.Module | None, nn.Module | None] = (
+            self.criterion,
+            self.miner,
+            self.plus_criterion,
+        )
         self._world_size = 1
         self._val_outputs: list[tuple[torch.Tensor, ...]] = []
         self.val_history: list[dict[str, float]] = []
@@ -167,7 +174,7 @@ class EmbedderModule(L.LightningModule):
 
     # ------------------------------------------------------------------ loss
     def distribute(self, world_size: int) -> None:
-        """Wrap loss and miner with PML's distributed wrappers (call inside an initialised process group).
+        """Wrap the losses and the miner with PML's distributed wrappers (call inside an initialised process group).
 
         The wrapped loss is ``world_size`` × the loss of the gathered batch, so that DDP's gradient average
         gives the single-process gradient for the model; loss parameters (proxies), which see the whole
@@ -179,19 +186,28 @@ class EmbedderModule(L.LightningModule):
             raise RuntimeError(f"module already distributed over {self._world_size} processes")
         loss = DistributedLossWrapper(self.criterion)
         miner = DistributedMinerWrapper(self.miner) if self.miner is not None else None
-        self._fns = (loss, miner)
-        for parameter in self.criterion.parameters():
+        plus = DistributedLossWrapper(self.plus_criterion) if self.plus_criterion is not None else None
+        self._fns = (loss, miner, plus)
+        for parameter in self.loss_parameters():
             parameter.register_hook(lambda grad, w=world_size: grad / w)
         self._world_size = world_size
 
     def compute_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-        """Loss of (B, D) embeddings with (B,) class indices (float32, outside autocast), and the mined count."""
-        loss_fn, miner_fn = self._fns
+        """Loss of (B, D) embeddings with (B,) class indices (float32, outside autocast), and the mined count:
+        the loss on the miner's tuples, + ``plus_weight`` × the plus loss on the whole batch."""
+        loss_fn, miner_fn, plus_fn = self._fns
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             embeddings = embeddings.float()
             indices = miner_fn(embeddings, labels) if miner_fn is not None else None
             loss = loss_fn(embeddings, labels, indices)
+            if plus_fn is not None:
+                loss = loss + self.plus_weight * plus_fn(embeddings, labels)
         return loss, mined_count(self.miner)
+
+    def loss_parameters(self) -> list[nn.Parameter]:
+        """The losses' own parameters (proxies, class weights), trained at ``optim.loss_lr``."""
+        plus = list(self.plus_criterion.parameters()) if self.plus_criterion is not None else []
+        return list(self.criterion.parameters()) + plus
 
     def setup(self, stage: str) -> None:
         self.distribute(self.trainer.world_size)
@@ -296,7 +312,7 @@ class EmbedderModule(L.LightningModule):
                 groups.append({"params": decay, "lr": lr, "weight_decay": cfg.weight_decay, "name": name})
             if no_decay:
                 groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}_no_decay"})
-        loss_params = list(self.criterion.parameters())
+        loss_params = self.loss_parameters()
         if loss_params:
             groups.append({"params": loss_params, "lr": cfg.loss_lr, "weight_decay": 0.0, "name": "loss"})
         if not groups:

@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image, ImageDraw
+from pytorch_metric_learning.losses import ProxyAnchorLoss
 
 from carsearch.cli import main
 from carsearch.config import CONFIGS_DIR, DetectorConfig, EmbedderConfig, to_dict
@@ -138,10 +139,11 @@ LOSS_CASES = [
     LossConfig(name="proxy_anchor", miner="none", params={"alpha": 32}),
     LossConfig(name="multi_similarity"),
     LossConfig(name="contrastive", miner="multi_similarity", params={"neg_margin": 0.5}),
+    LossConfig(name="triplet", miner="semihard", margin=0.2, plus="proxy_anchor", plus_params={"alpha": 32}),
 ]
 
 
-@pytest.mark.parametrize("loss", LOSS_CASES, ids=[f"{c.name}-{c.miner}" for c in LOSS_CASES])
+@pytest.mark.parametrize("loss", LOSS_CASES, ids=[f"{c.name}-{c.miner}-{c.plus}" for c in LOSS_CASES])
 def test_each_loss_runs_a_training_step(loss):
     torch.manual_seed(0)
     module = tiny_module(loss).train()
@@ -153,10 +155,49 @@ def test_each_loss_runs_a_training_step(loss):
     assert head is not None and torch.isfinite(head).all() and head.abs().sum() > 0
     for parameter in module.criterion.parameters():  # proxies / class weights learn too
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
-    if module.miner is None:
+    if loss.miner_name == "none":
         assert mined is None
     else:
         assert mined is not None and mined > 0
+
+
+def test_a_plus_loss_adds_its_weighted_value_to_the_mined_loss():
+    """``loss.plus``: the first loss on its mined tuples + ``plus_weight`` × the second on the whole batch
+    (no miner); the second's proxies train in the loss parameter group."""
+    config = LossConfig(
+        name="triplet", miner="semihard", margin=0.2, plus="proxy_anchor", plus_weight=0.5, plus_params={"alpha": 32}
+    )
+    torch.manual_seed(0)
+    criterion = build_criterion(config, num_classes=4, embedding_size=8)
+    assert criterion.name == "triplet+proxy_anchor" and isinstance(criterion.plus, ProxyAnchorLoss)
+    assert criterion.plus.margin == pytest.approx(0.1)  # PML's default: plus_params set only alpha
+    torch.manual_seed(0)
+    module = tiny_module(config).train()
+    images, labels = pk_batch()
+    embeddings = module(images)
+    value, mined = module.compute_loss(embeddings, labels)
+    triplet = module.criterion(embeddings, labels, module.miner(embeddings, labels))
+    assert value.item() == pytest.approx((triplet + 0.5 * module.plus_criterion(embeddings, labels)).item(), rel=1e-5)
+    assert mined is not None and mined > 0
+    groups = {g["name"]: g for g in module.param_groups()}
+    assert [p.shape for p in groups["loss"]["params"]] == [torch.Size([4, module.model.dim])]
+    value.backward()
+    assert module.plus_criterion.proxies.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss.plus=multi_similarity"], "runs without a miner"),
+        (["loss.plus=triplet"], "repeats loss.name"),
+        (["loss.plus=nope"], "expected one of"),
+        (["loss.plus=proxy_anchor", "loss.plus_weight=0"], "must be > 0"),
+        (["loss.plus_params={alpha: 32}"], "without loss.plus"),
+    ],
+)
+def test_plus_loss_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, overrides)
 
 
 def test_loss_factory_errors_list_the_valid_names():
@@ -729,7 +770,11 @@ def _loss_and_grads(module: EmbedderModule, images: torch.Tensor, labels: torch.
     return loss.item(), grads
 
 
-DDP_CASES = [LossConfig(name="triplet", miner="hard", margin=0.2), LossConfig(name="proxy_anchor", miner="none")]
+DDP_CASES = [
+    LossConfig(name="triplet", miner="hard", margin=0.2),
+    LossConfig(name="proxy_anchor", miner="none"),
+    LossConfig(name="triplet", miner="semihard", margin=0.2, plus="proxy_anchor"),
+]
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
@@ -760,7 +805,7 @@ def test_distributed_loss_matches_the_single_process_loss(tmp_path):
         single = tiny_module(loss).eval()
         images, labels = pk_batch()
         expected_loss, expected_grads = _loss_and_grads(single, images, labels)
-        assert any("criterion" in name for name in expected_grads) == (loss.name == "proxy_anchor")
+        assert any("criterion" in name for name in expected_grads) == ("proxy_anchor" in (loss.name, loss.plus))
         for rank in range(2):
             result = torch.load(tmp_path / f"case{case}_rank{rank}.pt", weights_only=True)
             assert result["loss"] == pytest.approx(2 * expected_loss, rel=1e-4)  # PML: world size × gathered loss
