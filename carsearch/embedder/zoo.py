@@ -1,4 +1,4 @@
-"""Named embedders, like timm's and ultralytics' model names: ``--model cars98-lite1`` or ``--model imagenet``.
+"""Named embedders, like timm's and ultralytics' model names: ``--model cars98-lite1-256`` or ``--model imagenet``.
 
 A name maps to a checkpoint shipped inside the package (verified by its SHA-256 before it is read) or, for
 ``imagenet``, to the pretrained backbone of ``EmbedderConfig``. Anything that is not a name is a checkpoint
@@ -38,14 +38,21 @@ MODELS: dict[str, NamedModel] = {
     for model in (
         NamedModel(
             DEFAULT_MODEL,
-            "tf_efficientnet_lite1 fine-tuned on Stanford Cars classes 1-98 (triplet + semi-hard mining), "
-            "pooled 1280-d features; non-commercial research use (the dataset's terms)",
+            "tf_efficientnet_lite1 fine-tuned on Stanford Cars classes 1-98 (triplet + semi-hard mining) at "
+            "256x256 px, pooled 1280-d features; non-commercial research use (the dataset's terms)",
+            file="cars98-lite1-256.pt",
+            sha256="e780246d7896e26e4c984bb66808a855b049c60db4bb27dfbc59c473b1871a07",
+        ),
+        NamedModel(
+            "cars98-lite1",
+            "the previous default: the same recipe at 224x224 px (kept for the indexes built with it); "
+            "non-commercial research use",
             file="cars98-lite1.pt",
             sha256="f5563ac11ac3ea099cf4ed5820dfdd198fc891bc8455ce185229ce260ae926f6",
         ),
         NamedModel(
             "cars98-lite0",
-            "the previous default: tf_efficientnet_lite0 fine-tuned the same way (kept for the indexes built "
+            "an earlier default: tf_efficientnet_lite0 fine-tuned the same way at 224 px (kept for the indexes built "
             "with it); non-commercial research use",
             file="cars98-lite0.pt",
             sha256="de5ec6fd836a5e71220713ceff34d9bec3ec61db4903032ccf0e3cdd209d2205",

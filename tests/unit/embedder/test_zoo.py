@@ -28,13 +28,13 @@ def shipped() -> Embedder:
 
 
 def test_the_default_model_is_the_shipped_checkpoint(shipped: Embedder) -> None:
-    assert EmbedderConfig().model == zoo.DEFAULT_MODEL == "cars98-lite1"
+    assert EmbedderConfig().model == zoo.DEFAULT_MODEL == "cars98-lite1-256"
     assert SHIPPED.path is not None and SHIPPED.path.is_file()
     assert SHIPPED.path.stat().st_size <= 20 * 2**20  # the bound for a file inside the package
     assert hashlib.sha256(SHIPPED.path.read_bytes()).hexdigest() == SHIPPED.sha256
-    assert shipped.source == "cars98-lite1" and shipped.dim == 1280
+    assert shipped.source == "cars98-lite1-256" and shipped.dim == 1280
     assert shipped.model.spec.backbone == "tf_efficientnet_lite1"
-    assert shipped.preprocessing.input_size == (224, 224)
+    assert shipped.preprocessing.input_size == (256, 256)
     assert shipped.train_labels is not None and len(shipped.train_labels) == 98
     assert "Audi TTS Coupe 2012" in shipped.train_labels
     assert shipped.identity["train_labels"] == list(shipped.train_labels)
@@ -43,7 +43,7 @@ def test_the_default_model_is_the_shipped_checkpoint(shipped: Embedder) -> None:
 def test_the_shipped_weights_are_not_the_imagenet_backbone(shipped: Embedder) -> None:
     backbone = shipped.model.spec.backbone
     imagenet = Embedder.from_config(
-        EmbedderConfig(model="imagenet", backbone=backbone, image_size=224, runtime="torch")
+        EmbedderConfig(model="imagenet", backbone=backbone, image_size=256, runtime="torch")
     )
     assert imagenet.source == "imagenet" and imagenet.train_labels == ()
     assert imagenet.model.spec == shipped.model.spec  # same architecture and input, other weights
@@ -52,20 +52,25 @@ def test_the_shipped_weights_are_not_the_imagenet_backbone(shipped: Embedder) ->
     assert np.abs(imagenet.embed(images) - shipped.embed(images)).max() > 0.05
 
 
-def test_the_previous_default_still_loads_for_the_indexes_built_with_it() -> None:
-    previous = Embedder.from_config(EmbedderConfig(model="cars98-lite0", runtime="torch"))
-    entry = zoo.MODELS["cars98-lite0"]
+@pytest.mark.parametrize(
+    ("name", "backbone"), [("cars98-lite1", "tf_efficientnet_lite1"), ("cars98-lite0", "tf_efficientnet_lite0")]
+)
+def test_the_previous_defaults_still_load_for_the_indexes_built_with_them(name: str, backbone: str) -> None:
+    previous = Embedder.from_config(EmbedderConfig(model=name, runtime="torch"))
+    entry = zoo.MODELS[name]
     assert entry.path is not None and hashlib.sha256(entry.path.read_bytes()).hexdigest() == entry.sha256
-    assert previous.source == "cars98-lite0" and previous.model.spec.backbone == "tf_efficientnet_lite0"
+    assert previous.source == name and previous.model.spec.backbone == backbone
     assert previous.train_labels is not None and len(previous.train_labels) == 98
     assert previous.dim == 1280 and previous.preprocessing.input_size == (224, 224)
 
 
 def test_an_unknown_name_is_a_path_and_a_missing_path_a_clear_error(tmp_path: Path) -> None:
-    assert zoo.is_name("cars98-lite1") and zoo.is_name("imagenet") and not zoo.is_name("cars98-lite1.pt")
+    assert zoo.is_name("cars98-lite1-256") and zoo.is_name("imagenet") and not zoo.is_name("cars98-lite1-256.pt")
     with pytest.raises(ModelLoadError, match="checkpoint not found"):
         Embedder.from_config(EmbedderConfig(model=str(tmp_path / "cars99.pt")))
-    with pytest.raises(ModelLoadError, match="not a shipped checkpoint; shipped: cars98-lite1, cars98-lite0"):
+    with pytest.raises(
+        ModelLoadError, match="not a shipped checkpoint; shipped: cars98-lite1-256, cars98-lite1, cars98-lite0"
+    ):
         zoo.shipped_checkpoint("imagenet")
 
 
