@@ -1,6 +1,6 @@
 """Embedding size: how much of a trained model's pooled embedding retrieval needs, and whether whitening helps.
 
-    python benchmarks/embedding_size.py --run runs/levers/lite1 --run runs/levers/lite1-s1
+    python benchmarks/embedding_size.py --run runs/levers/lite1-256 --run runs/levers/lite1
 
 Each half-split run (``--run``, exported on first use) embeds the shared Stanford Cars crops. A PCA is
 fitted on the crops of the **first 49 sorted classes** only (the run's training classes: they may choose);
@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,39 +60,38 @@ def main() -> None:
     train_ids, test_ids = split(items)
     images = [load_image(it.path) for it in items]
     labels = [str(items[i].label) for i in test_ids]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for run in args.run:
         name, embedder = embedder_for(run, None)
         vectors = np.asarray(embedder.embed(images), dtype=np.float64)
         train, test = vectors[train_ids], vectors[test_ids]
         pca = fit_pca(train)
         full = leave_one_out_metrics(test, labels)
-        row: dict[str, object] = {
+        row: dict[str, Any] = {
             "run": name,
             "dim": int(vectors.shape[1]),
             "unprojected": {"recall_at_1": full.recall_at[1], "map_at_r": full.map_at_r},
         }
         for whiten in (False, True):
-            key = "pca_whitened" if whiten else "pca"
-            row[key] = {}
+            cells = {}
             for dim in (d for d in DIMS if d <= min(vectors.shape[1], len(train_ids))):
                 m = leave_one_out_metrics(project(test, pca, dim, whiten), labels)
-                row[key][str(dim)] = {"recall_at_1": m.recall_at[1], "map_at_r": m.map_at_r}  # type: ignore[index]
+                cells[str(dim)] = {"recall_at_1": m.recall_at[1], "map_at_r": m.map_at_r}
+            row["pca_whitened" if whiten else "pca"] = cells
         rows.append(row)
 
     result = {"crops": {"first_49_classes": len(train_ids), "last_49_classes": len(test_ids)}, "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"R@1 / MAP@R (%) on the {len(test_ids)} crops of the last 49 classes (PCA fitted on {len(train_ids)}):\n")
-    dims = list(rows[0]["pca"])  # type: ignore[call-overload]
+    dims = list(rows[0]["pca"])
     print("| run | projection | unprojected | " + " | ".join(f"{d}-d" for d in dims) + " |")
     print("|---" * (len(dims) + 3) + "|")
     for row in rows:
         for key in ("pca", "pca_whitened"):
-            u = row["unprojected"]
-            cells = [f"{100 * v['recall_at_1']:.1f} / {100 * v['map_at_r']:.2f}" for v in row[key].values()]  # type: ignore[attr-defined]
-            first = f"{100 * u['recall_at_1']:.1f} / {100 * u['map_at_r']:.2f}"  # type: ignore[index]
-            print(f"| {row['run']} | {key} | {first} | " + " | ".join(cells) + " |")
+            values = [row["unprojected"], *row[key].values()]
+            texts = [f"{100 * v['recall_at_1']:.1f} / {100 * v['map_at_r']:.2f}" for v in values]
+            print(f"| {row['run']} | {key} | " + " | ".join(texts) + " |")
 
 
 if __name__ == "__main__":
