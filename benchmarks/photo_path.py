@@ -9,10 +9,10 @@ below the threshold, down to the floor: ``detector.fallback_confidence``), the r
 compared with the truth (IoU; a whole image counts with its own IoU): the photo's fitted box, or the whole
 crop. Images of the **first 49 classes** (the half split's training classes) only; the policy with the
 highest mean IoU, photos and crops averaged, is chosen. Then every model (``--run``: a training run,
-exported on first use; ``--model``: a checkpoint or a shipped name) is evaluated on the photos of the
-**last 49 classes** (its test classes when it was trained on the half split), leave-one-out: raw photos,
-ground-truth crops, and the detector crops of every policy. The test classes choose nothing. Writes
-``benchmarks/results/photo_path.json`` and prints Markdown tables.
+exported on first use; ``--model``: a checkpoint or a shipped name; ``--size``: at that input size instead
+of its own) is evaluated on the photos of the **last 49 classes** (its test classes when it was trained on
+the half split), leave-one-out: raw photos, ground-truth crops, and the detector crops of every policy.
+The test classes choose nothing. Writes ``benchmarks/results/photo_path.json`` and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from carsearch.data.images import load_image  # noqa: E402
 from carsearch.data.selection import plan_crops  # noqa: E402
 from carsearch.data.sources import SourceItem, read_source  # noqa: E402
 from carsearch.embedder import Embedder  # noqa: E402
+from carsearch.embedder.model import at_input_size  # noqa: E402
 from carsearch.embedder.training.boxcache import cache_path, detect_cached  # noqa: E402
 from carsearch.embedder.training.data import sort_classes  # noqa: E402
 from carsearch.metrics import leave_one_out_metrics  # noqa: E402
@@ -103,21 +104,28 @@ def split(items: list[SourceItem]) -> tuple[list[int], list[int]]:
     return [i for i, yes in enumerate(inside) if yes], [i for i, yes in enumerate(inside) if not yes]
 
 
-def embedder_for(run: str | None, model: str | None) -> tuple[str, Embedder]:
+def embedder_for(run: str | None, model: str | None, size: int | None = None) -> tuple[str, Embedder]:
+    """A run's exported model (exported on first use) or a named / saved model; at ``size`` px if given."""
     if run is not None:
         out = Path(run) / "photo_path_model.pt"
         if not out.exists():
             from carsearch.embedder.training import export
 
             export(run, out)
-        return Path(run).name, Embedder.from_config(EmbedderConfig(model=str(out)))
-    return str(model), Embedder.from_config(EmbedderConfig(model=str(model)))
+        name, embedder = Path(run).name, Embedder.from_config(EmbedderConfig(model=str(out)))
+    else:
+        name, embedder = str(model), Embedder.from_config(EmbedderConfig(model=str(model)))
+    if size is None or size == embedder.preprocessing.image_size:
+        return name, embedder
+    resized = at_input_size(embedder.model, size)
+    return f"{name} at {size} px", Embedder(resized, runtime=embedder.runtime, train_labels=embedder.train_labels)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", default=[], help="a training run folder (repeatable)")
     parser.add_argument("--model", action="append", default=[], help="a checkpoint path or shipped name")
+    parser.add_argument("--size", type=int, help="embed at this square size, same weights (default: each one's own)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "photo_path")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "photo_path.json")
     args = parser.parse_args()
@@ -148,7 +156,9 @@ def main() -> None:
         **{f"det@{c:g}/{f}": [regions[(c, f)][i] for i in test_ids] for c, f in regions},
     }
     model_rows = []
-    for name, embedder in [embedder_for(r, None) for r in args.run] + [embedder_for(None, m) for m in args.model]:
+    models = [embedder_for(r, None, args.size) for r in args.run]
+    models += [embedder_for(None, m, args.size) for m in args.model]
+    for name, embedder in models:
         cache: dict[tuple[int, tuple[float, ...] | None], np.ndarray] = {}
         row: dict[str, object] = {"model": name}
         for key, boxes in inputs.items():

@@ -4,7 +4,8 @@
 
 Each run is ``carsearch train --config cpu_quick`` with only the loss swapped (the commands of
 docs/training.md's loss table) on ``--backbone`` (default Lite0, the backbone of the loss table and of the
-published twin; cpu_quick's own is Lite1: give it another ``--out-dir``) and the first N of the 98 sorted
+published twin; cpu_quick's own is Lite1: give it another ``--out-dir``) at the loss table's 224-px input
+(views from a 256-px squash; cpu_quick's own views and inference size are larger) and the first N of the 98 sorted
 shared classes training; the test set is always the same last 49 classes, so the 25- and 49-class rows compare
 directly. Fixed schedule, final model: the test classes choose nothing. Runs go to ``--out-dir/LOSS-N``; a
 finished run is read, not retrained. Writes ``benchmarks/results/scale_twin.json`` and prints a Markdown
@@ -48,6 +49,9 @@ def class_lists(source: Path, train_count: int) -> tuple[list[str], list[str]]:
     return classes[:train_count], classes[cut:]
 
 
+GEOMETRY = ["data.image_size=224", "data.resize_to=256", "data.crop_size=null"]  # the loss table's input
+
+
 def run(loss: str, train_count: int, source: Path, out_dir: Path, backbone: str) -> dict:
     """Train one arm (unless its metrics.json exists) and return its metrics."""
     name = f"{loss}-{train_count}"
@@ -62,6 +66,7 @@ def run(loss: str, train_count: int, source: Path, out_dir: Path, backbone: str)
             f"out.dir={out_dir}",
             f"out.name={name}",
             f"model.backbone={backbone}",
+            *GEOMETRY,
             *LOSSES[loss],
         ]
         command = [str(Path(sys.executable).with_name("carsearch")), "train", "--config", "cpu_quick"]

@@ -64,9 +64,9 @@ def _common(
 
 
 MODEL_HELP = (
-    "embedder: a shipped name (cars98-lite1-256, the default: fine-tuned on Stanford Cars classes 1-98 at 256 px; "
-    "cars98-lite1, cars98-lite0: the previous defaults; imagenet: the pretrained backbone, zero-shot), or a "
-    "checkpoint from carsearch export (a path or an s3:// URI)"
+    "embedder: a shipped name (cars98-lite1-320, the default: fine-tuned on Stanford Cars classes 1-98, embeds at "
+    "320 px; cars98-lite1-256, cars98-lite1, cars98-lite0: the previous defaults; imagenet: the pretrained "
+    "backbone, zero-shot), or a checkpoint from carsearch export (a path or an s3:// URI)"
 )
 PIPELINE_YAML = "pipeline config: a shipped name (default, offline) or a YAML path; defaults without it"
 INDEX_YAML = "config whose index and retrieval sections replace the index's own search settings"
@@ -313,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="without RUN: the model to export, a name (cars98-lite1-256, cars98-lite1, cars98-lite0, imagenet) "
-        "or a path",
+        help="without RUN: the model to export, a name (cars98-lite1-320, cars98-lite1-256, cars98-lite1, "
+        "cars98-lite0, imagenet) or a path",
     )
     p.add_argument(
         "--half",

@@ -19,7 +19,7 @@ IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 ResizeMode = Literal["squash", "center_crop"]  # how a crop becomes the model input
 
 DEFAULT_VEHICLE_CLASSES = ("car", "truck", "bus")
-DEFAULT_MODEL = "cars98-lite1-256"  # the shipped embedder (carsearch.embedder.zoo)
+DEFAULT_MODEL = "cars98-lite1-320"  # the shipped embedder (carsearch.embedder.zoo)
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"  # timm name; offline ImageNet weights (carsearch.embedder.backbones)
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # installed with the package
 
@@ -110,7 +110,7 @@ class InputGeometry:
 
 @dataclass(frozen=True)
 class EmbedderConfig(InputGeometry):
-    """Embedder settings. ``model``: a shipped name (``carsearch.embedder.zoo``: ``cars98-lite1-256``, the
+    """Embedder settings. ``model``: a shipped name (``carsearch.embedder.zoo``: ``cars98-lite1-320``, the
     default), a checkpoint path or URI (``carsearch export``), or ``imagenet``: the pretrained ``backbone``
     built from the fields below. A checkpoint carries its own backbone, head and input geometry
     (:class:`InputGeometry`); asking for another ``embedding_dim`` or ``image_size`` than it has is an

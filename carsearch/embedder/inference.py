@@ -13,7 +13,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from carsearch.config import EmbedderConfig
 from carsearch.embedder import zoo
 from carsearch.embedder.checkpoint import model_from_payload, read_checkpoint, train_labels, weights_fingerprint
-from carsearch.embedder.model import EmbeddingModel, default_spec
+from carsearch.embedder.model import EmbeddingModel, at_input_size, default_spec
 from carsearch.embedder.onnx import OnnxRunner, onnxruntime_available
 from carsearch.embedder.preprocessing import Preprocessing, eval_transform, tensor_transform
 from carsearch.errors import ModelLoadError
@@ -77,12 +77,15 @@ class Embedder:
             source = zoo.IMAGENET if config.pretrained else "random"
             labels: tuple[str, ...] | None = ()  # ImageNet holds no car-model classes
         else:
+            size = None
             if zoo.is_name(config.model):
                 path, sha256 = zoo.shipped_checkpoint(config.model)
-                payload = read_checkpoint(path, sha256)
+                payload, size = read_checkpoint(path, sha256), zoo.MODELS[config.model].image_size
             else:
                 payload = read_checkpoint(config.model)
             model = model_from_payload(payload, config.model)
+            if size is not None:
+                model = at_input_size(model, size)
             _check_asked(config, model)
             source, labels = config.model, train_labels(payload)
         return cls(model, device, config.batch_size, config.channels_last, source, config.flip, config.runtime, labels)

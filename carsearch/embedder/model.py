@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 import torch
@@ -105,6 +105,18 @@ def without_head(model: EmbeddingModel) -> EmbeddingModel:
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     pooled.load_state_dict(state, strict=True)
     return pooled.train(model.training)
+
+
+def at_input_size(model: EmbeddingModel, image_size: int) -> EmbeddingModel:
+    """``model``, changed in place to embed ``image_size`` × ``image_size`` inputs (squashed) instead of its
+    recorded size. The weights are unchanged (a convolutional backbone with global pooling takes any size);
+    only the spec, and with it the preprocessing that checkpoints and index manifests record, changes.
+    """
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    pre = replace(model.spec.preprocessing, image_size=image_size, image_width=None, resize="squash")
+    model.spec = replace(model.spec, preprocessing=pre)
+    return model
 
 
 def default_spec(

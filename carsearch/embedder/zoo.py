@@ -1,8 +1,9 @@
-"""Named embedders, like timm's and ultralytics' model names: ``--model cars98-lite1-256`` or ``--model imagenet``.
+"""Named embedders, like timm's and ultralytics' model names: ``--model cars98-lite1-320`` or ``--model imagenet``.
 
-A name maps to a checkpoint shipped inside the package (verified by its SHA-256 before it is read) or, for
-``imagenet``, to the pretrained backbone of ``EmbedderConfig``. Anything that is not a name is a checkpoint
-path or URI written by ``carsearch export``. The model cards are in docs/models.md.
+A name maps to a checkpoint shipped inside the package (verified by its SHA-256 before it is read) and the
+input size it embeds at, or, for ``imagenet``, to the pretrained backbone of ``EmbedderConfig``. Anything
+that is not a name is a checkpoint path or URI written by ``carsearch export``. The model cards are in
+docs/models.md.
 """
 
 from __future__ import annotations
@@ -21,12 +22,18 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 @dataclass(frozen=True)
 class NamedModel:
-    """A shipped model: its file under ``carsearch/embedder/weights/`` and that file's SHA-256 (None: no file)."""
+    """A shipped model: its file under ``carsearch/embedder/weights/`` and that file's SHA-256 (None: no file).
+
+    ``image_size``: the square size the model embeds at when it is not the checkpoint's own (the same weights
+    at a larger input: a model trained on random crops sees cars larger in training than in a whole-crop
+    input of the same size; docs/training.md).
+    """
 
     name: str
     summary: str
     file: str | None = None
     sha256: str | None = None
+    image_size: int | None = None
 
     @property
     def path(self) -> Path | None:
@@ -38,14 +45,23 @@ MODELS: dict[str, NamedModel] = {
     for model in (
         NamedModel(
             DEFAULT_MODEL,
-            "tf_efficientnet_lite1 fine-tuned on Stanford Cars classes 1-98 (triplet + semi-hard mining) at "
-            "256x256 px, pooled 1280-d features; non-commercial research use (the dataset's terms)",
+            "tf_efficientnet_lite1 fine-tuned on Stanford Cars classes 1-98 (triplet + semi-hard mining) on "
+            "256x256 px views, embedding 320x320 px inputs, pooled 1280-d features; non-commercial research use "
+            "(the dataset's terms)",
+            file="cars98-lite1-256.pt",
+            sha256="e780246d7896e26e4c984bb66808a855b049c60db4bb27dfbc59c473b1871a07",
+            image_size=320,
+        ),
+        NamedModel(
+            "cars98-lite1-256",
+            "the previous default: the same weights embedding 256x256 px inputs (kept for the indexes built with "
+            "it); non-commercial research use",
             file="cars98-lite1-256.pt",
             sha256="e780246d7896e26e4c984bb66808a855b049c60db4bb27dfbc59c473b1871a07",
         ),
         NamedModel(
             "cars98-lite1",
-            "the previous default: the same recipe at 224x224 px (kept for the indexes built with it); "
+            "an earlier default: the same recipe at 224x224 px (kept for the indexes built with it); "
             "non-commercial research use",
             file="cars98-lite1.pt",
             sha256="f5563ac11ac3ea099cf4ed5820dfdd198fc891bc8455ce185229ce260ae926f6",

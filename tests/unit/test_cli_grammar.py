@@ -95,7 +95,7 @@ def test_the_config_command_prints_the_effective_config(capsys: pytest.CaptureFi
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["max_epochs"] == 3 and printed["loss"]["miner"] == "semihard"
     assert main(["config"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["embedder"]["model"] == "cars98-lite1-256"
+    assert yaml.safe_load(capsys.readouterr().out)["embedder"]["model"] == "cars98-lite1-320"
     assert main(["config", "--list"]) == 0
     listing = capsys.readouterr().out
     assert "cpu_quick" in listing and "TrainConfig" in listing and "offline" in listing

@@ -45,7 +45,7 @@ def test_defaults():
     assert config.detector.classes == DEFAULT_VEHICLE_CLASSES == ("car", "truck", "bus")
     assert config.detector.confidence == 0.35 and config.detector.fallback_confidence == 0.05
     assert config.detector.selection == "largest"
-    assert config.embedder.model == "cars98-lite1-256" and config.embedder.runtime == "auto"
+    assert config.embedder.model == "cars98-lite1-320" and config.embedder.runtime == "auto"
     assert config.index.kind == "auto"
     assert config.crop is True and config.crop_source == "detector"
     assert load_config(None, []) == config

@@ -480,6 +480,25 @@ def test_crop_size_sets_the_training_views_and_evaluation_keeps_the_inference_si
         load_train_config(None, [*TINY, "data.crop_size=40", "data.resize_to=32"])
 
 
+def test_a_larger_inference_size_leaves_the_training_views_as_they_were(tmp_path, hue_gallery):
+    """crop_size + resize_to pin the training views: raising image_size (the inference size: validation, test,
+    export) changes what is evaluated and nothing that trains, so weights trained at the smaller size are
+    the larger recipe's weights. The CPU recipes are such a pair: 256-px views, 320-px inference."""
+    base = [*TINY, f"data.source={hue_gallery}", "data.class_split=half", "data.resize_to=55"]
+    datasets = {}
+    for size, extra in ((48, []), (60, ["data.crop_size=48"])):
+        config = load_train_config(None, [*base, f"data.image_size={size}", *extra])
+        data = EmbedderDataModule(config.data, model_spec(config).preprocessing, cache_dir=tmp_path / str(size))
+        data.setup()
+        torch.manual_seed(0)
+        datasets[size] = (torch.stack([data.train_set[i][0] for i in range(8)]), data.test_set[0][0])
+    assert torch.equal(datasets[48][0], datasets[60][0])
+    assert datasets[48][1].shape == (3, 48, 48) and datasets[60][1].shape == (3, 60, 60)
+    for recipe in ("cpu_quick", "cpu_full"):
+        data = load_train_config(TRAIN_CONFIG_DIR / f"{recipe}.yaml").data
+        assert (data.image_size, data.train_crop_size, data.train_size) == (320, (256, 256), (292, 292))
+
+
 def test_a_wide_input_keeps_its_aspect_in_training_views_and_evaluation(tmp_path, hue_gallery):
     """data.image_width: every training view and every evaluated image has the input's 2:1 shape, the random
     crop's aspect range is taken around 2:1 (a wide car is not cut to a square), and the spec records it."""

@@ -28,13 +28,13 @@ def shipped() -> Embedder:
 
 
 def test_the_default_model_is_the_shipped_checkpoint(shipped: Embedder) -> None:
-    assert EmbedderConfig().model == zoo.DEFAULT_MODEL == "cars98-lite1-256"
+    assert EmbedderConfig().model == zoo.DEFAULT_MODEL == "cars98-lite1-320"
     assert SHIPPED.path is not None and SHIPPED.path.is_file()
     assert SHIPPED.path.stat().st_size <= 20 * 2**20  # the issue's bound for a file inside the package
     assert hashlib.sha256(SHIPPED.path.read_bytes()).hexdigest() == SHIPPED.sha256
-    assert shipped.source == "cars98-lite1-256" and shipped.dim == 1280
+    assert shipped.source == "cars98-lite1-320" and shipped.dim == 1280
     assert shipped.model.spec.backbone == "tf_efficientnet_lite1"
-    assert shipped.preprocessing.input_size == (256, 256)
+    assert shipped.preprocessing.input_size == (320, 320)
     assert shipped.train_labels is not None and len(shipped.train_labels) == 98
     assert "Audi TTS Coupe 2012" in shipped.train_labels
     assert shipped.identity["train_labels"] == list(shipped.train_labels)
@@ -43,7 +43,7 @@ def test_the_default_model_is_the_shipped_checkpoint(shipped: Embedder) -> None:
 def test_the_shipped_weights_are_not_the_imagenet_backbone(shipped: Embedder) -> None:
     backbone = shipped.model.spec.backbone
     imagenet = Embedder.from_config(
-        EmbedderConfig(model="imagenet", backbone=backbone, image_size=256, runtime="torch")
+        EmbedderConfig(model="imagenet", backbone=backbone, image_size=320, runtime="torch")
     )
     assert imagenet.source == "imagenet" and imagenet.train_labels == ()
     assert imagenet.model.spec == shipped.model.spec  # same architecture and input, other weights
@@ -53,23 +53,43 @@ def test_the_shipped_weights_are_not_the_imagenet_backbone(shipped: Embedder) ->
 
 
 @pytest.mark.parametrize(
-    ("name", "backbone"), [("cars98-lite1", "tf_efficientnet_lite1"), ("cars98-lite0", "tf_efficientnet_lite0")]
+    ("name", "backbone", "size"),
+    [
+        ("cars98-lite1-256", "tf_efficientnet_lite1", 256),
+        ("cars98-lite1", "tf_efficientnet_lite1", 224),
+        ("cars98-lite0", "tf_efficientnet_lite0", 224),
+    ],
 )
-def test_the_previous_defaults_still_load_for_the_indexes_built_with_them(name: str, backbone: str) -> None:
+def test_the_previous_defaults_still_load_for_the_indexes_built_with_them(name: str, backbone: str, size: int) -> None:
     previous = Embedder.from_config(EmbedderConfig(model=name, runtime="torch"))
     entry = zoo.MODELS[name]
     assert entry.path is not None and hashlib.sha256(entry.path.read_bytes()).hexdigest() == entry.sha256
     assert previous.source == name and previous.model.spec.backbone == backbone
     assert previous.train_labels is not None and len(previous.train_labels) == 98
-    assert previous.dim == 1280 and previous.preprocessing.input_size == (224, 224)
+    assert previous.dim == 1280 and previous.preprocessing.input_size == (size, size)
+
+
+def test_the_default_is_the_256_px_weights_embedding_at_320(shipped: Embedder) -> None:
+    """cars98-lite1-320 and cars98-lite1-256 are one file: the same weights, embedding 320-px and 256-px inputs.
+    They are different embedders to an index (its manifest records the input size)."""
+    at_256 = Embedder.from_config(EmbedderConfig(model="cars98-lite1-256", runtime="torch"))
+    assert zoo.MODELS["cars98-lite1-256"].file == SHIPPED.file and at_256.fingerprint == shipped.fingerprint
+    assert at_256.identity["spec"] != shipped.identity["spec"]
+    assert at_256.identity["spec"]["preprocessing"] == {**shipped.identity["spec"]["preprocessing"], "image_size": 256}
+    image = make_car_image(0, CLASS_COLOURS[0], size=(400, 210))
+    wide = shipped.embed([image])
+    assert np.abs(wide - at_256.embed([image])).max() > 0.01
+    assert shipped.tensors([image]).shape == (1, 3, 320, 320)
+    np.testing.assert_allclose(wide, at_256.embed_tensors(shipped.tensors([image])), atol=1e-5)  # same weights
 
 
 def test_an_unknown_name_is_a_path_and_a_missing_path_a_clear_error(tmp_path: Path) -> None:
-    assert zoo.is_name("cars98-lite1-256") and zoo.is_name("imagenet") and not zoo.is_name("cars98-lite1-256.pt")
+    assert zoo.is_name("cars98-lite1-320") and zoo.is_name("imagenet") and not zoo.is_name("cars98-lite1-256.pt")
     with pytest.raises(ModelLoadError, match="checkpoint not found"):
         Embedder.from_config(EmbedderConfig(model=str(tmp_path / "cars99.pt")))
     with pytest.raises(
-        ModelLoadError, match="not a shipped checkpoint; shipped: cars98-lite1-256, cars98-lite1, cars98-lite0"
+        ModelLoadError,
+        match="not a shipped checkpoint; shipped: cars98-lite1-320, cars98-lite1-256, cars98-lite1, cars98-lite0",
     ):
         zoo.shipped_checkpoint("imagenet")
 
