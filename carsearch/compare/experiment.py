@@ -187,7 +187,8 @@ def train_config(config: CompareConfig, split: PhotoSplit, mode: str, out: Path)
             "cache_dir": str(out / "cache"),
             "image_size": config.image_size,
             "image_width": config.image_width,
-            "resize_to": None,  # 8/7 of the compare's image size, not the recipe's 256 for 224 px
+            "resize_to": None,  # 8/7 of the compare's image size, not the recipe's
+            "crop_size": None,  # views at the compare's image size, not the recipe's view size
         }
     )
     data["data"].pop("where")

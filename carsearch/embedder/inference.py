@@ -164,7 +164,7 @@ def _check_asked(config: EmbedderConfig, model: EmbeddingModel) -> None:
     asked = (config.image_size or height, config.image_width or (config.image_size or height))
     if (config.image_size, config.image_width) != (None, None) and asked != (height, width):
         raise ModelLoadError(
-            f"model {config.model} was trained at {height}x{width} px (height x width), config asks for "
+            f"model {config.model} embeds at {height}x{width} px (height x width), config asks for "
             f"{asked[0]}x{asked[1]}; drop embedder.image_size / image_width, or use embedder.model=imagenet "
             "for the pretrained backbone at another size"
         )

@@ -101,6 +101,21 @@ def test_compare_config_file_and_validation() -> None:
     config = load_compare_config(CONFIG)
     assert config.data.where == {"box_fully_visible": "1"} and config.train.recipe == "cpu_quick"
     assert load_compare_config(CONFIG, quick=True).image_size == 64
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_the_fine_tuned_rows_train_and_embed_at_the_compare_image_size(tmp_path: Path, quick: bool) -> None:
+    """The recipe's own geometry (cpu_quick: 256-px views, 320-px inference) does not leak into the compare."""
+    from carsearch.compare.experiment import PhotoSplit, train_config
+    from carsearch.data.sources import SourceItem
+    from carsearch.types import BBox
+
+    config = load_compare_config(CONFIG, quick=quick)
+    items = [SourceItem(tmp_path / f"{i}.jpg", f"class{i % 4}", BBox(0, 0, 8, 8)) for i in range(16)]
+    data = train_config(config, PhotoSplit(items, []), "ft_crop", tmp_path).data
+    size = config.image_size
+    assert data.image_size == size and data.train_crop_size == (size, size)
+    assert data.train_size == (round(size * 8 / 7), round(size * 8 / 7))
     with pytest.raises(ConfigError, match="train_share"):
         load_compare_config(CONFIG, ["data.train_share=1.5"])
     with pytest.raises(ConfigError):

@@ -83,6 +83,15 @@ def test_the_default_is_the_256_px_weights_embedding_at_320(shipped: Embedder) -
     np.testing.assert_allclose(wide, at_256.embed_tensors(shipped.tensors([image])), atol=1e-5)  # same weights
 
 
+def test_exporting_the_default_keeps_its_input_size(shipped: Embedder, tmp_path: Path) -> None:
+    """``carsearch export`` without a run writes the named model as it embeds: the 320-px input, not the size
+    the shared file records."""
+    assert main(["export", "--out", str(tmp_path / "default.pt")]) == 0
+    exported = Embedder.from_config(EmbedderConfig(model=str(tmp_path / "default.pt"), runtime="torch"))
+    assert exported.preprocessing.input_size == (320, 320)
+    assert exported.identity["spec"] == shipped.identity["spec"] and exported.fingerprint == shipped.fingerprint
+
+
 def test_an_unknown_name_is_a_path_and_a_missing_path_a_clear_error(tmp_path: Path) -> None:
     assert zoo.is_name("cars98-lite1-320") and zoo.is_name("imagenet") and not zoo.is_name("cars98-lite1-256.pt")
     with pytest.raises(ModelLoadError, match="checkpoint not found"):
