@@ -65,14 +65,14 @@ def main() -> None:
                 "ms_per_image": 1000 * seconds / len(images),  # torch, 4 images per pass
             }
             print(f"{name} at {size}: {100 * metrics.recall_at[1]:.1f} / {100 * metrics.map_at_r:.2f}", flush=True)
-        row = {"run": name, "path": run, "evaluated_on": role, "crops": len(chosen), "trained_at": own}
+        row = {"run": name, "path": run, "evaluated_on": role, "crops": len(chosen), "own_size": own}
         rows.append({**row, "sizes": cells})
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": rows}, indent=2) + "\n")
     sizes = sorted({int(s) for row in rows for s in row["sizes"]})
     print("\nR@1 / MAP@R (%) on each run's evaluation classes, by inference size:\n")
-    print("| run | evaluated on (crops) | trained at | " + " | ".join(f"{s} px" for s in sizes) + " |")
+    print("| run | evaluated on (crops) | its own size | " + " | ".join(f"{s} px" for s in sizes) + " |")
     print("|---" * (len(sizes) + 3) + "|")
     for row in rows:
         texts = [
@@ -80,7 +80,7 @@ def main() -> None:
             for s in sizes
         ]
         where = f"{row['evaluated_on']} ({row['crops']})"
-        print(f"| {row['run']} | {where} | {row['trained_at']} | " + " | ".join(texts) + " |")
+        print(f"| {row['run']} | {where} | {row['own_size']} | " + " | ".join(texts) + " |")
 
 
 if __name__ == "__main__":
