@@ -407,9 +407,13 @@ def _config_class(data: dict[str, Any]) -> type[Any]:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    from carsearch.index.gallery import MANIFEST
     from carsearch.pipeline import Pipeline
 
-    pipeline = Pipeline.from_config(args.config, _overrides(args))
+    if (Path(args.out) / MANIFEST).exists():  # adding to an index: its own settings, explicit conflicts refused
+        pipeline = Pipeline.for_update(args.out, args.config, _overrides(args))
+    else:
+        pipeline = Pipeline.from_config(args.config, _overrides(args))
     report = pipeline.index(
         args.source,
         args.out,

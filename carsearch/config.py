@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -391,6 +392,27 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def resolve_paths(data: Any, folder: Path) -> Any:
+    """A config file's values with relative paths resolved against the file's ``folder`` (like ultralytics'
+    dataset YAMLs), so a config means the same from any working directory.
+
+    The rule: a string that contains a ``/`` (or starts with ``~``) and is not a URI is a path; when
+    ``folder / value`` exists it becomes that absolute path, otherwise it stays as written. Names
+    (``yolo11n.pt``, ``cars98-lite1-320``, ``car``) are never touched.
+    """
+    if isinstance(data, dict):
+        return {key: resolve_paths(value, folder) for key, value in data.items()}
+    if isinstance(data, list):
+        return [resolve_paths(value, folder) for value in data]
+    if not isinstance(data, str) or "://" in data or not ("/" in data or data.startswith("~")):
+        return data
+    path = Path(data).expanduser()
+    if path.is_absolute():
+        return str(path)
+    candidate = folder / path
+    return os.path.abspath(candidate) if candidate.exists() else data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a :class:`PipelineConfig` from YAML (or defaults) and apply ``key=value`` overrides."""
     return load_dataclass(PipelineConfig, path, overrides)
@@ -402,7 +424,8 @@ def load_dataclass(cls: type[T], path: str | Path | None = None, overrides: list
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(resolve_config(path).read_text()) or {}
+            file = resolve_config(path)
+            data = resolve_paths(yaml.safe_load(file.read_text()) or {}, file.parent)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except OSError as exc:

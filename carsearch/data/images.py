@@ -59,13 +59,61 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int 
         raise ImageLoadError("not an image file (format not recognised)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(f"corrupt or truncated image: {exc}") from None
+    return prepare(image, max_pixels, min_side)
+
+
+def prepare(image: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = MIN_IMAGE_SIDE) -> Image.Image:
+    """A decoded image as every stage takes it: size-checked, EXIF orientation applied, 8-bit RGB."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageLoadError(f"image too large: {width}x{height} = {width * height} pixels > {max_pixels}")
     if min(image.size) < min_side:
-        raise ImageLoadError(f"image too small: {image.size[0]}x{image.size[1]} (need >= {min_side} px a side)")
+        raise ImageLoadError(f"image too small: {width}x{height} (need >= {min_side} px a side)")
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - broken EXIF must not lose the image
         pass
     return to_rgb(image)
+
+
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
+ARRAY_MODES = {2: "L", 3: "RGB", 4: "RGBA"}  # channels (a 2-D array: 2) -> PIL mode
+
+
+def as_image(picture: ImageInput) -> tuple[Image.Image, bytes | None]:
+    """Any picture a caller holds, as an RGB image prepared exactly as the same picture read from a file
+    (:func:`decode_image`), and its encoded bytes when it came as a file, a URI or bytes (else None).
+
+    ``picture``: a path or URI, encoded bytes, a ``PIL.Image`` in any mode, or a uint8 array (H, W, 3) RGB,
+    (H, W, 4) RGBA or (H, W) grayscale. Raises :class:`ImageLoadError` for anything else.
+    """
+    if isinstance(picture, (bytes, bytearray, memoryview)):
+        data = bytes(picture)
+        return decode_image(data), data
+    if isinstance(picture, (str, Path)):
+        data = read_bytes(picture)
+        return decode_image(data), data
+    if isinstance(picture, np.ndarray):
+        return prepare(array_image(picture)), None
+    if isinstance(picture, Image.Image):
+        try:
+            picture.load()
+        except (OSError, ValueError) as exc:
+            raise ImageLoadError(f"cannot read the PIL image: {exc}") from None
+        return prepare(picture), None
+    raise ImageLoadError(
+        f"expected a path, a URI, bytes, a PIL image or a uint8 array, got {type(picture).__name__}"
+    )
+
+
+def array_image(array: np.ndarray) -> Image.Image:
+    """A uint8 array (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grayscale as a PIL image (never BGR-guessed)."""
+    channels = 2 if array.ndim == 2 else (array.shape[2] if array.ndim == 3 else 0)
+    if array.dtype != np.uint8 or channels not in ARRAY_MODES:
+        raise ImageLoadError(
+            f"expected a uint8 array of shape (H, W, 3) RGB, (H, W, 4) RGBA or (H, W), got {array.dtype} {array.shape}"
+        )
+    return Image.fromarray(np.ascontiguousarray(array))  # PIL infers L / RGB / RGBA from uint8 shapes
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from carsearch.config import DetectorConfig
 from carsearch.data import storage
+from carsearch.detector.weights import is_bare_name, local_target
 from carsearch.errors import ModelLoadError
 from carsearch.types import BBox, Detection
 
@@ -58,7 +59,7 @@ class VehicleDetector:
         self.config = config
         self.device = device
         with _quiet_ultralytics():
-            self._model = _load_yolo(config.weights, threads or os.cpu_count() or 1)
+            self._model, self.weights_file = _load_yolo(config.weights, threads or os.cpu_count() or 1)
         names = {int(k): str(v) for k, v in dict(self._model.names).items()}
         self.class_names = resolve_vehicle_classes(names, config.classes)
         self.identity = f"{storage.name(config.weights)}:{','.join(sorted(self.class_names.values()))}"
@@ -114,7 +115,9 @@ def _quiet_ultralytics() -> Iterator[None]:
         log.setLevel(level)
 
 
-def _load_yolo(weights: str, threads: int) -> Any:
+def _load_yolo(weights: str, threads: int) -> tuple[Any, Path]:
+    """The YOLO model and the local file it was loaded from (a URI's cached copy; a bare name's download in
+    the cache folder, :mod:`carsearch.detector.weights`)."""
     try:
         from ultralytics import YOLO
     except ImportError as exc:  # pragma: no cover - ultralytics is a hard dependency
@@ -131,11 +134,14 @@ def _load_yolo(weights: str, threads: int) -> Any:
             weights = str(storage.local_copy(weights))
         except OSError as exc:
             raise ModelLoadError(f"cannot fetch detector weights {weights!r}: {exc}") from None
-    local = Path(weights).expanduser()
+    local = Path(local_target(weights)).expanduser()  # a bare name: the cache folder, where it downloads
     if local.suffix == "" and not local.exists():
         raise ModelLoadError(f"detector weights {weights!r} not found; {OFFLINE_HINT}")
+    if not is_bare_name(weights) and not local.exists():
+        raise ModelLoadError(f"detector weights {weights!r} not found (no such file); {OFFLINE_HINT}")
+    local.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return YOLO(str(local) if local.exists() else weights, task=_task_for(weights))  # None: YOLO's default
+        return YOLO(str(local), task=_task_for(weights)), local  # task None: YOLO's default
     except Exception as exc:  # noqa: BLE001 - ultralytics raises many types; one clear error for users
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load detector weights {weights!r} ({reason}); {OFFLINE_HINT}") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -155,9 +156,11 @@ class GalleryIndex:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         faiss_bytes = backend.serialize(self._cpu_index())
+        base = os.path.abspath(folder)
+        stored = self.records.with_paths_under(os.getcwd()).with_paths_relative_to(base)
         digests = {
             VECTORS: write_array(folder / VECTORS, self._vectors),
-            ITEMS: write_hashed(folder / ITEMS, self.records.write),
+            ITEMS: write_hashed(folder / ITEMS, stored.write),
         }
         atomic_write_bytes(folder / FAISS, faiss_bytes)
         digests[FAISS] = file_digest(faiss_bytes)
@@ -170,12 +173,13 @@ class GalleryIndex:
             "index_kind": self._info["kind"],
             "index": {**self._info, "bytes_per_vector": round(len(faiss_bytes) / max(1, len(self)), 2)},
             "files": digests,
+            "paths": {"relative_to": "index", "relative": len(stored.relative_paths())},
         }
         atomic_write_json(folder / MANIFEST, manifest)
         (folder / LEGACY_ITEMS).unlink(missing_ok=True)  # a version-1 index, now rewritten as version 2
         self.manifest = manifest
         self._vectors = open_vectors(folder / VECTORS)
-        self.records = RecordTable.read(folder / ITEMS)
+        self.records = absolute_paths(RecordTable.read(folder / ITEMS), folder, manifest)
 
     @classmethod
     def load(
@@ -199,7 +203,7 @@ class GalleryIndex:
             raise IndexMismatchError(
                 f"{folder}/{VECTORS} has shape {vectors.shape}, expected (N, {index.dim}); {REBUILD}"
             )
-        index._vectors, index.records = vectors, records
+        index._vectors, index.records = vectors, absolute_paths(records, folder, manifest)
         if (folder / FAISS).exists():
             verify_file(folder, FAISS, manifest)
             cpu_index = faiss.read_index(str(folder / FAISS))
@@ -300,6 +304,40 @@ def read_records(folder: Path, manifest: dict[str, Any]) -> RecordTable:
     return RecordTable.of(ItemRecord.from_dict(json.loads(line)) for line in lines if line.strip())
 
 
+def absolute_paths(records: RecordTable, folder: Path, manifest: dict[str, Any]) -> RecordTable:
+    """``records`` with every local path usable from any working directory.
+
+    An index stores its items' local paths absolute, or relative to the index folder for files inside it
+    (``manifest["paths"]``), so a moved or copied index still finds them. Indexes written before stored
+    paths as typed, relative to the folder they were built from: those are resolved against the working
+    directory when they exist from it (and saved absolute by the next ``carsearch index``); otherwise they
+    stay relative and :func:`unresolved_paths` counts them.
+    """
+    paths = manifest.get("paths")
+    if isinstance(paths, dict) and paths.get("relative_to") == "index":
+        return records.with_paths_under(os.path.abspath(folder)) if paths.get("relative") else records
+    relative = records.relative_paths()
+    if not len(relative):
+        return records
+    first = str(records.table.column("path")[int(relative[0])].as_py())
+    if Path(first).exists():
+        return records.with_paths_under(os.getcwd())
+    logger.warning(
+        "%s: %d image paths are relative to the folder the index was built in (e.g. %s) and not found from here; "
+        "run `carsearch index SOURCE --out %s` once from that folder to store them absolute",
+        folder,
+        len(relative),
+        first,
+        folder,
+    )
+    return records
+
+
+def unresolved_paths(records: RecordTable) -> list[str]:
+    """Relative paths left in opened records: an older index opened away from the folder it was built in."""
+    return [str(records.table.column("path")[int(i)].as_py()) for i in records.relative_paths()]
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.exists():
@@ -317,7 +355,15 @@ def check_identity(stored: dict[str, Any], actual: dict[str, Any], where: str) -
     for key in ("dim", "spec", "fingerprint", "tta"):  # tta: "flip", or absent (no test-time augmentation)
         if stored.get(key) != actual.get(key):
             raise IndexMismatchError(
-                f"{where} was built with a different embedder ({key}: index has {stored.get(key)!r}, "
-                f"embedder has {actual.get(key)!r}; index source {stored.get('source')!r}, embedder source "
-                f"{actual.get('source')!r}). Use the same embedder/checkpoint, or rebuild the index."
+                f"{where} was built with another embedder ({key} differs): the index's is {_embedder(stored)}, "
+                f"this one is {_embedder(actual)}; use the index's model (--model), or rebuild the index"
             )
+
+
+def _embedder(identity: dict[str, Any]) -> str:
+    """A short description of an embedder identity: source, backbone, input size, dimension, flip."""
+    spec = identity.get("spec") or {}
+    size = (spec.get("preprocessing") or {}).get("image_size")
+    parts = [str(spec.get("backbone", "?")), f"{size} px" if size else "", f"{identity.get('dim')}-d"]
+    parts += ["flip TTA"] if identity.get("tta") else []
+    return f"{identity.get('source')!r} ({', '.join(p for p in parts if p)})"

@@ -154,3 +154,32 @@ class RecordTable(Sequence[ItemRecord]):
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"{path} is not a readable record file: {exc}") from None
         return cls(table)
+
+    def relative_paths(self) -> np.ndarray:
+        """Rows whose ``path`` is a relative local path (neither absolute nor a URI)."""
+        paths = self.table.column("path")
+        relative = pc.and_(pc.invert(pc.starts_with(paths, "/")), pc.invert(pc.match_substring(paths, "://")))
+        return np.flatnonzero(pc.fill_null(relative, False).to_numpy(zero_copy_only=False))
+
+    def with_paths_under(self, folder: str) -> RecordTable:
+        """These rows with relative local paths made absolute by prefixing ``folder`` (an absolute folder)."""
+        if not len(self.relative_paths()):
+            return self
+        paths = self.table.column("path")
+        relative = pc.and_(pc.invert(pc.starts_with(paths, "/")), pc.invert(pc.match_substring(paths, "://")))
+        joined = pc.binary_join_element_wise(pa.scalar(folder.rstrip("/")), paths, "/")
+        return self._with_path_column(pc.if_else(relative, joined, paths))
+
+    def with_paths_relative_to(self, folder: str) -> RecordTable:
+        """These rows with the paths inside the absolute ``folder`` written relative to it (others unchanged)."""
+        prefix = folder.rstrip("/") + "/"
+        paths = self.table.column("path")
+        inside = pc.fill_null(pc.starts_with(paths, prefix), False)
+        if not pc.any(inside).as_py():
+            return self
+        stripped = pc.utf8_slice_codeunits(paths, len(prefix))
+        return self._with_path_column(pc.if_else(inside, stripped, paths))
+
+    def _with_path_column(self, column: pa.ChunkedArray) -> RecordTable:
+        index = self.table.schema.get_field_index("path")
+        return RecordTable(self.table.set_column(index, SCHEMA.field("path"), column))

@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_jsonl, read_jsonl
 from carsearch.data.decode import DecodeDataset, decode_loader
 from carsearch.data.sources import SourceItem
+from carsearch.detector.weights import WeightsRecord, bundle
 from carsearch.errors import IndexMismatchError
-from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest
+from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest, unresolved_paths
 from carsearch.index.records import RecordTable
 from carsearch.pipeline.chunks import Chunk, ChunkMeta, ChunkStore
 from carsearch.pipeline.models import Models
@@ -127,10 +130,35 @@ def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
     # The embedder is its weights' fingerprint (+ spec, dim), not the checkpoint's path: a moved file is the same.
     check_identity(stored.get("embedder", {}), manifest.get("embedder", {}), where=str(out))
     if stored.get("processing") != manifest.get("processing"):
+        key, was, now = first_difference(stored.get("processing"), manifest.get("processing"))
         raise IndexMismatchError(
-            f"{out} holds an index built with different processing settings; choose another --out, or delete "
-            f"{out} to rebuild (stored: {stored.get('processing')}, now: {manifest.get('processing')})"
+            f"{out} was built with {key}={was!r}, this run has {now!r}: re-run without that setting to add to the "
+            f"index with its own settings, or choose another --out (or delete {out}) for a new index"
         )
+
+
+def first_difference(stored: Any, now: Any, prefix: str = "") -> tuple[str, Any, Any]:
+    """The first dotted key where two nested settings dicts differ, and both values (None where absent)."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        for key in sorted(set(stored) | set(now)):
+            if stored.get(key) != now.get(key):
+                return first_difference(stored.get(key), now.get(key), f"{prefix}{key}.")
+    return prefix.rstrip(".") or "settings", stored, now
+
+
+def absolute_items(items: list[SourceItem]) -> list[SourceItem]:
+    """``items`` with local paths absolute (an index never depends on the folder it was built from)."""
+    return [
+        item if storage.is_uri(item.path) else replace(item, path=Path(os.path.abspath(Path(item.path).expanduser())))
+        for item in items
+    ]
+
+
+def bundle_detector(manifest: dict[str, Any], models: Models, out: Path) -> None:
+    """Copy the detector weights into the index folder (small files) and record where (``detector_weights``)."""
+    if "detector_weights" in manifest:
+        record = bundle(WeightsRecord.from_dict(manifest["detector_weights"]), models.detector.weights_file, out)
+        manifest["detector_weights"] = record.to_dict()
 
 
 class IndexJob:
@@ -156,6 +184,12 @@ class IndexJob:
         self.manifest = models.manifest()
         check_resumable(self.out, self.manifest)
         self.existing = GalleryIndex.load(self.out, models.config.index) if (self.out / MANIFEST).exists() else None
+        if self.existing is not None and (unresolved := unresolved_paths(self.existing.records)):
+            raise IndexMismatchError(
+                f"{self.out} was written by an older carsearch with image paths relative to the folder it was built "
+                f"in (e.g. {unresolved[0]}); run this command once from that folder to store them absolute"
+            )
+        bundle_detector(self.manifest, models, self.out)
         self.store = ChunkStore(self.out / WORK, chunk_format)
         self.done: dict[str, str] = {}  # path -> content hash of what the index (or a killed run) holds
         if self.existing is not None:
@@ -166,7 +200,7 @@ class IndexJob:
             self.done.update(zip(records.column("path"), records.column("content_hash"), strict=True))
         seen: set[str] = set()
         self.items: list[SourceItem] = []
-        for item in items:
+        for item in absolute_items(items):
             if str(item.path) not in seen:
                 seen.add(str(item.path))
                 self.items.append(item)

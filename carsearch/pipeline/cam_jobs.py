@@ -17,7 +17,7 @@ from PIL import Image
 from carsearch.config import PipelineConfig
 from carsearch.data.atomic import atomic_write_json
 from carsearch.data.cropping import apply_plan, needs_detector, plan_image
-from carsearch.data.images import load_image
+from carsearch.data.images import ImageInput, as_image, load_image
 from carsearch.data.sources import SourceItem
 from carsearch.errors import CarSearchError
 from carsearch.explain import AttentionSummary, Explainer, energy_in_box, paste_into
@@ -100,18 +100,20 @@ def explain_result(
 def explain_query(
     pipeline: Pipeline,
     index: GalleryIndex | str | Path,
-    query: str | Path,
+    query: ImageInput,
     k: int = 3,
     method: Method = "gradcam",
     target_layer: str | None = None,
     box: BBox | None = None,
     exclude_self: bool = False,
 ) -> QueryExplanation:
-    """Search with ``query`` and explain its top-``k`` hits (``box``: a known car box for attention-in-box)."""
+    """Search with ``query`` (anything :meth:`Pipeline.search` takes) and explain its top-``k`` hits (``box``: a
+    known car box for attention-in-box)."""
     gallery = index if isinstance(index, GalleryIndex) else pipeline.open_index(index)
-    result = pipeline.search(gallery, query, k=k, exclude_self=exclude_self)
+    image, data = as_image(query)
+    result = pipeline.search(gallery, data if data is not None else image, k=k, exclude_self=exclude_self)
     explainer = Explainer(pipeline.embedder, method, target_layer)
-    return explain_result(explainer, load_image(query), result.query_plan, result, box=box)
+    return explain_result(explainer, image, result.query_plan, result, box=box)
 
 
 def _blank(image: Image.Image) -> Image.Image:

@@ -7,13 +7,16 @@ the front door, so no module of this package imports the one above it.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from carsearch.config import PipelineConfig, to_dict
 from carsearch.data import storage
 from carsearch.detector import VehicleDetector
-from carsearch.embedder import Embedder
+from carsearch.detector.weights import describe
+from carsearch.embedder import Embedder, zoo
 from carsearch.runtime import configure_threads, resolve_device, versions
 
 
@@ -61,7 +64,8 @@ class Models:
             }
             if det.fallback_confidence is not None:  # absent otherwise: indexes from before it still resume
                 detector["fallback_confidence"] = det.fallback_confidence
-        return {
+        config = located_config(self.config, self._embedder_backbone())
+        manifest: dict[str, Any] = {
             "embedder": self.embedder.identity,
             "processing": {
                 "crop": self.config.crop,
@@ -69,7 +73,27 @@ class Models:
                 "detector": detector,
                 "max_image_side": self.config.runtime.max_image_side,  # queries are downscaled alike
             },
-            "config": to_dict(self.config),
+            "config": config,
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if self.config.crop and (self.config.crop_source == "detector" or self._detector is not None):
+            weights = describe(self.detector.weights_file, det.weights)
+            manifest["detector_weights"] = weights.to_dict()
+            config["detector"]["weights"] = weights.source
+        return manifest
+
+    def _embedder_backbone(self) -> str:
+        """The backbone the embedder really runs (a checkpoint's own, not ``embedder.backbone``)."""
+        return str(self.embedder.identity.get("spec", {}).get("backbone") or self.config.embedder.backbone)
+
+
+def located_config(config: PipelineConfig, backbone: str) -> dict[str, Any]:
+    """``config`` as stored in a manifest: local paths absolute (a manifest never depends on the folder it was
+    written from) and the embedder's real backbone."""
+    data = to_dict(config)
+    model = config.embedder.model
+    if not zoo.is_name(model) and model != zoo.IMAGENET and not storage.is_uri(model) and Path(model).exists():
+        data["embedder"]["model"] = os.path.abspath(Path(model).expanduser())
+    data["embedder"]["backbone"] = backbone
+    return data

@@ -30,17 +30,17 @@ from carsearch.config import (
     from_dict,
     load_config,
     to_dict,
-    upgrade_config,
 )
 from carsearch.data.cropping import apply_plan, needs_detector, plan_image, plan_in_original
-from carsearch.data.images import content_hash, decode_image, limit_size, read_bytes
+from carsearch.data.images import ImageInput, as_image, content_hash, limit_size
 from carsearch.data.sources import Split, read_source
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder
 from carsearch.errors import ConfigError, EmptyGalleryError
-from carsearch.index import GalleryIndex, read_manifest
+from carsearch.index import GalleryIndex
 from carsearch.metrics import RetrievalMetrics, evaluate_embeddings
 from carsearch.pipeline.batch import IndexReport, run_index_job
+from carsearch.pipeline.index_settings import index_config, update_config
 from carsearch.pipeline.models import Models
 from carsearch.pipeline.ray_engine import RayOptions, run_ray_index_job
 from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, SearchHit, SearchResult
@@ -153,9 +153,18 @@ class Pipeline:
 
     @classmethod
     def for_index(cls, index_dir: str | Path, overrides: list[str] | None = None) -> Pipeline:
-        """A pipeline that processes queries exactly as the index at ``index_dir`` was built."""
-        manifest = read_manifest(index_dir)
-        return cls(from_dict(PipelineConfig, apply_overrides(upgrade_config(manifest["config"]), overrides or [])))
+        """A pipeline that processes queries exactly as the index at ``index_dir`` was built, from any folder
+        (its detector weights from the index's own copy), with ``section.key=value`` overrides on top."""
+        return cls(index_config(index_dir, overrides))
+
+    @classmethod
+    def for_update(
+        cls, index_dir: str | Path, config: str | Path | None = None, overrides: list[str] | None = None
+    ) -> Pipeline:
+        """A pipeline that adds images to the existing index at ``index_dir`` with its own settings; ``config``
+        (a YAML path or shipped name) and ``overrides`` may change how the job runs, not how vectors are made
+        (:func:`~carsearch.pipeline.index_settings.update_config`)."""
+        return cls(update_config(index_dir, config, overrides))
 
     # -- single images -------------------------------------------------------------------------------
 
@@ -218,13 +227,15 @@ class Pipeline:
     def search(
         self,
         index: GalleryIndex | str | Path,
-        query: Image.Image | str | Path,
+        query: ImageInput,
         k: int = 10,
         exclude_self: bool = False,
         min_score: float | None = None,
     ) -> SearchResult:
-        """Top-``k`` gallery items for the car in ``query`` (an image or a file path).
+        """Top-``k`` gallery items for the car in ``query``: a path or URI, encoded bytes, a PIL image in any
+        mode or a uint8 array (H, W, 3) RGB — each prepared exactly as the same picture read from a file.
 
+        ``exclude_self`` drops gallery items with the query's exact bytes (paths, URIs and bytes only).
         ``min_score``: this query's detector confidence, above the config's (the demo's slider); the
         fallback box below it still applies.
         """
@@ -232,14 +243,11 @@ class Pipeline:
         gallery = index if isinstance(index, GalleryIndex) else self.open_index(index)
         if not len(gallery):
             raise EmptyGalleryError("the index is empty: add images with `carsearch index` first")
-        query_hash = None
-        if isinstance(query, (str, Path)):
-            data = read_bytes(query)  # read once: hashed for exclude_self and decoded
-            query_hash = content_hash(data) if exclude_self else None
-            query = decode_image(data)
+        image, data = as_image(query)  # a file is read once: hashed for exclude_self and decoded
+        query_hash = content_hash(data) if exclude_self and data is not None else None
         timings = {"load": (time.perf_counter() - tic) * 1000}
         tic = time.perf_counter()
-        plan, crop, vector = self.embed_image(query, min_score=min_score)
+        plan, crop, vector = self.embed_image(image, min_score=min_score)
         timings["detect_embed"] = (time.perf_counter() - tic) * 1000
         tic = time.perf_counter()
         excluded = {int(i) for i in gallery.records.ids_with_hash(query_hash)} if query_hash else set()

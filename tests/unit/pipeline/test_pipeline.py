@@ -60,7 +60,7 @@ def test_for_index_rebuilds_the_same_processing(built: tuple[Pipeline, Path, Pat
 def test_index_built_by_another_embedder_is_refused(built: tuple[Pipeline, Path, Path]) -> None:
     _, root, out = built
     other = Pipeline.from_config(overrides=TEST_OVERRIDES + ["crop=false", "embedder.image_size=96"])
-    with pytest.raises(IndexMismatchError, match="different embedder"):
+    with pytest.raises(IndexMismatchError, match="another embedder"):
         other.search(out, root / "class_0" / "img_1.jpg")
 
 
