@@ -101,9 +101,7 @@ def as_image(picture: ImageInput) -> tuple[Image.Image, bytes | None]:
         except (OSError, ValueError) as exc:
             raise ImageLoadError(f"cannot read the PIL image: {exc}") from None
         return prepare(picture), None
-    raise ImageLoadError(
-        f"expected a path, a URI, bytes, a PIL image or a uint8 array, got {type(picture).__name__}"
-    )
+    raise ImageLoadError(f"expected a path, a URI, bytes, a PIL image or a uint8 array, got {type(picture).__name__}")
 
 
 def array_image(array: np.ndarray) -> Image.Image:

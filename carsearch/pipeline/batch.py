@@ -21,7 +21,7 @@ from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_jsonl, read_jsonl
 from carsearch.data.decode import DecodeDataset, decode_loader
 from carsearch.data.sources import SourceItem
-from carsearch.detector.weights import WeightsRecord, bundle
+from carsearch.detector.weights import bundle, describe
 from carsearch.errors import IndexMismatchError
 from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest, unresolved_paths
 from carsearch.index.records import RecordTable
@@ -154,11 +154,20 @@ def absolute_items(items: list[SourceItem]) -> list[SourceItem]:
     ]
 
 
-def bundle_detector(manifest: dict[str, Any], models: Models, out: Path) -> None:
-    """Copy the detector weights into the index folder (small files) and record where (``detector_weights``)."""
-    if "detector_weights" in manifest:
-        record = bundle(WeightsRecord.from_dict(manifest["detector_weights"]), models.detector.weights_file, out)
-        manifest["detector_weights"] = record.to_dict()
+def record_detector(manifest: dict[str, Any], models: Models, out: Path, existing: GalleryIndex | None) -> None:
+    """Record the detector weights that made the index's crops (``detector_weights``: name, SHA-256, source)
+    and copy small files into the index folder; a run that never loaded the detector keeps the index's record."""
+    if not models.config.crop:
+        return
+    if models.detector_loaded:
+        weights = models.detector.weights_file
+        record = bundle(describe(weights, models.config.detector.weights), weights, out).to_dict()
+    elif existing is not None and "detector_weights" in existing.manifest:
+        record = existing.manifest["detector_weights"]
+    else:
+        return
+    manifest["detector_weights"] = record
+    manifest["config"]["detector"]["weights"] = record["source"]
 
 
 class IndexJob:
@@ -189,7 +198,6 @@ class IndexJob:
                 f"{self.out} was written by an older carsearch with image paths relative to the folder it was built "
                 f"in (e.g. {unresolved[0]}); run this command once from that folder to store them absolute"
             )
-        bundle_detector(self.manifest, models, self.out)
         self.store = ChunkStore(self.out / WORK, chunk_format)
         self.done: dict[str, str] = {}  # path -> content hash of what the index (or a killed run) holds
         if self.existing is not None:
@@ -271,6 +279,7 @@ class IndexJob:
         records = RecordTable.concatenate(tables).take(ids)
         merged = self.out / WORK / MERGED
         vectors = gather_rows(parts, ids, merged_vectors(merged, len(ids), dim))
+        record_detector(self.manifest, self.models, self.out, existing)
         index = GalleryIndex.from_arrays(vectors, records, self.manifest, self.models.config.index)
         errors = _merge_errors(read_jsonl(self.out / ERRORS), chunks, set(records.column("path")))
         if prune:

@@ -15,7 +15,6 @@ from typing import Any
 from carsearch.config import PipelineConfig, to_dict
 from carsearch.data import storage
 from carsearch.detector import VehicleDetector
-from carsearch.detector.weights import describe
 from carsearch.embedder import Embedder, zoo
 from carsearch.runtime import configure_threads, resolve_device, versions
 
@@ -77,11 +76,12 @@ class Models:
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        if self.config.crop and (self.config.crop_source == "detector" or self._detector is not None):
-            weights = describe(self.detector.weights_file, det.weights)
-            manifest["detector_weights"] = weights.to_dict()
-            config["detector"]["weights"] = weights.source
         return manifest
+
+    @property
+    def detector_loaded(self) -> bool:
+        """Whether the detector has been loaded (it loads on first use)."""
+        return self._detector is not None
 
     def _embedder_backbone(self) -> str:
         """The backbone the embedder really runs (a checkpoint's own, not ``embedder.backbone``)."""

@@ -19,6 +19,7 @@ from carsearch.config import (
     apply_overrides,
     from_dict,
     load_config,
+    resolve_paths,
     to_dict,
 )
 from carsearch.errors import ConfigError
@@ -134,7 +135,7 @@ def test_shipped_config_files_load(path):
     for section, value in raw.items():
         if isinstance(value, dict):
             for key, item in value.items():
-                expected = list(item) if isinstance(item, (list, tuple)) else item
+                expected = list(item) if isinstance(item, (list, tuple)) else resolve_paths(item, path.parent)
                 if isinstance(loaded[section][key], list) and isinstance(item, str):
                     continue  # comma-separated list shorthand
                 assert loaded[section][key] == expected, f"{section}.{key}"
