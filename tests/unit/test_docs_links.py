@@ -119,4 +119,5 @@ def test_the_checker_sees_what_github_renders(tmp_path: Path) -> None:
     )
     assert anchors(tmp_path / "other.md") == {"title", "a-b", "a-b-1"}
     problems = broken(page)
-    assert [p.split(": ", 1)[1].split(" (")[0] for p in problems] == ["missing.md", "other.md#not-a-heading", "missing.png"]
+    targets = [problem.split(": ", 1)[1].split(" (")[0] for problem in problems]
+    assert targets == ["missing.md", "other.md#not-a-heading", "missing.png"]
