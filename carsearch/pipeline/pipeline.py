@@ -208,7 +208,7 @@ class Pipeline:
             raise ConfigError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         if ray is not None and engine != "ray":
             raise ConfigError("Ray options need engine='ray'")
-        items = read_source(source, split, where)
+        items = read_source(source, split, where, non_images=True)  # recorded in errors.jsonl, never read
         return ENGINES[engine](self.models, items, out, ray, progress=progress, prune=prune)
 
     def open_index(self, index_dir: str | Path) -> GalleryIndex:
