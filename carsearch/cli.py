@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
 import shlex
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from carsearch.config import DEFAULT_MODEL, PipelineConfig, load_dataclass, to_dict
+from carsearch.config import DEFAULT_MODEL, DEVICE_NAMES, DEVICE_PATTERN, PipelineConfig, load_dataclass, to_dict
+from carsearch.embedder.zoo import MODELS
 from carsearch.errors import CarSearchError, ConfigError
 from carsearch.types import BBox
 
@@ -21,6 +24,38 @@ if TYPE_CHECKING:
     from carsearch.metrics import RetrievalMetrics
     from carsearch.pipeline import Evaluation
     from carsearch.pipeline.ray_engine import RayOptions
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``carsearch search: error: … (see 'carsearch search --help')``."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _checked(name: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``convert`` the text, refuse it unless ``ok``; the message states ``rule``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _checked("positive_int", int, lambda v: v >= 1, "must be an integer >= 1")
+non_negative_int = _checked("non_negative_int", int, lambda v: v >= 0, "must be an integer >= 0")
+port_number = _checked("port_number", int, lambda v: 1 <= v <= 65535, "must be a port, 1-65535")
+share = _checked("share", float, lambda v: 0.0 <= v <= 1.0, "must be a share in [0, 1]")
+similarity = _checked("similarity", float, lambda v: 0.0 < v <= 1.0, "must be a cosine similarity in (0, 1]")
+positive_float = _checked("positive_float", float, lambda v: v > 0, "must be a number > 0")
+device_name = _checked("device_name", str, lambda v: DEVICE_PATTERN.fullmatch(v) is not None, f"must be {DEVICE_NAMES}")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -58,15 +93,15 @@ def _common(
         parser.add_argument("--config", metavar="CONFIG", help=config)
     add_set_option(parser, set_help or "e.g. --set detector.confidence=0.4")
     if models is not None:
-        parser.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1; default auto")
+        parser.add_argument("--device", type=device_name, help=DEVICE_HELP)
         parser.add_argument("--detector-weights", metavar="WEIGHTS", help=models)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps; one this machine lacks is refused"
 MODEL_HELP = (
-    "embedder: a shipped name (cars98-lite1-320, the default: fine-tuned on Stanford Cars classes 1-98, embeds at "
-    "320 px; cars98-lite1-256, cars98-lite1, cars98-lite0: the previous defaults; imagenet: the pretrained "
-    "backbone, zero-shot), or a checkpoint from carsearch export (a path or an s3:// URI)"
+    f"embedder: a shipped name ({', '.join(MODELS)}; {DEFAULT_MODEL} is the default; 'carsearch models' "
+    "describes them), or a checkpoint from carsearch export (a path or an s3:// URI)"
 )
 PIPELINE_YAML = "pipeline config: a shipped name (default, offline) or a YAML path; defaults without it"
 INDEX_YAML = "config whose index and retrieval sections replace the index's own search settings"
@@ -152,7 +187,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="carsearch",
         description="Detect-then-embed car image retrieval: YOLO crops the car, a metric-learning embedder "
         "embeds the crop, faiss finds the nearest cars, GradCAM shows where the model looked.",
@@ -180,19 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "test", "all"], default="all", help="devkit/Kaggle split")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--batch-size", type=int, help="images decoded and detected together; default 32")
-    p.add_argument("--workers", type=int, help="decode worker processes (0 = in the main process); default 2")
+    p.add_argument("--batch-size", type=positive_int, help="images decoded and detected together; default 32")
+    p.add_argument(
+        "--workers", type=non_negative_int, help="decode worker processes (0 = in the main process); default 2"
+    )
     p.add_argument("--prune", action="store_true", help="drop indexed images the source no longer lists")
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: Ray Data actors (extra [ray])")
     p.add_argument("--ray-address", help="existing Ray cluster (e.g. auto, ray://head:10001); default: a local one")
-    p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray cluster; default: all cores")
+    p.add_argument("--ray-cpus", type=positive_int, help="CPUs of the local Ray cluster; default: all cores")
     p.add_argument(
         "--ray-actors",
         metavar="D,E",
         help="detector, embedder actors; default: together three quarters of the CPUs, at least 1 each (one "
         "embedder per GPU)",
     )
-    p.add_argument("--ray-gpus-per-actor", type=float, help="GPUs per embedder actor; default 1 when GPUs exist")
+    p.add_argument(
+        "--ray-gpus-per-actor", type=positive_float, help="GPUs per embedder actor; default 1 when GPUs exist"
+    )
     p.add_argument(
         "--flip", action="store_true", help="flip test-time augmentation (mean of image and mirror); queries follow"
     )
@@ -202,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("search", "top-k gallery cars for a query image")
     _index_and_query(p)
-    p.add_argument("-k", type=int, default=10, help="results")
+    p.add_argument("-k", type=positive_int, default=10, help="results")
     p.add_argument("--exclude-self", action="store_true", help="drop gallery items with the query's exact bytes")
     p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -216,17 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("audit", "relabelling candidates: neighbours disagree, duplicates labelled differently")
     p.add_argument("index", metavar="INDEX", help="index folder")
-    p.add_argument("-k", type=int, default=10, help="neighbours considered per item")
+    p.add_argument("-k", type=positive_int, default=10, help="neighbours considered per item")
     p.add_argument(
-        "--max-agree", type=float, default=0.2, help="flag items with at most this share of agreeing neighbours"
+        "--max-agree", type=share, default=0.2, help="flag items with at most this share of agreeing neighbours"
     )
-    p.add_argument("--near", type=float, default=0.995, help="cosine similarity that counts as a near duplicate")
+    p.add_argument("--near", type=similarity, default=0.995, help="cosine similarity that counts as a near duplicate")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _common(p, config=INDEX_YAML, set_help=SEARCH_ONLY)
 
     p = command("explain", "GradCAM overlays for a query's top results (and its attention-in-box)")
     _index_and_query(p)
-    p.add_argument("--top", type=int, default=3, help="results to explain")
+    p.add_argument("--top", type=positive_int, default=3, help="results to explain")
     p.add_argument("--out", required=True, help=OUT + " for query.png, pair_NN.png, topk.png, explain.json")
     p.add_argument("--box", help="the car's box in the query, x1,y1,x2,y2; default: the detector's")
     p.add_argument("--exclude-self", action="store_true", help="skip gallery items with the query's exact bytes")
@@ -248,9 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--split", choices=["train", "test", "all"], default="all", help="devkit/Kaggle split")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
-    p.add_argument("--limit", type=int, help="first N images only; default all")
+    p.add_argument("--limit", type=positive_int, help="first N images only; default all")
     p.add_argument("--out", help=OUT + " for attention.json and attention.png; default: print only")
-    p.add_argument("--batch-size", type=int, default=8, help="images per CAM forward/backward")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per CAM forward/backward")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _cam_options(p)
@@ -267,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default: each index's own",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--port", type=port_number, default=7860, help="port to listen on")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="class activation map method")
     p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
@@ -282,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=OUT + "; re-running reuses finished stages")
     p.add_argument("--quick", action="store_true", help="a small subset (6+6 classes, 1 short epoch) in a few minutes")
     add_set_option(p, "e.g. --set train.overrides=[trainer.max_epochs=5]")
-    p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1; default auto")
+    p.add_argument("--device", type=device_name, help=DEVICE_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     p = command("train", "fine-tune an embedder on class-disjoint splits; prints the run folder")
@@ -293,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_set_option(p, "e.g. --set trainer.max_epochs=5")
     p.add_argument(
-        "--device", help="auto, cpu, cuda (every visible GPU), cuda:N; default: the recipe's trainer.accelerator"
+        "--device",
+        type=device_name,
+        help="auto, cpu, cuda (every visible GPU), cuda:N; default: the recipe's trainer.accelerator",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -313,8 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="without RUN: the model to export, a name (cars98-lite1-320, cars98-lite1-256, cars98-lite1, "
-        "cars98-lite0, imagenet) or a path",
+        help=f"without RUN: the model to export, a name ({', '.join(MODELS)}) or a path",
     )
     p.add_argument(
         "--half",
@@ -327,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="CONFIG", help="a shipped name or a YAML path; default: the pipeline defaults")
     add_set_option(p, "e.g. --set embedder.model=imagenet")
     p.add_argument("--list", action="store_true", help="list the shipped configs instead")
+
+    p = command("models", "the shipped embedders: name, backbone, input size, dimension, training classes, figures")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="one model: a shipped name or a checkpoint path")
+    p.add_argument("--classes", action="store_true", help="print MODEL's training classes, one per line")
 
     p = command("help", "show the help of carsearch or of one command")
     p.add_argument("topic", nargs="?", metavar="COMMAND", help="a command; default: all commands")
@@ -361,6 +405,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from carsearch.embedder.training.run import device_overrides
 
     logging.getLogger("carsearch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.device not in (None, "auto"):
+        from carsearch.runtime import resolve_device
+
+        resolve_device(args.device)  # a device this machine lacks: one line, before any data is read
     run_dir = train(load_train_config(args.config, [*args.overrides, *device_overrides(args.device)]))
     if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:  # DDP ranks > 0 re-run the command: rank 0 prints
         print(run_dir)
@@ -395,6 +443,37 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    if args.classes:
+        from carsearch.embedder.checkpoint import read_checkpoint, train_labels
+        from carsearch.embedder.zoo import IMAGENET, shipped_checkpoint
+
+        if args.model is None:
+            raise ConfigError("--classes needs a MODEL, e.g. carsearch models cars98-lite1-320 --classes")
+        if args.model == IMAGENET:
+            raise ConfigError("imagenet is the pretrained backbone: it was trained on no car classes")
+        source = shipped_checkpoint(args.model) if args.model in MODELS else (args.model, None)
+        labels = train_labels(read_checkpoint(*source))
+        if labels is None:
+            raise ConfigError(f"{args.model} does not record the classes it was trained on")
+        print("\n".join(labels))
+        return 0
+    if args.model is not None and args.model not in MODELS:
+        raise ConfigError(f"no shipped model {args.model!r}; shipped: {', '.join(MODELS)}")
+    shown = [MODELS[args.model]] if args.model else list(MODELS.values())
+    print(f"{'name':<18} {'backbone':<22} {'input':>5} {'dim':>5} {'classes':>7}  note")
+    for m in shown:
+        name = m.name + (" *" if m.name == DEFAULT_MODEL else "")
+        print(f"{name:<18} {m.backbone:<22} {m.input_size:>5} {m.dim:>5} {m.train_classes:>7}  {m.note}")
+    if args.model:
+        print(MODELS[args.model].summary)
+    print(
+        "* the default. Training classes: carsearch models NAME --classes. A path or URI from carsearch export "
+        "is also a model."
+    )
+    return 0
+
+
 def _config_class(data: dict[str, Any]) -> type[Any]:
     """The config dataclass whose sections a YAML mapping uses: pipeline, training recipe or compare experiment."""
     from carsearch.compare.config import CompareConfig
@@ -406,10 +485,29 @@ def _config_class(data: dict[str, Any]) -> type[Any]:
     return PipelineConfig  # whose loader names the unknown keys
 
 
+def _refuse_ignored_index_flags(args: argparse.Namespace) -> None:
+    """Flags ``index`` would ignore in this combination are refused (docs/cli.md)."""
+    if args.raw:
+        given = [
+            flag
+            for flag, value in (("--detector-weights", args.detector_weights), ("--crop-source", args.crop_source))
+            if value
+        ]
+        if given:
+            raise ConfigError(f"--raw embeds whole images without a detector: drop {' and '.join(given)}")
+    ray_flags = ("ray_address", "ray_cpus", "ray_actors", "ray_gpus_per_actor")
+    given = ["--" + flag.replace("_", "-") for flag in ray_flags if getattr(args, flag) is not None]
+    if given and args.engine != "ray":
+        raise ConfigError(f"{', '.join(given)} apply to --engine ray only; add --engine ray or drop them")
+    if args.ray_address is not None and args.ray_cpus is not None:
+        raise ConfigError("--ray-cpus sizes the local Ray cluster; with --ray-address the cluster has its own")
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from carsearch.index.gallery import MANIFEST
     from carsearch.pipeline import Pipeline
 
+    _refuse_ignored_index_flags(args)
     if (Path(args.out) / MANIFEST).exists():  # adding to an index: its own settings, explicit conflicts refused
         pipeline = Pipeline.for_update(args.out, args.config, _overrides(args))
     else:
@@ -665,18 +763,41 @@ COMMANDS = {
     "audit": _cmd_audit,
     "train": _cmd_train,
     "export": _cmd_export,
+    "models": _cmd_models,
 }
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, but unknown arguments are refused by the command's own parser, with a hint for a bare
+    override (``detector.confidence=0.3`` → ``did you mean --set detector.confidence=0.3?``)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        where = subs.choices.get(args.command, parser) if args.command else parser
+        bare = [a for a in extra if "=" in a and not a.startswith("-") and "." in a.partition("=")[0]]
+        hint = f"; did you mean {' '.join(f'--set {a}' for a in bare)}?" if bare else ""
+        where.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
+def _no_space(args: argparse.Namespace, exc: OSError) -> str:
+    """The one-line message for a full disk: what was being written, and that re-running resumes."""
+    out = getattr(args, "out", None)
+    target = exc.filename or (f"{out}/…" if out else "the output")
+    kept = f"; finished chunks are kept in {Path(out) / 'work'}" if args.command == "index" and out else ""
+    return f"no space left on device while writing {target}{kept} — free space and re-run to resume"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command in (None, "help"):
         topic = getattr(args, "topic", None)
-        if topic is not None and topic not in COMMANDS:
+        if topic is not None and topic not in COMMANDS and topic != "help":
             parser.error(f"no command {topic!r}; commands: {', '.join(COMMANDS)}")
-        (command_parsers()[topic] if topic else parser).print_help()
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (subs.choices[topic] if topic else parser).print_help()
         return 0
     args.argv = argv
     verbose = getattr(args, "verbose", False)
@@ -687,6 +808,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except CarSearchError as exc:
         print(f"carsearch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"carsearch {args.command}: error: {_no_space(args, exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"carsearch {args.command}: interrupted; finished work is saved — re-run to resume", file=sys.stderr)

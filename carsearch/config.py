@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ DEFAULT_VEHICLE_CLASSES = ("car", "truck", "bus")
 DEFAULT_MODEL = "cars98-lite1-320"  # the shipped embedder (carsearch.embedder.zoo)
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"  # timm name; offline ImageNet weights (carsearch.embedder.backbones)
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # installed with the package
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # checked without torch; presence at run time
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N, mps"
 
 
 def config_names() -> dict[str, Path]:
@@ -246,6 +249,10 @@ class RuntimeConfig:
     checkpoint_every: int = 256
 
     def __post_init__(self) -> None:
+        require(
+            DEVICE_PATTERN.fullmatch(self.device) is not None,
+            f"runtime.device must be one of {DEVICE_NAMES}, got {self.device!r}",
+        )
         require(self.batch_size >= 1, "runtime.batch_size must be >= 1")
         require(self.workers >= 0, "runtime.workers must be >= 0")
         require(self.max_image_side >= 64, "runtime.max_image_side must be >= 64")

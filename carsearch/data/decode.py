@@ -49,7 +49,9 @@ class DecodeDataset:
 
 def decode_item(position: int, item: SourceItem, done: dict[str, str], max_side: int) -> Decoded:
     """Read, hash and decode one input; ``skip`` when ``done[path]`` equals its content hash, ``error`` with
-    a reason when it cannot be read or decoded (never raises for bad files)."""
+    a reason when it cannot be read or decoded, or is no image (``item.skip_reason``; never raises for bad files)."""
+    if item.skip_reason is not None:
+        return Decoded(position, item, None, "error", item.skip_reason)
     try:
         data = storage.read_bytes(item.path)
     except OSError as exc:

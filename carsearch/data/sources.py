@@ -28,26 +28,34 @@ Split = Literal["train", "test", "all"]
 @dataclass(frozen=True)
 class SourceItem:
     """One input image; ``box`` is a ground-truth vehicle box in its pixels (x2/y2 exclusive). ``path`` is a
-    local ``Path`` or a URI string (``s3://...``; read with :func:`carsearch.data.storage.read_bytes`)."""
+    local ``Path`` or a URI string (``s3://...``; read with :func:`carsearch.data.storage.read_bytes`).
+    ``skip_reason``: a file a folder source holds that is not an image (recorded as an error, never read)."""
 
     path: storage.Location
     label: str | None = None
     box: BBox | None = None
+    skip_reason: str | None = None
 
 
-def read_source(source: str | Path, split: Split = "all", where: dict[str, str] | None = None) -> list[SourceItem]:
+def read_source(
+    source: str | Path, split: Split = "all", where: dict[str, str] | None = None, non_images: bool = False
+) -> list[SourceItem]:
     """Items of a folder tree, CSV, Stanford devkit or Kaggle layout (detected from what is there).
 
     ``where`` (CSV only): keep rows whose columns equal these values, e.g. ``{"box_fully_visible": "1"}``.
+    ``split`` other than ``all`` applies to the devkit and Kaggle layouts only. ``non_images``: a folder's
+    non-hidden files that are not images come as items with a ``skip_reason`` (the index records them).
     """
     if storage.is_uri(source):
-        return _read_uri(str(source), where)
+        _no_split(split, source)
+        return _read_uri(str(source), where, non_images)
     source = Path(source).expanduser()
     if not source.exists():
         raise DataSourceError(f"source {source} does not exist")
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise DataSourceError(f"source file {source} must be a .csv (path,label[,x1,y1,x2,y2]) or a folder")
+        _no_split(split, source)
         return read_csv(source, where)
     if where:
         raise DataSourceError(f"row filters ({', '.join(where)}) apply to CSV sources only, not to {source}")
@@ -55,17 +63,24 @@ def read_source(source: str | Path, split: Split = "all", where: dict[str, str] 
         return read_stanford_devkit(source, split)
     if any(source.glob("anno_*.csv")) or any(source.glob("*/anno_*.csv")):
         return read_kaggle(source, split)
-    return read_folder(source)
+    _no_split(split, source)
+    return read_folder(source, non_images)
 
 
-def _read_uri(source: str, where: dict[str, str] | None) -> list[SourceItem]:
+def _no_split(split: Split, source: str | Path) -> None:
+    """A folder or CSV has no train/test split: asking for one is refused, not ignored."""
+    if split != "all":
+        raise DataSourceError(f"split {split!r} applies to a Stanford devkit or Kaggle root, not to {source}")
+
+
+def _read_uri(source: str, where: dict[str, str] | None, non_images: bool = False) -> list[SourceItem]:
     """A CSV or a folder tree behind a URI (the Stanford and Kaggle layouts need a local folder)."""
     try:
         if storage.suffix(source) == ".csv":
             return read_csv(source, where)
         if where:
             raise DataSourceError(f"row filters ({', '.join(where)}) apply to CSV sources only, not to {source}")
-        return read_folder(source)
+        return read_folder(source, non_images)
     except DataSourceError:
         raise
     except FileNotFoundError:
@@ -76,9 +91,10 @@ def _read_uri(source: str, where: dict[str, str] | None) -> list[SourceItem]:
         raise DataSourceError(f"cannot read source {source}: {exc}") from None
 
 
-def read_folder(root: str | Path) -> list[SourceItem]:
+def read_folder(root: str | Path, non_images: bool = False) -> list[SourceItem]:
     """Every image file below ``root`` (a folder or a URI prefix), sorted; label = its first sub-folder (None
-    at the top level)."""
+    at the top level). Hidden files and folders are ignored; other files that are not images (by extension)
+    are left out, or with ``non_images`` listed with a ``skip_reason``."""
     if storage.is_uri(root):
         found: list[tuple[tuple[str, ...], storage.Location]] = [
             (tuple(relative.split("/")), uri) for relative, uri in storage.list_files(str(root))
@@ -88,10 +104,15 @@ def read_folder(root: str | Path) -> list[SourceItem]:
         found = [(p.relative_to(root).parts, p) for p in sorted(p for p in root.rglob("*") if p.is_file())]
     items = []
     for parts, path in found:
-        if storage.suffix(parts[-1]) not in IMAGE_EXTENSIONS or any(part.startswith(".") for part in parts):
+        if any(part.startswith(".") for part in parts):
             continue  # hidden files and folders (.thumbnails, .ipynb_checkpoints) are not data
-        items.append(SourceItem(path=path, label=parts[0] if len(parts) > 1 else None))
-    if not items:
+        label = parts[0] if len(parts) > 1 else None
+        suffix = storage.suffix(parts[-1])
+        if suffix in IMAGE_EXTENSIONS:
+            items.append(SourceItem(path=path, label=label))
+        elif non_images:
+            items.append(SourceItem(path, label, skip_reason=f"not an image file ({suffix or 'no extension'})"))
+    if all(item.skip_reason for item in items):
         raise DataSourceError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
     return items
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ from carsearch.types import BBox, Detection
 
 logger = logging.getLogger(__name__)
 
+DELEGATE_NOTICE = "Created TensorFlow Lite XNNPACK delegate"  # LiteRT's C++ INFO line, not an error
 OFFLINE_HINT = (
-    "pass local weights with --detector-weights PATH (or detector.weights=PATH), "
+    "pass local weights with --detector-weights PATH (or --set detector.weights=PATH), "
     "e.g. ../shared/models/yolov8n_coco_int8.tflite"
 )
 
@@ -58,9 +61,9 @@ class VehicleDetector:
     def __init__(self, config: DetectorConfig, device: str = "cpu", threads: int | None = None) -> None:
         self.config = config
         self.device = device
-        with _quiet_ultralytics():
+        with _quiet_ultralytics(), _without_delegate_notice():  # reading .names creates a .tflite interpreter
             self._model, self.weights_file = _load_yolo(config.weights, threads or os.cpu_count() or 1)
-        names = {int(k): str(v) for k, v in dict(self._model.names).items()}
+            names = {int(k): str(v) for k, v in dict(self._model.names).items()}
         self.class_names = resolve_vehicle_classes(names, config.classes)
         self.identity = f"{storage.name(config.weights)}:{','.join(sorted(self.class_names.values()))}"
 
@@ -113,6 +116,40 @@ def _quiet_ultralytics() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _without_delegate_notice() -> Iterator[None]:
+    """Capture file descriptor 2 for the block (LiteRT logs from C++, past ``sys.stderr``) and re-emit every
+    line but the XNNPACK delegate notice, so real errors stay visible."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (a detached process): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            _flush_c_streams()  # LiteRT's stream may hold the line in a C buffer
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if DELEGATE_NOTICE not in line)
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+def _flush_c_streams() -> None:
+    with contextlib.suppress(Exception):  # no C library to ask (unusual platforms): the notice may slip through
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
 
 
 def _load_yolo(weights: str, threads: int) -> tuple[Any, Path]:

@@ -1,9 +1,20 @@
-"""Stage 2: embed crops into L2-normalised vectors (timm backbone + head), and train embedders."""
+"""Stage 2: embed crops into L2-normalised vectors (timm backbone + head), and train embedders.
 
-from carsearch.embedder.checkpoint import load_checkpoint, save_checkpoint
-from carsearch.embedder.inference import Embedder
-from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec
-from carsearch.embedder.preprocessing import Preprocessing
+The names below load on first use (PEP 562), so reading the model table (:mod:`carsearch.embedder.zoo`, for
+``carsearch models``) does not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from carsearch.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from carsearch.embedder.checkpoint import load_checkpoint, save_checkpoint
+    from carsearch.embedder.inference import Embedder
+    from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec
+    from carsearch.embedder.preprocessing import Preprocessing
 
 __all__ = [
     "Embedder",
@@ -14,3 +25,14 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
 ]
+_HOMES = {
+    "Embedder": "carsearch.embedder.inference",
+    "EmbeddingModel": "carsearch.embedder.model",
+    "ModelSpec": "carsearch.embedder.model",
+    "Preprocessing": "carsearch.embedder.preprocessing",
+    "default_spec": "carsearch.embedder.model",
+    "load_checkpoint": "carsearch.embedder.checkpoint",
+    "save_checkpoint": "carsearch.embedder.checkpoint",
+}
+
+__getattr__ = lazy_attributes(__name__, _HOMES)

@@ -13,7 +13,7 @@ import torch
 from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_bytes
 from carsearch.embedder.model import EmbeddingModel, ModelSpec
-from carsearch.embedder.zoo import verified_bytes
+from carsearch.embedder.zoo import names_hint, verified_bytes
 from carsearch.errors import ModelLoadError
 
 FORMAT = "carsearch-embedder"
@@ -53,7 +53,7 @@ def read_checkpoint(path: str | Path, sha256: str | None = None) -> dict[str, An
     except ModelLoadError:
         raise
     except FileNotFoundError:
-        raise ModelLoadError(f"checkpoint not found: {path}") from None
+        raise ModelLoadError(f"checkpoint not found: {path}; a model is {names_hint()}") from None
     except OSError as exc:  # an object store that cannot be reached
         raise ModelLoadError(f"cannot read checkpoint {path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many types

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from carsearch.config import DEFAULT_MODEL
+from carsearch.config import DEFAULT_BACKBONE, DEFAULT_MODEL
 from carsearch.errors import ModelLoadError
 
 IMAGENET = "imagenet"
@@ -27,6 +27,11 @@ class NamedModel:
     ``image_size``: the square size the model embeds at when it is not the checkpoint's own (the same weights
     at a larger input: a model trained on random crops sees cars larger in training than in a whole-crop
     input of the same size; docs/training.md).
+
+    The card for ``carsearch models`` (the checkpoint is the truth; tests/unit/embedder/test_zoo.py checks
+    the card against it): ``backbone``, ``input_size`` (the square size it embeds at), ``dim`` (embedding
+    dimension), ``train_classes`` (car classes it was fine-tuned on; 0: none) and ``note`` (the measured
+    figures docs/models.md records, written here once).
     """
 
     name: str
@@ -34,6 +39,11 @@ class NamedModel:
     file: str | None = None
     sha256: str | None = None
     image_size: int | None = None
+    backbone: str = ""
+    input_size: int = 0
+    dim: int = 0
+    train_classes: int = 0
+    note: str = ""
 
     @property
     def path(self) -> Path | None:
@@ -51,6 +61,12 @@ MODELS: dict[str, NamedModel] = {
             file="cars98-lite1-256.pt",
             sha256="e780246d7896e26e4c984bb66808a855b049c60db4bb27dfbc59c473b1871a07",
             image_size=320,
+            backbone="tf_efficientnet_lite1",
+            input_size=320,
+            dim=1280,
+            train_classes=98,
+            note="half split R@1 78.1 / MAP@R 23.50; CARS196 classes 99-196 hold-out (outside this repository): "
+            "not measured",
         ),
         NamedModel(
             "cars98-lite1-256",
@@ -58,6 +74,11 @@ MODELS: dict[str, NamedModel] = {
             "it); non-commercial research use",
             file="cars98-lite1-256.pt",
             sha256="e780246d7896e26e4c984bb66808a855b049c60db4bb27dfbc59c473b1871a07",
+            backbone="tf_efficientnet_lite1",
+            input_size=256,
+            dim=1280,
+            train_classes=98,
+            note="half split R@1 75.1 / MAP@R 22.37; CARS196 classes 99-196 hold-out: not measured",
         ),
         NamedModel(
             "cars98-lite1",
@@ -65,6 +86,11 @@ MODELS: dict[str, NamedModel] = {
             "non-commercial research use",
             file="cars98-lite1.pt",
             sha256="f5563ac11ac3ea099cf4ed5820dfdd198fc891bc8455ce185229ce260ae926f6",
+            backbone="tf_efficientnet_lite1",
+            input_size=224,
+            dim=1280,
+            train_classes=98,
+            note="half split R@1 74.5 / MAP@R 20.97; CARS196 classes 99-196 hold-out: not measured",
         ),
         NamedModel(
             "cars98-lite0",
@@ -72,8 +98,21 @@ MODELS: dict[str, NamedModel] = {
             "with it); non-commercial research use",
             file="cars98-lite0.pt",
             sha256="de5ec6fd836a5e71220713ceff34d9bec3ec61db4903032ccf0e3cdd209d2205",
+            backbone="tf_efficientnet_lite0",
+            input_size=224,
+            dim=1280,
+            train_classes=98,
+            note="CARS196 classes 99-196 hold-out (outside this repository), crops: "
+            "its recipe R@1 81.5 / MAP@R 24.1 (this file not measured)",
         ),
-        NamedModel(IMAGENET, "the ImageNet-pretrained backbone (embedder.backbone), zero-shot"),
+        NamedModel(
+            IMAGENET,
+            "the ImageNet-pretrained backbone (embedder.backbone), zero-shot",
+            backbone=DEFAULT_BACKBONE,
+            input_size=224,
+            dim=1280,
+            note="zero-shot; CARS196 classes 99-196 hold-out (outside this repository), crops: R@1 52.4 / MAP@R 8.8",
+        ),
     )
 }
 
@@ -103,6 +142,11 @@ def verified_bytes(path: Path, sha256: str) -> bytes:
             f"{path} is damaged (SHA-256 {actual[:12]}…, expected {sha256[:12]}…); reinstall carsearch"
         )
     return data
+
+
+def names_hint() -> str:
+    """What ``--model`` takes, for error messages: the shipped names, or a checkpoint path or URI."""
+    return f"a shipped name ({', '.join(MODELS)}; see `carsearch models`) or a checkpoint path or URI"
 
 
 def describe() -> str:

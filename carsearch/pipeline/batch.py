@@ -278,16 +278,18 @@ class IndexJob:
             logger.info("pruned %d images the source no longer lists", pruned)
         records = RecordTable.concatenate(tables).take(ids)
         merged = self.out / WORK / MERGED
-        vectors = gather_rows(parts, ids, merged_vectors(merged, len(ids), dim))
-        record_detector(self.manifest, self.models, self.out, existing)
-        index = GalleryIndex.from_arrays(vectors, records, self.manifest, self.models.config.index)
-        errors = _merge_errors(read_jsonl(self.out / ERRORS), chunks, set(records.column("path")))
-        if prune:
-            errors = [e for e in errors if e["path"] in listed]
-        atomic_write_jsonl(self.out / ERRORS, errors)
-        index.save(self.out)
-        del vectors
-        merged.unlink(missing_ok=True)
+        try:  # the merge file is as large as the index: never left behind, also when saving fails (disk full)
+            vectors = gather_rows(parts, ids, merged_vectors(merged, len(ids), dim))
+            record_detector(self.manifest, self.models, self.out, existing)
+            index = GalleryIndex.from_arrays(vectors, records, self.manifest, self.models.config.index)
+            errors = _merge_errors(read_jsonl(self.out / ERRORS), chunks, set(records.column("path")))
+            if prune:
+                errors = [e for e in errors if e["path"] in listed]
+            atomic_write_jsonl(self.out / ERRORS, errors)
+            index.save(self.out)
+            del vectors
+        finally:
+            merged.unlink(missing_ok=True)
         self.store.clear()
         seconds = time.perf_counter() - self.start
         counts = self.counts

@@ -69,7 +69,8 @@ class Evaluation:
 
     ``seen`` / ``unseen``: the classes the embedder was trained on and those it never saw, each group searched
     among its own items (the CARS196 protocol's test classes are searched so); both None when the embedder
-    does not record its training classes. Only ``unseen`` measures generalisation.
+    does not record its training classes. Only ``unseen`` measures generalisation. A label is seen when its
+    text equals a training class name exactly (``model``: the embedder, named in the verdict's pointer).
     """
 
     metrics: RetrievalMetrics
@@ -78,20 +79,28 @@ class Evaluation:
     no_detection: int
     seen: ClassGroup | None = None
     unseen: ClassGroup | None = None
+    model: str = "MODEL"
 
     @property
     def verdict(self) -> str:
-        """One plain sentence on what the numbers measure."""
+        """Plain sentences on what the numbers measure and how labels were matched to training classes."""
         if self.seen is None or self.unseen is None:
             return "the embedder does not record its training classes: seen and unseen classes cannot be told apart"
+        matched = (
+            f"{self.seen.classes} of the index's {self.seen.classes + self.unseen.classes} labels equal a training "
+            f"class name of the model (exact text; see `carsearch models {self.model} --classes`). "
+        )
         if not self.unseen.classes:
-            return (
-                f"every evaluated class ({self.seen.classes}) is a training class of the embedder: "
+            return matched + (
+                f"Every evaluated class ({self.seen.classes}) is a training class of the embedder: "
                 "these numbers measure memory, not generalisation to unseen cars"
             )
         if not self.seen.classes:
-            return f"no evaluated class is a training class of the embedder: all {self.unseen.classes} are unseen"
-        return (
+            return matched + (
+                f"No evaluated class is a training class of the embedder: all {self.unseen.classes} are unseen "
+                "(labels that name a training class in another spelling, e.g. audi_tts_2012, count as unseen)"
+            )
+        return matched + (
             f"{self.seen.classes} evaluated classes are training classes of the embedder, {self.unseen.classes} are "
             "unseen: only the unseen classes' numbers measure generalisation"
         )
@@ -217,7 +226,7 @@ class Pipeline:
             raise ConfigError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         if ray is not None and engine != "ray":
             raise ConfigError("Ray options need engine='ray'")
-        items = read_source(source, split, where)
+        items = read_source(source, split, where, non_images=True)  # recorded in errors.jsonl, never read
         return ENGINES[engine](self.models, items, out, ray, progress=progress, prune=prune)
 
     def open_index(self, index_dir: str | Path) -> GalleryIndex:
@@ -298,7 +307,8 @@ def evaluate_index(gallery: GalleryIndex, retrieval: RetrievalConfig | None = No
         ids = labelled[mask]
         group = _leave_one_out(gallery, ids, retrieval) if len(ids) >= 2 else None
         groups.append(ClassGroup(len(set(labels[mask])), len(ids), group))
-    return Evaluation(metrics, len(gallery), len(labelled), no_detection, seen=groups[0], unseen=groups[1])
+    model = str(gallery.manifest.get("embedder", {}).get("source") or "MODEL")
+    return Evaluation(metrics, len(gallery), len(labelled), no_detection, groups[0], groups[1], model)
 
 
 def _leave_one_out(gallery: GalleryIndex, ids: np.ndarray, retrieval: RetrievalConfig) -> RetrievalMetrics:

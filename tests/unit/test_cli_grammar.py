@@ -58,8 +58,8 @@ def test_metavars_outputs_and_overrides_are_the_same_everywhere() -> None:
     for name, parser in command_parsers().items():
         flags = {flag: action for action in _actions(parser) for flag in action.option_strings}
         positional = [a.metavar for a in _actions(parser) if not a.option_strings]
-        assert set(positional) <= {"INDEX", "SOURCE", "IMAGE", "RUN"}, name
-        assert "--set" in flags or name == "export", f"{name} takes no --set"
+        assert set(positional) <= {"INDEX", "SOURCE", "IMAGE", "RUN", "MODEL"}, name
+        assert "--set" in flags or name in ("export", "models"), f"{name} takes no --set"  # they read no config
         if "--config" in flags:
             assert flags["--config"].metavar == "CONFIG"
         if name in ("index", "explain", "attention", "compare", "export"):
@@ -73,7 +73,9 @@ def test_metavars_outputs_and_overrides_are_the_same_everywhere() -> None:
 def test_bare_overrides_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--config", "cpu_quick", "trainer.max_epochs=1"])
-    assert exit_info.value.code == 2 and "unrecognized arguments: trainer.max_epochs=1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unrecognized arguments: trainer.max_epochs=1" in err
+    assert "did you mean --set trainer.max_epochs=1?" in err and len(err.splitlines()) == 1
     args = build_parser().parse_args(["train", "--config", "cpu_quick", "--set", "trainer.max_epochs=1"])
     assert args.overrides == ["trainer.max_epochs=1"]
 

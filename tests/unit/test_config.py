@@ -252,7 +252,7 @@ def test_classes_override_as_comma_separated_string():
 
 
 def test_override_value_may_contain_equals_sign():
-    assert load_config(None, ["runtime.device=cuda=0"]).runtime.device == "cuda=0"
+    assert load_config(None, ["detector.weights=runs/a=b.pt"]).detector.weights == "runs/a=b.pt"
 
 
 def test_later_override_wins():

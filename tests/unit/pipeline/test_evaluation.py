@@ -64,7 +64,8 @@ def test_a_gallery_of_training_classes_only_says_it_measures_memory() -> None:
     result = evaluate_index(gallery(SEEN, SEEN))
     assert result.unseen is not None and (result.unseen.classes, result.unseen.items) == (0, 0)
     assert result.unseen.metrics is None and result.seen is not None and result.seen.metrics == result.metrics
-    assert result.verdict.startswith("every evaluated class (3) is a training class")
+    assert result.verdict.startswith("3 of the index's 3 labels equal a training class name of the model (exact text")
+    assert "Every evaluated class (3) is a training class" in result.verdict
     assert "memory, not generalisation" in result.verdict
 
 
@@ -72,7 +73,16 @@ def test_a_gallery_of_unseen_classes_only() -> None:
     result = evaluate_index(gallery(UNSEEN, SEEN))
     assert result.seen is not None and result.seen.classes == 0 and result.seen.metrics is None
     assert result.unseen is not None and result.unseen.metrics == result.metrics
-    assert result.verdict == "no evaluated class is a training class of the embedder: all 2 are unseen"
+    assert result.verdict.startswith(
+        "0 of the index's 2 labels equal a training class name of the model (exact text; see `carsearch models test "
+        "--classes`). No evaluated class is a training class of the embedder: all 2 are unseen"
+    )
+    assert "another spelling" in result.verdict  # a folder named audi_tts_2012 is not 'Audi TTS Coupe 2012'
+
+
+def test_the_verdict_says_how_labels_were_matched() -> None:
+    result = evaluate_index(gallery(SEEN + UNSEEN, SEEN))
+    assert result.verdict.startswith("3 of the index's 5 labels equal a training class name of the model")
 
 
 def test_an_embedder_without_recorded_classes_gets_no_split() -> None:
