@@ -21,7 +21,7 @@ from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_jsonl, read_jsonl
 from carsearch.data.decode import DecodeDataset, decode_loader
 from carsearch.data.sources import SourceItem
-from carsearch.detector.weights import bundle, describe
+from carsearch.detector.weights import bundle, describe, sha256_file
 from carsearch.errors import IndexMismatchError
 from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest, unresolved_paths
 from carsearch.index.records import RecordTable
@@ -129,12 +129,25 @@ def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
     stored = read_manifest(out)
     # The embedder is its weights' fingerprint (+ spec, dim), not the checkpoint's path: a moved file is the same.
     check_identity(stored.get("embedder", {}), manifest.get("embedder", {}), where=str(out))
+    adopt_weights_name(stored, manifest)
     if stored.get("processing") != manifest.get("processing"):
         key, was, now = first_difference(stored.get("processing"), manifest.get("processing"))
         raise IndexMismatchError(
             f"{out} was built with {key}={was!r}, this run has {now!r}: re-run without that setting to add to the "
             f"index with its own settings, or choose another --out (or delete {out}) for a new index"
         )
+
+
+def adopt_weights_name(stored: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """A detector file with the bytes the index recorded (``detector_weights``) is the index's detector under
+    another name: ``manifest`` takes the index's name for it, so the settings compare equal."""
+    record, detector = stored.get("detector_weights"), (manifest.get("processing") or {}).get("detector")
+    weights = Path(str(((manifest.get("config") or {}).get("detector") or {}).get("weights", "")))
+    stored_detector = (stored.get("processing") or {}).get("detector")
+    if not (record and detector and stored_detector) or storage.is_uri(str(weights)) or not weights.is_file():
+        return
+    if weights.stat().st_size == record["bytes"] and sha256_file(weights) == record["sha256"]:
+        detector["weights"] = stored_detector.get("weights")
 
 
 def first_difference(stored: Any, now: Any, prefix: str = "") -> tuple[str, Any, Any]:

@@ -170,3 +170,40 @@ def test_the_manifest_names_a_fallback_only_when_there_is_one() -> None:
     for overrides, expected in ((["detector.fallback_confidence=null"], None), ([], 0.05)):
         models = Models(load_config(None, [*TEST_OVERRIDES, *overrides]), embedder=NamedEmbedder())  # type: ignore[arg-type]
         assert models.manifest()["processing"]["detector"].get("fallback_confidence") == expected
+
+
+def _in_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` as a user might hold it in ``mode`` (RGBA with a real alpha gradient, P quantised)."""
+    if mode == "RGBA":
+        rgba = image.convert("RGBA")
+        rgba.putalpha(Image.linear_gradient("L").resize(image.size))
+        return rgba
+    if mode == "P":
+        return image.quantize(64)
+    return image.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "array", "bytes"])
+def test_python_queries_in_any_form_match_the_same_picture_read_from_a_file(
+    built: tuple[Pipeline, Path, Path], tmp_path: Path, mode: str
+) -> None:
+    """A PIL image in any mode, a uint8 array or encoded bytes is prepared exactly as its file would be."""
+    pipe, _, out = built
+    picture = _in_mode(make_car_image(4242, CLASS_COLOURS[1]), "RGB" if mode in ("array", "bytes") else mode)
+    path = tmp_path / ("query.tif" if mode == "CMYK" else "query.png")  # lossless either way
+    picture.save(path)
+    query = {"array": np.asarray(picture), "bytes": path.read_bytes()}.get(mode, picture)
+    by_path = pipe.search(out, path, k=3)
+    held = pipe.search(out, query, k=3)
+    assert [h.item_id for h in held.hits][:1] == [h.item_id for h in by_path.hits][:1]
+    assert np.allclose([h.score for h in held.hits], [h.score for h in by_path.hits], atol=1e-5)
+
+
+def test_a_query_of_an_unusable_kind_is_a_clear_error(built: tuple[Pipeline, Path, Path]) -> None:
+    from carsearch.errors import ImageLoadError
+
+    pipe, _, out = built
+    with pytest.raises(ImageLoadError, match="uint8 array"):
+        pipe.search(out, np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(ImageLoadError, match="expected a path"):
+        pipe.search(out, 42)  # type: ignore[arg-type]
