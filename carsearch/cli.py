@@ -805,7 +805,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:  # the Python docs' "Note on SIGPIPE": stop writing, end as if killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except CarSearchError as exc:
         print(f"carsearch {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,10 @@ class IndexMismatchError(CarSearchError, ValueError):
     """An index was opened or extended with an incompatible embedder, dimension or preprocessing."""
 
 
+class IndexBusyError(CarSearchError, RuntimeError):
+    """An index folder is being written by another job: one writer at a time (``carsearch.data.lock``)."""
+
+
 class EmptyGalleryError(CarSearchError, ValueError):
     """A search or evaluation was asked of an index that holds no items."""
 

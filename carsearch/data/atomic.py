@@ -77,3 +77,17 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def replace_all(moves: Iterable[tuple[Path, Path]]) -> None:
+    """Rename each (staged, target) pair in turn, back to back, then make the renames durable.
+
+    Files written and synced in advance (e.g. by :func:`atomic_write` to staging names) are swapped in within
+    microseconds, so a reader that checks the group's stamps around its read sees either all old or all new.
+    """
+    folders: set[Path] = set()
+    for staged, target in moves:
+        os.replace(staged, target)
+        folders.add(Path(target).parent)
+    for folder in folders:
+        _fsync_dir(folder)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -14,7 +15,7 @@ import faiss
 import numpy as np
 
 from carsearch.config import IndexConfig, RetrievalConfig
-from carsearch.data.atomic import atomic_write, atomic_write_bytes, atomic_write_json
+from carsearch.data.atomic import atomic_write, atomic_write_bytes, atomic_write_json, replace_all
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
 from carsearch.index import backend, rerank, tuning
 from carsearch.index.records import ItemRecord, RecordTable
@@ -31,6 +32,9 @@ FAISS = "index.faiss"
 REBUILD = "rebuild it: delete the folder and run `carsearch index SOURCE --out FOLDER` again"
 VERIFY_MAX_BYTES = 1 << 30  # files up to 1 GiB are checksummed at load; larger ones: size only (docs/indexing.md)
 CHUNK = 16 << 20
+STAGED = ".{}.next"  # a save's files before its commit (one quick burst of renames, the manifest last)
+SETTLE_SECONDS = 0.25  # how long load retries a folder that stayed the same and still failed its checks
+LOAD_ATTEMPTS = 20
 
 
 class GalleryIndex:
@@ -149,20 +153,24 @@ class GalleryIndex:
         return self._augmented[key]
 
     def save(self, folder: str | Path) -> None:
-        """Write the index directory; each file atomically, the manifest (with counts) last.
+        """Write the index directory: every file to a staging name first (written, synced), then all renamed
+        into place back to back, the manifest (with counts) last: the commit. Readers see the last commit.
 
         Vectors and records are streamed to disk and hashed on the way, then re-opened as memory maps.
+        The file names stay fixed (``vectors.npy``...) so that version-1/2 indexes and tools keep working;
+        the short rename burst plus :meth:`load`'s retry is what keeps readers consistent (see there).
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         faiss_bytes = backend.serialize(self._cpu_index())
         base = os.path.abspath(folder)
         stored = self.records.with_paths_under(os.getcwd()).with_paths_relative_to(base)
+        staged = {name: folder / STAGED.format(name) for name in (VECTORS, ITEMS, FAISS, MANIFEST)}
         digests = {
-            VECTORS: write_array(folder / VECTORS, self._vectors),
-            ITEMS: write_hashed(folder / ITEMS, stored.write),
+            VECTORS: write_array(staged[VECTORS], self._vectors),
+            ITEMS: write_hashed(staged[ITEMS], stored.write),
         }
-        atomic_write_bytes(folder / FAISS, faiss_bytes)
+        atomic_write_bytes(staged[FAISS], faiss_bytes)
         digests[FAISS] = file_digest(faiss_bytes)
         manifest = {
             **self.manifest,
@@ -175,7 +183,8 @@ class GalleryIndex:
             "files": digests,
             "paths": {"relative_to": "index", "relative": len(stored.relative_paths())},
         }
-        atomic_write_json(folder / MANIFEST, manifest)
+        atomic_write_json(staged[MANIFEST], manifest)
+        replace_all((staged[name], folder / name) for name in (VECTORS, ITEMS, FAISS, MANIFEST))
         (folder / LEGACY_ITEMS).unlink(missing_ok=True)  # a version-1 index, now rewritten as version 2
         self.manifest = manifest
         self._vectors = open_vectors(folder / VECTORS)
@@ -185,11 +194,45 @@ class GalleryIndex:
     def load(
         cls, folder: str | Path, config: IndexConfig | None = None, embedder_identity: dict[str, Any] | None = None
     ) -> GalleryIndex:
-        """Open a saved index; with ``embedder_identity``, refuse one built by another embedder."""
+        """Open a saved index; with ``embedder_identity``, refuse one built by another embedder.
+
+        Readers never wait for a writer and see its last commit: the files are read between two stamps of
+        the folder (inode, size, mtime of the manifest and each data file). A save replaces files by rename
+        only, so equal stamps mean every file read belongs to one commit; a save that committed meanwhile
+        (stamps differ) sends the read round again, against the new manifest. A check that fails on a folder
+        that stayed the same is retried for :data:`SETTLE_SECONDS` (a writer paused inside its rename
+        burst), then reported as damage.
+        """
         folder = Path(folder)
         manifest = read_manifest(folder)
         if embedder_identity is not None:
             check_identity(manifest.get("embedder", {}), embedder_identity, where=str(folder))
+        settled = time.monotonic() + SETTLE_SECONDS
+        error: Exception | None = None
+        for _ in range(LOAD_ATTEMPTS):
+            before = stamps(folder)
+            try:
+                index = cls._open(folder, read_manifest(folder), config)
+            except (IndexMismatchError, OSError, RuntimeError) as exc:  # RuntimeError: faiss
+                error = exc
+            else:
+                error = None
+            if stamps(folder) != before:
+                continue
+            if error is None:
+                if embedder_identity is not None:  # the commit read may be newer than the manifest checked above
+                    check_identity(index.manifest.get("embedder", {}), embedder_identity, where=str(folder))
+                return index
+            if time.monotonic() > settled:
+                break
+            time.sleep(SETTLE_SECONDS / 10)
+        if error is None:
+            raise IndexMismatchError(f"{folder} kept changing while being opened; try again")
+        raise error
+
+    @classmethod
+    def _open(cls, folder: Path, manifest: dict[str, Any], config: IndexConfig | None) -> GalleryIndex:
+        """The index as ``manifest`` describes it, every file checked against it."""
         index = cls(int(manifest["dim"]), manifest, config)
         verify_file(folder, VECTORS, manifest)
         vectors = open_vectors(folder / VECTORS)
@@ -212,6 +255,19 @@ class GalleryIndex:
                 tuning.apply(cpu_index, stored, index.config)
                 index._cpu, index._info = cpu_index, stored
         return index
+
+
+def stamps(folder: Path) -> list[tuple[int, int, int] | None]:
+    """(inode, size, mtime ns) of the manifest and each data file, None where absent: changes with every save."""
+    result: list[tuple[int, int, int] | None] = []
+    for name in (MANIFEST, VECTORS, ITEMS, FAISS, LEGACY_ITEMS):
+        try:
+            stat = os.stat(folder / name)
+        except FileNotFoundError:
+            result.append(None)
+        else:
+            result.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return result
 
 
 def file_digest(data: bytes) -> dict[str, Any]:

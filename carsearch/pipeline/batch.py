@@ -13,13 +13,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import numpy as np
 
 from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_jsonl, read_jsonl
 from carsearch.data.decode import DecodeDataset, decode_loader
+from carsearch.data.lock import WriterLock
 from carsearch.data.sources import SourceItem
 from carsearch.detector.weights import bundle, describe, sha256_file
 from carsearch.errors import IndexMismatchError
@@ -183,14 +184,35 @@ def record_detector(manifest: dict[str, Any], models: Models, out: Path, existin
     manifest["config"]["detector"]["weights"] = record["source"]
 
 
+P = ParamSpec("P")
+
+
+def _unlocking_on_failure(init: Callable[Concatenate[IndexJob, P], None]) -> Callable[Concatenate[IndexJob, P], None]:
+    """``IndexJob.__init__`` that lets the next writer in at once when opening the job fails."""
+
+    @functools.wraps(init)
+    def opened(job: IndexJob, *args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            init(job, *args, **kwargs)
+        except BaseException:
+            if hasattr(job, "lock"):
+                job.lock.release()
+            raise
+
+    return opened
+
+
 class IndexJob:
     """One run of the batch job over an index directory, whatever engine produces the outcomes.
 
-    Opening it checks that ``out`` may be continued and collects what is already done (the index and a
-    killed run's chunks); :meth:`record` takes outcomes in source order and writes a chunk every
-    ``runtime.checkpoint_every`` images; :meth:`finish` merges everything and saves the index atomically.
+    Opening it takes the folder's writer lock (one writer at a time: a second job is refused with
+    :class:`~carsearch.errors.IndexBusyError`), checks that ``out`` may be continued and collects what is
+    already done (the index and a killed run's chunks); :meth:`record` takes outcomes in source order and
+    writes a chunk every ``runtime.checkpoint_every`` images; :meth:`finish` merges everything, saves the
+    index atomically and releases the lock. Engines call :meth:`release` in ``finally``.
     """
 
+    @_unlocking_on_failure
     def __init__(
         self,
         models: Models,
@@ -203,6 +225,7 @@ class IndexJob:
         self.models = models
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = WriterLock(self.out).acquire()  # before reading any state; until finish() or release()
         self.manifest = models.manifest()
         check_resumable(self.out, self.manifest)
         self.existing = GalleryIndex.load(self.out, models.config.index) if (self.out / MANIFEST).exists() else None
@@ -272,6 +295,13 @@ class IndexJob:
             self.bar.close()
             self.bar = None
 
+    def release(self) -> None:
+        """:meth:`close`, then let the next writer in (idempotent; engines call it in ``finally``)."""
+        try:
+            self.close()
+        finally:
+            self.lock.release()
+
     def finish(self, prune: bool = False) -> IndexReport:
         """Merge the index with this run's chunks, save it atomically, clear the chunks; the run's report.
 
@@ -304,6 +334,7 @@ class IndexJob:
         finally:
             merged.unlink(missing_ok=True)
         self.store.clear()
+        self.lock.release()
         seconds = time.perf_counter() - self.start
         counts = self.counts
         return IndexReport(
@@ -337,15 +368,15 @@ def run_index_job(
     stopped. ``prune``: also drop indexed images that ``items`` no longer lists (deleted or moved files).
     The local engine takes no ``options`` (the Ray engine's are :class:`~carsearch.pipeline.ray_engine.RayOptions`)."""
     job = IndexJob(models, items, out, progress)
-    runtime = models.config.runtime
-    dataset = DecodeDataset(job.items, job.done, runtime.max_image_side)
     try:
+        runtime = models.config.runtime
+        dataset = DecodeDataset(job.items, job.done, runtime.max_image_side)
         for batch in decode_loader(dataset, runtime.batch_size, runtime.workers):
             outcomes, crops = crop_decoded(models, batch, job.timings)
             tic = time.perf_counter()
             vectors = models.embedder.embed(crops) if crops else np.zeros((0, models.embedder.dim), np.float32)
             job.timings["embed"] += time.perf_counter() - tic
             job.record(attach_vectors(outcomes, vectors))
+        return job.finish(prune)
     finally:
-        job.close()
-    return job.finish(prune)
+        job.release()

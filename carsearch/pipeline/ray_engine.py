@@ -100,20 +100,23 @@ def run_ray_index_job(
     """:func:`~carsearch.pipeline.batch.run_index_job` with the stages on Ray Data actors."""
     options = options or RayOptions()
     job = IndexJob(models, items, out, progress, chunk_format="parquet")
-    if not job.items:
+    try:
+        if not job.items:
+            return job.finish(prune)
+        with ray_session(options) as ray:
+            dataset = _dataset(ray, job, models.config, options)
+            grouper = OutcomeGrouper()
+            try:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    job.timings["detect"] += float(np.sum(batch["detect_s"]))
+                    job.timings["embed"] += float(np.sum(batch["embed_s"]))
+                    job.record(grouper.add(batch))
+                job.record(grouper.finish())
+            finally:
+                job.close()
         return job.finish(prune)
-    with ray_session(options) as ray:
-        dataset = _dataset(ray, job, models.config, options)
-        grouper = OutcomeGrouper()
-        try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                job.timings["detect"] += float(np.sum(batch["detect_s"]))
-                job.timings["embed"] += float(np.sum(batch["embed_s"]))
-                job.record(grouper.add(batch))
-            job.record(grouper.finish())
-        finally:
-            job.close()
-    return job.finish(prune)
+    finally:
+        job.release()
 
 
 def _dataset(ray: Any, job: IndexJob, config: PipelineConfig, options: RayOptions) -> Any:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +251,36 @@ def test_files_over_the_checksum_limit_are_checked_for_size_only(
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(IndexMismatchError, match="damaged: vectors.npy"):  # a short copy is still refused
         GalleryIndex.load(tmp_path / "idx")
+
+
+def test_loads_during_saves_see_one_committed_state_each(tmp_path: Path) -> None:
+    """A reader never waits for a writer and never sees half a save: every load in a loop while another
+    thread commits saves of other sizes succeeds, with vectors, records and manifest of one commit."""
+    folder, sizes = tmp_path / "idx", [40, 900, 120, 2000, 60]
+    make_index(sizes[0]).save(folder)
+    seen: list[tuple[int, int, int]] = []
+    failures: list[Exception] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                index = GalleryIndex.load(folder, IndexConfig(use_gpu=False))
+            except Exception as exc:  # every kind counts
+                failures.append(exc)
+            else:
+                seen.append((len(index.vectors), len(index.records), index.manifest["count"]))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline, saves = time.monotonic() + 60, 0
+    try:
+        while saves < 20 or (len({c for _, _, c in seen}) < 3 and time.monotonic() < deadline):
+            make_index(sizes[saves % len(sizes)]).save(folder)
+            saves += 1
+    finally:
+        stop.set()
+        reader.join()
+    assert not failures, failures[:3]
+    assert all(v == r == c and c in sizes for v, r, c in seen), [s for s in seen if len(set(s)) > 1][:3]
+    assert len({c for _, _, c in seen}) >= 3  # the reader saw several commits, not one
