@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from pytorch_metric_learning.losses import ProxyAnchorLoss
 
 from carsearch.cli import main
-from carsearch.config import CONFIGS_DIR, DetectorConfig, EmbedderConfig, to_dict
+from carsearch.config import CONFIGS_DIR, DetectorConfig, EmbedderConfig, resolve_paths, to_dict
 from carsearch.data.sources import SourceItem
 from carsearch.embedder import Embedder, load_checkpoint
 from carsearch.embedder.preprocessing import eval_transform
@@ -591,7 +591,8 @@ def test_training_recipes_are_shipped():
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=[p.stem for p in TRAIN_CONFIGS])
 def test_shipped_training_configs_load_and_build(path):
     config = load_train_config(path)
-    assert to_dict(config) == yaml.safe_load(path.read_text())  # files are complete serialised instances
+    # files are complete serialised instances (relative paths resolved against the file's folder)
+    assert to_dict(config) == resolve_paths(yaml.safe_load(path.read_text()), path.parent)
     build_criterion(config.loss, num_classes=49, embedding_size=config.model.embedding_dim or 1280)
 
 
