@@ -64,7 +64,8 @@ def test_evaluate_says_the_gallery_classes_are_unseen(
     assert main(["evaluate", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "unseen (3 classes)" in printed
-    assert "no evaluated class is a training class of the embedder: all 3 are unseen" in printed
+    assert "0 of the index's 3 labels equal a training class name" in printed
+    assert "No evaluated class is a training class of the embedder: all 3 are unseen" in printed
 
 
 def test_an_index_built_before_named_models_opens_with_its_own_embedder(default_index: tuple[Path, Path]) -> None:
