@@ -63,6 +63,9 @@ class DataConfig(InputGeometry):
     hflip: bool = True
     jitter: float = 0.0  # ColorJitter brightness/contrast/saturation (hue = jitter / 4); 0 disables
     grayscale: float = 0.0  # probability of a grey view (after jitter): a car model comes in every colour
+    low_res: float = 0.0  # probability of a view degraded as a small photo shows the car (data.LowResolution)
+    low_res_sides: tuple[int, ...] = (32, 128)  # its height range in px before it is enlarged back
+    low_res_jpeg: int = 0  # lowest JPEG quality of its re-encoding (0: none)
     classes_per_batch: int = 16
     images_per_class: int = 4
     min_per_class: int = 0  # drop training classes with fewer images (0: keep; short classes repeat images)
@@ -80,6 +83,12 @@ class DataConfig(InputGeometry):
         require(0.0 < self.crop_scale <= 1.0, "data.crop_scale must be in (0, 1]")
         require(0.0 <= self.jitter <= 1.0, "data.jitter must be in [0, 1]")
         require(0.0 <= self.grayscale <= 1.0, "data.grayscale must be in [0, 1]")
+        require(0.0 <= self.low_res <= 1.0, "data.low_res must be in [0, 1]")
+        require(
+            len(self.low_res_sides) == 2 and 8 <= self.low_res_sides[0] <= self.low_res_sides[1],
+            "data.low_res_sides must be two heights [low, high] with 8 <= low <= high",
+        )
+        require(0 <= self.low_res_jpeg <= 95, "data.low_res_jpeg must be in [0, 95] (0: no JPEG re-encoding)")
         require(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
         require(self.val_carve in ("last", "spaced"), f"data.val_carve must be last or spaced, got {self.val_carve!r}")
         require(self.classes_per_batch >= 2, "data.classes_per_batch (P) must be >= 2 (negatives need two classes)")

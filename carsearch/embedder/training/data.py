@@ -129,6 +129,33 @@ def geometry_transform(pre: Preprocessing, size: Size | None = None) -> v2.Compo
     return v2.Compose([v2.PILToTensor(), *resize_transforms(pre, size)])
 
 
+class LowResolution(torch.nn.Module):
+    """With probability ``p``, a uint8 view (3, H, W) as a small photo would show it: shrunk (antialiased,
+    bilinear or bicubic at random) to a height of ``sides[0]``–``sides[1]`` px and a width up to ``max_aspect``
+    times that (a car in a photo is wider than tall; the view was squashed square), JPEG re-encoded at a random
+    quality from ``jpeg`` to 95 when ``jpeg`` > 0, and enlarged back bicubically as inference enlarges a small
+    crop. Sides never grow: a view already smaller keeps its size."""
+
+    def __init__(self, p: float, sides: tuple[int, int], max_aspect: float = 2.5, jpeg: int = 0) -> None:
+        super().__init__()
+        if not (0.0 <= p <= 1.0 and 8 <= sides[0] <= sides[1] and max_aspect >= 1.0 and 0 <= jpeg <= 95):
+            raise ConfigError(f"low resolution: bad p={p}, sides={sides}, max_aspect={max_aspect}, jpeg={jpeg}")
+        self.p, self.sides, self.max_aspect, self.jpeg = p, sides, max_aspect, jpeg
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.p == 0 or torch.rand(()) >= self.p:
+            return image
+        height, width = image.shape[-2:]
+        small_h = min(height, int(torch.randint(self.sides[0], self.sides[1] + 1, ())))
+        aspect = 1.0 + float(torch.rand(())) * (self.max_aspect - 1.0)
+        small = (small_h, min(width, max(8, round(small_h * aspect))))
+        modes = (v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC)
+        shrunk = v2.functional.resize(image, list(small), modes[int(torch.randint(2, ()))], antialias=True)
+        if self.jpeg:
+            shrunk = v2.functional.jpeg(shrunk, int(torch.randint(self.jpeg, 96, ())))
+        return v2.functional.resize(shrunk, [height, width], v2.InterpolationMode.BICUBIC, antialias=True)
+
+
 def augment_transform(
     pre: Preprocessing,
     crop_scale: float = 0.6,
@@ -136,17 +163,20 @@ def augment_transform(
     jitter: float = 0.0,
     size: Size | None = None,
     grayscale: float = 0.0,
+    low_res: LowResolution | None = None,
 ) -> v2.Compose:
     """uint8 crop in inference geometry → augmented, normalised float (3, h, w) (``size``, default ``input_size``).
 
     The random crop's aspect range (3/4–4/3 of the input's own w/h) applies to the already squashed (or
     centre-cropped) image, so a training view has the proportions an inference view has; with
     ``crop_scale=1``, no flip and an input already at ``size`` this is the identity followed by
-    normalisation, i.e. exactly :func:`eval_transform`.
+    normalisation, i.e. exactly :func:`eval_transform`. ``low_res`` (:class:`LowResolution`) degrades the
+    whole view first, before the random crop.
     """
     height, width = size or pre.input_size
     aspect, mode = width / height, interpolation_mode(pre.interpolation)
-    steps: list[v2.Transform] = [
+    steps: list[torch.nn.Module] = [low_res] if low_res is not None and low_res.p > 0 else []
+    steps += [
         v2.RandomResizedCrop(
             (height, width), scale=(crop_scale, 1.0), ratio=(aspect * 3 / 4, aspect * 4 / 3), interpolation=mode
         )

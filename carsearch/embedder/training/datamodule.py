@@ -18,6 +18,7 @@ from carsearch.embedder.training.data import (
     CachedDataset,
     ClassSplits,
     CropDataset,
+    LowResolution,
     augment_transform,
     class_counts,
     geometry_transform,
@@ -121,8 +122,16 @@ class EmbedderDataModule(L.LightningDataModule):
             splits = ClassSplits([c for c in splits.train if counts[c] >= cfg.min_per_class], splits.val, splits.test)
         self.splits = splits
         size = self.preprocessing.input_size
+        sides = (cfg.low_res_sides[0], cfg.low_res_sides[1])
+        low_res = LowResolution(cfg.low_res, sides, jpeg=cfg.low_res_jpeg) if cfg.low_res > 0 else None
         augment = augment_transform(
-            self.preprocessing, cfg.crop_scale, cfg.hflip, cfg.jitter, cfg.train_crop_size, grayscale=cfg.grayscale
+            self.preprocessing,
+            cfg.crop_scale,
+            cfg.hflip,
+            cfg.jitter,
+            cfg.train_crop_size,
+            grayscale=cfg.grayscale,
+            low_res=low_res,
         )
         self.train_set = self._dataset(splits.train, cfg.train_size, augment)
         self.val_set = self._dataset(splits.val, size, None) if splits.val else None

@@ -28,7 +28,7 @@ from carsearch.cli import main
 from carsearch.config import CONFIGS_DIR, DetectorConfig, EmbedderConfig, resolve_paths, to_dict
 from carsearch.data.sources import SourceItem
 from carsearch.embedder import Embedder, load_checkpoint
-from carsearch.embedder.preprocessing import eval_transform
+from carsearch.embedder.preprocessing import Preprocessing, eval_transform
 from carsearch.embedder.training import (
     EmbedderModule,
     TrainConfig,
@@ -950,3 +950,36 @@ def test_export_without_a_run_writes_the_named_model(tmp_path):
     assert default.train_labels and len(default.train_labels) == 98
     with pytest.raises(SystemExit):
         main(["export", "--out", str(tmp_path / "x.pt"), "--format", "tflite"])
+
+
+# --------------------------------------------------------------------------- low-resolution views
+def _checkerboard(size: int = 96, square: int = 2) -> torch.Tensor:
+    grid = (np.indices((size, size)).sum(axis=0) // square) % 2
+    return torch.from_numpy(np.stack([grid * 255] * 3).astype(np.uint8))
+
+
+def test_a_low_resolution_view_keeps_its_size_and_loses_the_fine_detail() -> None:
+    from carsearch.embedder.training.data import LowResolution
+
+    torch.manual_seed(0)
+    image = _checkerboard()
+    degraded = LowResolution(1.0, (16, 24), jpeg=30)(image)
+    assert degraded.shape == image.shape and degraded.dtype == torch.uint8
+    detail = lambda t: float(t.float().diff(dim=-1).abs().mean())  # noqa: E731 - mean horizontal gradient
+    assert detail(degraded) < 0.3 * detail(image)  # 2-px squares cannot survive a 16-24 px height
+    assert torch.equal(LowResolution(0.0, (16, 24))(image), image)
+    assert torch.equal(LowResolution(1.0, (200, 300), max_aspect=1.0)(image), image)  # never enlarged first
+
+
+def test_low_resolution_settings_are_validated_and_reach_the_training_views() -> None:
+    from carsearch.embedder.training.data import LowResolution, augment_transform
+
+    with pytest.raises(ConfigError, match="low_res_sides"):
+        load_train_config(None, ["data.low_res=0.5", "data.low_res_sides=[64, 32]"])
+    with pytest.raises(ConfigError, match="data.low_res must be"):
+        load_train_config(None, ["data.low_res=1.5"])
+    pre = Preprocessing(image_size=64)
+    views = augment_transform(pre, crop_scale=1.0, hflip=False, low_res=LowResolution(1.0, (16, 16)))
+    plain = augment_transform(pre, crop_scale=1.0, hflip=False)
+    image = _checkerboard(64)
+    assert not torch.allclose(views(image), plain(image))
