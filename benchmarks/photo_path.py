@@ -104,6 +104,14 @@ def split(items: list[SourceItem]) -> tuple[list[int], list[int]]:
     return [i for i, yes in enumerate(inside) if yes], [i for i, yes in enumerate(inside) if not yes]
 
 
+def validation_classes(runs: list[str]) -> set[str]:
+    """The validation classes every run in ``runs`` holds out (their ``classes.json``); they must agree."""
+    found = [frozenset(json.loads((Path(run) / "classes.json").read_text()).get("val") or []) for run in runs]
+    if not found or not found[0] or len(set(found)) != 1:
+        raise SystemExit("--on validation needs runs that share one non-empty list of validation classes")
+    return set(found[0])
+
+
 def embedder_for(run: str | None, model: str | None, size: int | None = None) -> tuple[str, Embedder]:
     """A run's exported model (exported on first use) or a named / saved model; at ``size`` px if given."""
     if run is not None:
@@ -126,6 +134,12 @@ def main() -> None:
     parser.add_argument("--run", action="append", default=[], help="a training run folder (repeatable)")
     parser.add_argument("--model", action="append", default=[], help="a checkpoint path or shipped name")
     parser.add_argument("--size", type=int, help="embed at this square size, same weights (default: each one's own)")
+    parser.add_argument(
+        "--on",
+        choices=["test", "validation"],
+        default="test",
+        help="evaluate the last 49 classes (test) or the runs' own validation classes (their classes.json)",
+    )
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "photo_path")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "photo_path.json")
     args = parser.parse_args()
@@ -147,7 +161,13 @@ def main() -> None:
     ]
     best = max(policy_rows, key=lambda r: (r["photos"]["mean_iou"] + r["crops"]["mean_iou"]) / 2)
 
+    if args.on == "validation":
+        wanted = validation_classes(args.run)
+        test_ids = [i for i, it in enumerate(items) if it.label in wanted]
     test_items = [items[i] for i in test_ids]
+    evaluated = {str(it.label) for it in test_items}
+    class_crops = [load_image(it.path) for it in read_source(CROPS) if it.label in evaluated]
+    crop_labels = [str(it.label) for it in read_source(CROPS) if it.label in evaluated]
     photos = [load_image(it.path) for it in test_items]
     labels = [str(it.label) for it in test_items]
     inputs: dict[str, list[BBox | None]] = {
@@ -170,10 +190,13 @@ def main() -> None:
             vectors = np.stack([cache[(j, b and tuple(b.as_list()))] for j, b in enumerate(boxes)])
             m = leave_one_out_metrics(vectors, labels)
             row[key] = {"recall_at_1": m.recall_at[1], "map_at_r": m.map_at_r}
+        m = leave_one_out_metrics(embedder.embed(class_crops), crop_labels)  # the same classes' crops, whole
+        row["crops"] = {"recall_at_1": m.recall_at[1], "map_at_r": m.map_at_r}
         model_rows.append(row)
 
     result = {
-        "photos": {"first_49_classes": len(train_ids), "last_49_classes": len(test_ids)},  # photo counts
+        "photos": {"first_49_classes": len(train_ids), f"evaluated_{args.on}": len(test_ids)},  # photo counts
+        "crops": len(class_crops),
         "floor": FLOOR,
         "policies": policy_rows,
         "chosen": {
@@ -195,8 +218,8 @@ def main() -> None:
             f"{r[k]['no_box']:.1%} / {r[k]['mean_iou']:.3f} / {r[k]['hit_iou_0.5']:.1%}" for k in ("photos", "crops")
         ]
         print(f"| {r['confidence']:g} | {r['fallback']}{mark} | {cells[0]} | {cells[1]} |")
-    print(f"\nR@1 / MAP@R (%) on the {len(test_ids)} photos of the last 49 classes:\n")
-    keys = list(inputs)
+    print(f"\nR@1 / MAP@R (%) on the {len(test_ids)} photos ({args.on} classes; crops: {len(class_crops)}):\n")
+    keys = [*inputs, "crops"]
     print("| model | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for row in model_rows:
