@@ -12,15 +12,16 @@ from carsearch.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from carsearch.pipeline.batch import IndexReport
-    from carsearch.pipeline.pipeline import ClassGroup, Evaluation, Pipeline, evaluate_index
+    from carsearch.pipeline.evaluation import ClassGroup, Evaluation, evaluate_index
+    from carsearch.pipeline.pipeline import Pipeline
 
 __all__ = ["ClassGroup", "Evaluation", "IndexReport", "Pipeline", "evaluate_index"]
 _HOMES = {
-    "ClassGroup": "carsearch.pipeline.pipeline",
-    "Evaluation": "carsearch.pipeline.pipeline",
+    "ClassGroup": "carsearch.pipeline.evaluation",
+    "Evaluation": "carsearch.pipeline.evaluation",
     "IndexReport": "carsearch.pipeline.batch",
     "Pipeline": "carsearch.pipeline.pipeline",
-    "evaluate_index": "carsearch.pipeline.pipeline",
+    "evaluate_index": "carsearch.pipeline.evaluation",
 }
 
 __getattr__ = lazy_attributes(__name__, _HOMES)
