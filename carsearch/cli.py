@@ -15,10 +15,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from carsearch.config import DEFAULT_MODEL, DEVICE_NAMES, DEVICE_PATTERN, PipelineConfig, load_dataclass, to_dict
+from carsearch.config import (
+    DEFAULT_MODEL,
+    DEVICE_NAMES,
+    DEVICE_PATTERN,
+    CropSource,
+    PipelineConfig,
+    load_dataclass,
+    to_dict,
+)
+from carsearch.data.sources import Split
 from carsearch.embedder.zoo import MODELS
 from carsearch.errors import CarSearchError, ConfigError
-from carsearch.types import BBox
+from carsearch.types import BBox, CamMethod, Engine
 
 if TYPE_CHECKING:
     from carsearch.metrics import RetrievalMetrics
@@ -145,7 +154,10 @@ RERANK_HELP = (
     "search post-processing: none, aqe (query expansion), dba (database-side augmentation), kreciprocal "
     "(k-reciprocal re-ranking), or a comma-separated combination; tune with --set retrieval.KEY=VALUE"
 )
-CAM_METHODS = ["gradcam", "gradcam++", "eigencam"]
+CAM_METHODS = list(typing.get_args(CamMethod))  # choices come from the types that define them, never retyped
+ENGINES = list(typing.get_args(Engine))
+SPLITS = list(typing.get_args(Split))
+CROP_SOURCES = list(typing.get_args(CropSource))
 
 
 def _cam_options(parser: argparse.ArgumentParser) -> None:
@@ -210,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="INDEX", help="index folder (created; re-running resumes)")
     p.add_argument("--raw", action="store_true", help="no detector: embed whole images")
     p.add_argument(
-        "--crop-source", choices=["detector", "gt"], help="gt: the CSV/devkit boxes where present; default detector"
+        "--crop-source",
+        choices=CROP_SOURCES,
+        help="gt: the CSV/devkit boxes where present; default detector",
     )
-    p.add_argument("--split", choices=["train", "test", "all"], default="all", help="devkit/Kaggle split")
+    p.add_argument("--split", choices=SPLITS, default="all", help="devkit/Kaggle split")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--batch-size", type=positive_int, help="images decoded and detected together; default 32")
@@ -220,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=non_negative_int, help="decode worker processes (0 = in the main process); default 2"
     )
     p.add_argument("--prune", action="store_true", help="drop indexed images the source no longer lists")
-    p.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: Ray Data actors (extra [ray])")
+    p.add_argument("--engine", choices=ENGINES, default="local", help="ray: Ray Data actors (extra [ray])")
     p.add_argument("--ray-address", help="existing Ray cluster (e.g. auto, ray://head:10001); default: a local one")
     p.add_argument("--ray-cpus", type=positive_int, help="CPUs of the local Ray cluster; default: all cores")
     p.add_argument(
@@ -282,10 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="whole photos, crops pasted back into the photo, or both",
     )  # fmt: skip
     p.add_argument(
-        "--crop-source", choices=["detector", "gt"], help="crops from the detector or gt boxes; default detector"
+        "--crop-source",
+        choices=CROP_SOURCES,
+        help="crops from the detector or gt boxes; default detector",
     )
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--split", choices=["train", "test", "all"], default="all", help="devkit/Kaggle split")
+    p.add_argument("--split", choices=SPLITS, default="all", help="devkit/Kaggle split")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
     p.add_argument("--limit", type=positive_int, help="first N images only; default all")
     p.add_argument("--out", help=OUT + " for attention.json and attention.png; default: print only")

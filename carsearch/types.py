@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+CamMethod = Literal["gradcam", "gradcam++", "eigencam"]  # class activation map methods (explain/cam.py)
+Engine = Literal["local", "ray"]  # batch-job engines (pipeline.ENGINES)
 
 
 @dataclass(frozen=True)

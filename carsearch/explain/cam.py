@@ -10,8 +10,6 @@ al., "Visualizing Deep Similarity Networks"). The CAM methods come from ``pytorc
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,6 +19,7 @@ from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sig
 from torch import nn
 
 from carsearch.errors import ExplainError
+from carsearch.types import CamMethod
 
 
 class SignCorrectedEigenCAM(EigenCAM):
@@ -34,8 +33,8 @@ class SignCorrectedEigenCAM(EigenCAM):
         return get_2d_projection_with_sign_correction(activations)
 
 
-Method = Literal["gradcam", "gradcam++", "eigencam"]
-METHODS: dict[str, type[BaseCAM]] = {
+Method = CamMethod  # the names, written once in carsearch.types
+METHODS: dict[Method, type[BaseCAM]] = {
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "eigencam": SignCorrectedEigenCAM,

@@ -41,12 +41,12 @@ from carsearch.pipeline.evaluation import Evaluation, evaluate_index
 from carsearch.pipeline.index_settings import index_config, update_config
 from carsearch.pipeline.models import Models
 from carsearch.pipeline.ray_engine import RayOptions, run_ray_index_job
-from carsearch.types import BBox, CropPlan, SearchHit, SearchResult
+from carsearch.types import BBox, CropPlan, Engine, SearchHit, SearchResult
 
 logger = logging.getLogger(__name__)
 
 # engine name -> the function that runs the batch job (models, items, out, options, progress=, prune=)
-ENGINES: dict[str, Callable[..., IndexReport]] = {"local": run_index_job, "ray": run_ray_index_job}
+ENGINES: dict[Engine, Callable[..., IndexReport]] = {"local": run_index_job, "ray": run_ray_index_job}
 
 
 class Pipeline:
@@ -145,7 +145,7 @@ class Pipeline:
         progress: bool = False,
         where: dict[str, str] | None = None,
         prune: bool = False,
-        engine: str = "local",
+        engine: Engine = "local",
         ray: RayOptions | None = None,
     ) -> IndexReport:
         """Crop-and-index a folder / CSV / devkit / Kaggle dataset into the index directory ``out``.

@@ -129,3 +129,23 @@ def test_a_non_editable_install_carries_configs_and_the_shipped_model(tmp_path: 
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "98"
+
+
+def test_the_cli_choices_are_the_tables_that_define_them() -> None:
+    """Each CAM method, engine, split and crop source is written once; the flags offer exactly those."""
+    import typing
+
+    from carsearch.cli import command_parsers
+    from carsearch.config import CropSource
+    from carsearch.data.sources import Split
+    from carsearch.explain.cam import METHODS
+    from carsearch.pipeline.pipeline import ENGINES
+
+    def choices(command: str, flag: str) -> list[str]:
+        action = next(a for a in command_parsers()[command]._actions if flag in a.option_strings)
+        return list(action.choices or [])
+
+    assert choices("explain", "--method") == choices("demo", "--method") == list(METHODS)
+    assert choices("index", "--engine") == list(ENGINES)
+    assert choices("index", "--split") == choices("attention", "--split") == list(typing.get_args(Split))
+    assert choices("index", "--crop-source") == list(typing.get_args(CropSource))
