@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import yaml
 from carsearch.embedder.model import EmbeddingModel, ModelSpec
 from carsearch.embedder.training.config import ModelConfig
 from carsearch.embedder.training.module import FeatureKind
+from carsearch.embedder.training.run_metrics import RunMetrics
 from carsearch.errors import ModelLoadError
 
 
@@ -33,11 +33,9 @@ def choose_embedding(model: ModelConfig, selected: dict[str, Any] | None, select
 def best_checkpoint(run_dir: str | Path) -> Path:
     """The run's selected Lightning checkpoint (from ``metrics.json``, else the newest in ``checkpoints/``)."""
     run_dir = Path(run_dir)
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.exists():
-        recorded = json.loads(metrics_file.read_text()).get("checkpoint")
-        if recorded and Path(recorded).exists():
-            return Path(recorded)
+    metrics = RunMetrics.read(run_dir)
+    if metrics is not None and metrics.checkpoint and Path(metrics.checkpoint).exists():
+        return Path(metrics.checkpoint)
     candidates = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise ModelLoadError(f"no Lightning checkpoint in {run_dir}/checkpoints; is {run_dir} a training run?")
@@ -66,11 +64,9 @@ def run_embedding(run_dir: str | Path) -> FeatureKind:
     """What a run's model embeds with: ``metrics.json``'s choice, else the config's fixed ``model.embed_with``,
     else the head (runs written before the choice existed)."""
     run_dir = Path(run_dir)
-    metrics_file, config_file = run_dir / "metrics.json", run_dir / "config.yaml"
-    if metrics_file.exists():
-        recorded = (json.loads(metrics_file.read_text()).get("embedding") or {}).get("name")
-        if recorded in ("head", "pooled"):
-            return recorded
+    metrics, config_file = RunMetrics.read(run_dir), run_dir / "config.yaml"
+    if metrics is not None and metrics.embedding_name is not None:
+        return metrics.embedding_name
     if config_file.exists():
         fixed = ((yaml.safe_load(config_file.read_text()) or {}).get("model") or {}).get("embed_with")
         if fixed in ("head", "pooled"):

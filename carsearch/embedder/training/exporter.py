@@ -17,6 +17,7 @@ from carsearch.embedder.model import EmbeddingModel, without_head
 from carsearch.embedder.onnx import export_onnx
 from carsearch.embedder.training.choice import best_checkpoint, load_trained_model, run_embedding
 from carsearch.embedder.training.module import FeatureKind
+from carsearch.embedder.training.run_metrics import RunMetrics
 from carsearch.embedder.zoo import DEFAULT_MODEL
 from carsearch.errors import ConfigError, ModelLoadError
 
@@ -79,12 +80,11 @@ def export(
         classes_file = run_dir / "classes.json"
         if classes_file.exists():
             extra["train_labels"] = sorted(json.loads(classes_file.read_text()).get("train") or [])
-        metrics_file = run_dir / "metrics.json"
-        if metrics_file.exists() and chosen == run_embedding(run_dir):  # the run's metrics are of this embedding
-            recorded = json.loads(metrics_file.read_text())
-            for name in ("test", "zero_shot"):
-                if recorded.get(name):
-                    extra[f"{name}_metrics"] = recorded[name]
+        metrics = RunMetrics.read(run_dir)
+        if metrics is not None and chosen == run_embedding(run_dir):  # the run's metrics are of this embedding
+            for name, recorded in (("test", metrics.test), ("zero_shot", metrics.zero_shot)):
+                if recorded:
+                    extra[f"{name}_metrics"] = recorded
     if half:
         error = half_precision_error(model)
         if error > FP16_TOLERANCE:

@@ -29,6 +29,7 @@ from carsearch.embedder.training.choice import choose_embedding
 from carsearch.embedder.training.config import TrainConfig, TrainerConfig
 from carsearch.embedder.training.datamodule import EmbedderDataModule
 from carsearch.embedder.training.module import EmbedderModule, FeatureKind
+from carsearch.embedder.training.run_metrics import METRICS_FILE, RunMetrics
 from carsearch.errors import ConfigError
 from carsearch.runtime import configure_threads
 
@@ -76,14 +77,14 @@ def run_directory(config: TrainConfig) -> Path:
         name = inherited if inherited and _is_ddp_child() else f"{datetime.now():%Y%m%d-%H%M%S}-{config.loss.name}"
         os.environ[RUN_NAME_ENV] = name
     run_dir = Path(config.out.dir).expanduser() / name
-    if (run_dir / "metrics.json").exists() or (run_dir / "checkpoints").exists():
+    if (run_dir / METRICS_FILE).exists() or (run_dir / "checkpoints").exists():
         if not config.out.overwrite and not _is_ddp_child():
             raise ConfigError(
                 f"run directory {run_dir} already holds a run; pick another out.name or out.overwrite=true"
             )
         if not _is_ddp_child():
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            (run_dir / "metrics.json").unlink(missing_ok=True)
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
     return run_dir
 
 
@@ -238,40 +239,40 @@ def train(config: TrainConfig) -> Path:
             assert data.test_set is not None
             test = module.evaluate(data.eval_loader(data.test_set), data.splits.test, [embedding])[embedding]
             zero_shot["test"] = zero_shot_test.get(embedding)
-        metrics = {
-            "test": test,
-            "zero_shot": zero_shot,
-            "embedding": {
+        metrics = RunMetrics(
+            test=test,
+            zero_shot=zero_shot,
+            embedding={
                 "name": embedding,
                 # num_features: timm's plain int attribute, which torch's stub types as Tensor | Module
                 "dim": int(module.model.dim if embedding == "head" else cast(int, module.model.backbone.num_features)),
                 "chosen_by": reason,
             },
-            "selected_by": monitor or "last epoch (fixed schedule)",
-            "selected_epoch": best["epoch"] if monitor and best else int(trainer.current_epoch) - 1,
-            "val": {"best": best, "final": history[-1] if history else None, "history": history},
-            "checkpoint": str(selected) if selected else None,
-            "averaging": averaging.summary() if averaging is not None else None,
-            "epochs": int(trainer.current_epoch),
-            "global_steps": int(trainer.global_step),
-            "images": {
+            selected_by=monitor or "last epoch (fixed schedule)",
+            selected_epoch=int(best["epoch"]) if monitor and best else int(trainer.current_epoch) - 1,
+            val={"best": best, "final": history[-1] if history else None, "history": history},
+            checkpoint=str(selected) if selected else None,
+            averaging=averaging.summary() if averaging is not None else None,
+            epochs=int(trainer.current_epoch),
+            global_steps=int(trainer.global_step),
+            images={
                 "train": len(data.train_set or []),
                 "val": len(data.val_set or []),
                 "test": len(data.test_set or []),
             },
-            "classes": {name: len(classes) for name, classes in data.splits.to_dict().items()},
-            "train_time_s": round(train_time, 1),
-            "wall_time_s": round(time.perf_counter() - started, 1),
-            "resolved": {"accelerator": accelerator, "precision": precision, "world_size": trainer.world_size},
-        }
-        atomic_write_json(run_dir / "metrics.json", metrics)
+            classes={name: len(classes) for name, classes in data.splits.to_dict().items()},
+            train_time_s=round(train_time, 1),
+            wall_time_s=round(time.perf_counter() - started, 1),
+            resolved={"accelerator": accelerator, "precision": precision, "world_size": trainer.world_size},
+        )
+        metrics.write(run_dir)
         logger.info(
             "run %s: test R@1 %s → %s (selected: %s, epoch %s), training %.0f s",
             run_dir,
             (zero_shot["test"] or {}).get("recall_at_1"),
             (test or {}).get("recall_at_1"),
-            metrics["selected_by"],
-            metrics["selected_epoch"],
+            metrics.selected_by,
+            metrics.selected_epoch,
             train_time,
         )
     return run_dir
