@@ -83,10 +83,11 @@ def api_router(backend: DemoBackend) -> APIRouter:
         if image is None:
             return error(422, "send the photo as a multipart file field named 'image'")
         data = await image.read(MAX_UPLOAD_BYTES + 1)
+        await image.close()
         if len(data) > MAX_UPLOAD_BYTES:
             return error(413, f"file too large: more than {MAX_UPLOAD_BYTES} bytes")
         try:
-            photo = await run_in_threadpool(decode_image, data)
+            photo = await run_in_threadpool(lambda: backend.prepare(decode_image(data)))
         except ImageLoadError as exc:
             return error(image_error_status(exc), str(exc))
         tic = asyncio.get_running_loop().time()

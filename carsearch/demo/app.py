@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from carsearch.demo.api import api_router
-from carsearch.demo.backend import MAX_BATCH, MAX_K, MAX_UPLOAD_BYTES, DemoBackend
+from carsearch.demo.backend import MAX_BATCH, MAX_K, MAX_UPLOAD_BYTES, DemoBackend, release_memory
 from carsearch.demo.explaining import explain_hit, explain_search
 from carsearch.demo.handlers import QueryState, SearchOutput, pick_car, search
 from carsearch.errors import CarSearchError
@@ -77,6 +77,7 @@ class PageHandlers:
     def explain(self, state: QueryState) -> tuple[Any, ...]:
         """The maps of the last search: query ↔ first hit, the whole photo per index, attention-in-box."""
         out = explain_search(self.backend, state)
+        release_memory()  # the backward pass's buffers
         return out.query_cam, out.hit_cam, out.cam_caption, out.attention, out.photo_cams
 
     def select(self, state: QueryState, event: gr.SelectData) -> tuple[Any, Any, str]:

@@ -28,12 +28,21 @@ class Batcher(Generic[T, R]):
     """Runs ``run`` on batches of submitted items in one worker thread (so the models are used by one thread).
 
     ``max_batch``: the most items per call. ``window_s``: how long the first item of a batch waits for others.
+    ``on_idle``: called after a batch when no item waits (e.g. to hand freed memory back to the system).
     """
 
-    def __init__(self, run: BatchFn, max_batch: int = 16, window_s: float = 0.01, name: str = "batcher") -> None:
+    def __init__(
+        self,
+        run: BatchFn,
+        max_batch: int = 16,
+        window_s: float = 0.01,
+        name: str = "batcher",
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run = run
+        self.on_idle = on_idle
         self.max_batch = max_batch
         self.window_s = window_s
         self.batches = 0  # batches run so far (tests and logs)
@@ -82,6 +91,11 @@ class Batcher(Generic[T, R]):
             live = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
             if live:
                 self._run([item for item, _ in live], [future for _, future in live])
+            if self.on_idle is not None and self._queue.empty():
+                try:
+                    self.on_idle()
+                except Exception:  # noqa: BLE001 - housekeeping must never stop the queue
+                    logger.exception("on_idle failed")
             if stop:
                 return
 

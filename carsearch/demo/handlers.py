@@ -150,7 +150,7 @@ def search(
     """Detect every car, search with car ``car`` (None: the largest) and show box, crop and hits — no maps."""
     confidence = backend.default_confidence if confidence is None else float(confidence)
     try:
-        image = read_upload(upload)
+        image = backend.prepare(read_upload(upload))
         answer: CarSearch = ask(backend, SearchRequest(image, int(k), confidence, car))
     except CarSearchError as exc:
         return SearchOutput(message=f"⚠️ Could not use that upload: {exc}", error=f"Could not use that upload: {exc}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from carsearch.demo.backend import BATCH_WINDOW_S, MAX_BATCH, MAX_K, DemoBackend, Side
+from carsearch.demo.backend import BATCH_WINDOW_S, MAX_BATCH, MAX_K, DemoBackend, Side, release_memory
 from carsearch.demo.batching import Batcher
 from carsearch.errors import CarSearchError
 from carsearch.pipeline.queries import QueryCars, embed_cars, gallery_hits, plan_cars
@@ -106,7 +106,11 @@ def batcher_for(backend: DemoBackend) -> Batcher[SearchRequest, CarSearch]:
     with backend.lock:
         if backend.batcher is None:
             backend.batcher = Batcher(
-                lambda requests: search_batch(backend, requests), MAX_BATCH, BATCH_WINDOW_S, name="carsearch-search"
+                lambda requests: search_batch(backend, requests),
+                MAX_BATCH,
+                BATCH_WINDOW_S,
+                name="carsearch-search",
+                on_idle=release_memory,
             )
         return backend.batcher
 
