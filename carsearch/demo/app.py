@@ -30,7 +30,7 @@ INTRO = (
 IMAGE_HEIGHT = 220
 ANNOTATED_HEIGHT = 320
 GALLERY_HEIGHT = 260
-PHOTO_CAMS_HEIGHT = 380  # the whole-photo maps: two pictures side by side, each shown whole
+PHOTO_CAMS_HEIGHT = "auto"  # the whole-photo maps grow to show both pictures whole (a fixed height clipped them)
 QUEUE_SIZE = 512  # queued page events; beyond it a user is told the demo is busy (the API queue is unbounded)
 STATE_TTL_S = 1800  # a session's last search (pictures) is dropped after this long
 
@@ -71,7 +71,7 @@ class PageHandlers:
         if out.error:
             gr.Warning(out.error)
         cars = gr.Radio(choices=[(str(n), n) for n in out.cars], value=out.car)
-        cleared = (None, None, "", "", [])
+        cleared: tuple[Any, ...] = (None, None, "", "", [])
         return (out.message, out.annotated, out.crop, out.hits, out.raw_hits, cars, out.state, *cleared)
 
     def explain(self, state: QueryState) -> tuple[Any, ...]:
