@@ -112,6 +112,35 @@ def _search(page, upload: Path) -> None:  # noqa: ANN001 - playwright Page
     page.locator("#search").click()
 
 
+MAPS_READY = "document.querySelectorAll('#photo-cams img').length === 2"
+HITS_READY = f"document.querySelectorAll('#hits .caption-label').length === {K}"
+
+
+def _crop_src(page) -> str:  # noqa: ANN001 - playwright Page
+    return page.locator("#crop img").first.get_attribute("src") or ""
+
+
+def _whole_photo_is_shown(page) -> None:  # noqa: ANN001 - playwright Page
+    """Each whole-photo map is drawn whole: its rendered box holds the picture at its own aspect ratio, inside
+    the panel and the page (not a blank strip, not clipped)."""
+    boxes = page.evaluate(
+        """() => [...document.querySelectorAll('#photo-cams img')].map(img => {
+            const r = img.getBoundingClientRect(), p = img.closest('#photo-cams').getBoundingClientRect();
+            return {w: r.width, h: r.height, nw: img.naturalWidth, nh: img.naturalHeight,
+                    fit: getComputedStyle(img).objectFit,
+                    inside: r.left >= p.left - 1 && r.right <= p.right + 1
+                            && r.top >= p.top - 1 && r.bottom <= p.bottom + 1};
+        })"""
+    )
+    assert len(boxes) == 2, boxes
+    for box in boxes:
+        assert box["nw"] > 0 and box["nh"] > 0 and box["w"] >= 120 and box["h"] >= 80, box
+        assert box["inside"], box
+        shown = min(box["w"] / box["nw"], box["h"] / box["nh"])  # object-fit: contain draws it at this scale
+        assert box["fit"] == "contain" or abs(box["w"] / box["h"] - box["nw"] / box["nh"]) < 0.05, box
+        assert shown * box["nw"] >= 0.5 * box["w"] or shown * box["nh"] >= 0.5 * box["h"], box
+
+
 def test_upload_search_and_see_results_in_chromium(demo_server: tuple[str, Path], tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -126,21 +155,44 @@ def test_upload_search_and_see_results_in_chromium(demo_server: tuple[str, Path]
             page.locator("#search").wait_for(timeout=60_000)
 
             _search(page, gallery / "class_1" / "img_0.jpg")
-            page.wait_for_function(f"document.querySelectorAll('#hits .caption-label').length === {K}", timeout=120_000)
+            page.wait_for_function(HITS_READY, timeout=120_000)
+            # answer first: the hits are on the page before the maps (the maps are a chained event)
+            assert not page.evaluate(MAPS_READY), "the maps arrived with the answer, not after it"
             captions = page.locator("#hits .caption-label").all_inner_texts()
             assert len(captions) == K and all(CAPTION.match(c.strip()) for c in captions), captions
             assert page.locator("#hits img").count() == K
             page.wait_for_function(f"document.querySelectorAll('#raw-hits img').length === {K}", timeout=30_000)
             assert page.locator("#raw-hits").is_visible()
             assert "Found a car" in page.locator("#status").inner_text()
-            assert page.locator("#query-cam img").count() == 1 and page.locator("#photo-cams img").count() == 2
-            assert "inside the car box" in page.locator("#attention").inner_text()
+            page.wait_for_function(MAPS_READY, timeout=120_000)  # then the maps
+            assert page.locator("#query-cam img").count() == 1
+            page.wait_for_function(
+                "document.querySelector('#attention').innerText.includes('inside the car box')", timeout=30_000
+            )
+            page.locator("#photo-cams").scroll_into_view_if_needed()
+            page.wait_for_function(
+                "[...document.querySelectorAll('#photo-cams img')].every(i => i.complete && i.naturalWidth > 0)",
+                timeout=30_000,
+            )
+            _whole_photo_is_shown(page)
             time.sleep(1)  # let the images finish painting
             artifacts = ROOT / "test-artifacts"
             artifacts.mkdir(exist_ok=True)
             page.screenshot(path=str(artifacts / "demo.png"), full_page=True)
             if os.environ.get("CARSEARCH_UPDATE_DOCS") == "1":
                 shutil.copy(artifacts / "demo.png", ROOT / "docs" / "demo.png")
+
+            # every car is numbered: pick the second one in the list → that car is searched
+            assert page.locator("#car input[type=radio]").count() >= 2
+            first_crop, first_hits = _crop_src(page), page.locator("#hits .caption-label").all_inner_texts()
+            page.locator("#car label").nth(1).click()
+            page.wait_for_function("document.querySelector('#status').innerText.includes('Car 2 of')", timeout=120_000)
+            page.wait_for_function(HITS_READY, timeout=60_000)
+            assert page.locator("#car input[type=radio]").nth(1).is_checked()
+            assert _crop_src(page) != first_crop
+            assert page.locator("#hits .caption-label").all_inner_texts() != first_hits
+            page.screenshot(path=str(artifacts / "demo-car-2.png"), full_page=True)
+            page.wait_for_function(MAPS_READY, timeout=120_000)
 
             broken = tmp_path / "broken.jpg"
             broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -169,7 +221,7 @@ def test_four_concurrent_api_clients_all_get_their_answer(demo_server: tuple[str
     queries = [gallery / f"class_{c}" / f"img_{i}.jpg" for c, i in [(0, 0), (1, 1), (2, 2), (0, 3)]]
 
     def ask(query: Path) -> tuple[Path, tuple]:
-        return query, client.predict(handle_file(str(query)), 3, 0.25, api_name="/search")
+        return query, client.predict(handle_file(str(query)), 3, 0.25, None, api_name="/search")
 
     def captions(answer: tuple) -> tuple[list[str], list[str]]:
         status, _annotated, _crop, hits, raw_hits = answer[:5]
@@ -185,3 +237,18 @@ def test_four_concurrent_api_clients_all_get_their_answer(demo_server: tuple[str
         assert all(CAPTION.match(c) for c in hits + raw_hits), hits + raw_hits
         assert raw_hits[0].startswith(f"#1 {query.parent.name} · 1.000")  # the raw index holds the query itself
         assert (hits, raw_hits) == one_by_one[query]  # each client got its own answer, as when asked alone
+
+
+def test_the_json_api_on_the_same_server(demo_server: tuple[str, Path]) -> None:
+    import httpx
+
+    url, gallery = demo_server
+    with (gallery / "class_0" / "img_2.jpg").open("rb") as photo:
+        response = httpx.post(f"{url}api/v1/search", params={"k": 3}, files={"image": photo}, timeout=120)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["car"] == 1 and body["hits"][0]["label"] == "class_0" and len(body["hits"]) == 3
+    thumbnail = httpx.get(f"{url.rstrip('/')}{body['hits'][0]['thumbnail']}", timeout=30)
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
+    bad = httpx.post(f"{url}api/v1/search", files={"image": ("x.txt", b"not a photo")}, timeout=30)
+    assert bad.status_code == 415 and "not an image" in bad.json()["error"]

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from carsearch.demo.app import build_app
-from carsearch.demo.handlers import DemoBackend, QueryState, explain_hit, search
+from carsearch.demo.explaining import explain_hit, explain_search
+from carsearch.demo.handlers import DemoBackend, QueryState, search
 from carsearch.errors import CarSearchError
 from tests.conftest import make_car_image
 from tests.demo_fixtures import build_demo_indexes
@@ -29,7 +30,8 @@ def test_search_shows_box_crop_hits_and_both_indexes(demo: tuple[DemoBackend, Pa
     out = search(backend, gallery / "class_1" / "img_0.jpg", k=4, confidence=0.05)
     assert out.error is None and "Found a **car**" in out.message
     assert out.annotated is not None and out.annotated.size == (384, 288)  # 160 x 120 shown at 384 px
-    assert np.any(np.all(np.asarray(out.annotated) == (0, 255, 0), axis=-1))  # the box is drawn
+    assert np.any(np.all(np.asarray(out.annotated) == (0, 255, 0), axis=-1))  # the searched box is drawn
+    assert out.car == 1 and out.cars == list(range(1, len(out.cars) + 1))
     assert out.crop is not None and max(out.crop.size) == 256  # shown upscaled
     assert out.state.crop is not None and out.state.crop.width < 160  # the embedded crop itself
     assert len(out.hits) == 4 and len(out.raw_hits) == 4
@@ -38,13 +40,15 @@ def test_search_shows_box_crop_hits_and_both_indexes(demo: tuple[DemoBackend, Pa
     scores = [float(CAPTION.match(caption).group(2)) for _, caption in out.hits]  # type: ignore[union-attr]
     assert scores == sorted(scores, reverse=True)
     assert all(isinstance(image, Image.Image) for image, _ in out.hits + out.raw_hits)
-    assert out.query_cam is not None and out.hit_cam is not None and "query ↔ #1" in out.cam_caption
-    assert [caption for _, caption in out.photo_cams] == [
+    assert len(out.state.hits) == 4
+    assert not backend.main.explainer_loaded  # the answer needs no CAM model: the maps come after
+    maps = explain_search(backend, out.state)
+    assert maps.query_cam is not None and maps.hit_cam is not None and "query ↔ #1" in maps.cam_caption
+    assert [caption for _, caption in maps.photo_cams] == [
         "raw index: where the model looks",
         "cropped index: where the model looks",
     ]
-    assert re.search(r"raw: \*\*\d+%\*\*.*cropped: \*\*\d+%\*\*", out.attention)
-    assert len(out.state.hits) == 4
+    assert re.search(r"raw: \*\*\d+%\*\*.*cropped: \*\*\d+%\*\*", maps.attention)
 
 
 def test_confidence_slider_above_every_detection_searches_with_the_fallback_box(
@@ -109,7 +113,7 @@ def test_build_app_wires_the_page(demo: tuple[DemoBackend, Path]) -> None:
     backend, _ = demo
     app = build_app(backend)
     ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
-    assert {"query", "search", "status", "hits", "raw-hits", "query-cam", "hit-cam", "attention"} <= ids
+    assert {"query", "search", "status", "hits", "raw-hits", "query-cam", "hit-cam", "attention", "car"} <= ids
     assert "/search" in {f"/{fn.api_name}" for fn in app.fns.values() if fn.api_name}
 
 
