@@ -114,6 +114,16 @@ def _search(page, upload: Path) -> None:  # noqa: ANN001 - playwright Page
 
 MAPS_READY = "document.querySelectorAll('#photo-cams img').length === 2"
 HITS_READY = f"document.querySelectorAll('#hits .caption-label').length === {K}"
+# Records when each first became true, from DOM mutations (a check right after the hits would race the maps).
+ORDER_WATCH = f"""() => {{
+  window.__seen = {{}};
+  const note = () => {{
+    const now = performance.now();
+    if (window.__seen.hits === undefined && {HITS_READY}) window.__seen.hits = now;
+    if (window.__seen.maps === undefined && {MAPS_READY}) window.__seen.maps = now;
+  }};
+  new MutationObserver(note).observe(document.body, {{childList: true, subtree: true, attributes: true}});
+}}"""
 
 
 def _crop_src(page) -> str:  # noqa: ANN001 - playwright Page
@@ -154,10 +164,13 @@ def test_upload_search_and_see_results_in_chromium(demo_server: tuple[str, Path]
             page.goto(url, wait_until="load")
             page.locator("#search").wait_for(timeout=60_000)
 
+            page.evaluate(ORDER_WATCH)
             _search(page, gallery / "class_1" / "img_0.jpg")
             page.wait_for_function(HITS_READY, timeout=120_000)
-            # answer first: the hits are on the page before the maps (the maps are a chained event)
-            assert not page.evaluate(MAPS_READY), "the maps arrived with the answer, not after it"
+            page.wait_for_function(MAPS_READY, timeout=120_000)
+            seen = page.evaluate("window.__seen")
+            # answer first: the hits were on the page before the maps (the maps are a chained event)
+            assert seen["hits"] < seen["maps"], f"the maps arrived with the answer, not after it: {seen}"
             captions = page.locator("#hits .caption-label").all_inner_texts()
             assert len(captions) == K and all(CAPTION.match(c.strip()) for c in captions), captions
             assert page.locator("#hits img").count() == K
