@@ -428,16 +428,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def load_dataclass(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Config dataclass ``cls`` from a YAML file (a path or a shipped name; or defaults) with ``section.key=value``
     overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            file = resolve_config(path)
-            data = resolve_paths(yaml.safe_load(file.read_text()) or {}, file.parent)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    data = read_config_file(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping (a path or a shipped name), relative paths resolved (:func:`resolve_paths`);
+    :class:`ConfigError` in one line when it cannot be read or is not a YAML mapping."""
+    try:
+        file = resolve_config(path)
+        data = yaml.safe_load(file.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{at}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections, got a {type(data).__name__}")
+    return dict(resolve_paths(data, file.parent))

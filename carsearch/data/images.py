@@ -96,9 +96,12 @@ def as_image(picture: ImageInput) -> tuple[Image.Image, bytes | None]:
     if isinstance(picture, np.ndarray):
         return prepare(array_image(picture)), None
     if isinstance(picture, Image.Image):
+        width, height = picture.size
+        if width * height > MAX_IMAGE_PIXELS:  # before load(): a lazily opened bomb is never decoded
+            raise ImageLoadError(f"image too large: {width}x{height} = {width * height} pixels > {MAX_IMAGE_PIXELS}")
         try:
             picture.load()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
             raise ImageLoadError(f"cannot read the PIL image: {exc}") from None
         return prepare(picture), None
     raise ImageLoadError(f"expected a path, a URI, bytes, a PIL image or a uint8 array, got {type(picture).__name__}")

@@ -74,8 +74,9 @@ class WeightsRecord:
 
 
 def describe(local: Path, source: str) -> WeightsRecord:
-    """A record of the local weights file ``local`` (loaded from ``source``), not yet copied anywhere."""
-    source = source if storage.is_uri(source) else os.path.abspath(Path(source).expanduser())
+    """A record of the local weights file ``local`` (loaded from ``source``: a URI is kept, else the file
+    itself, e.g. a bare name's copy in the cache), not yet copied anywhere."""
+    source = source if storage.is_uri(source) else os.path.abspath(local)
     return WeightsRecord(local.name, sha256_file(local), local.stat().st_size, source)
 
 
@@ -92,6 +93,9 @@ def bundle(record: WeightsRecord, local: Path, index_dir: Path) -> WeightsRecord
         os.close(fd)
         try:
             shutil.copyfile(local, tmp)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600: other users of a shared index must read it
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

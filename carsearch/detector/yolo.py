@@ -109,6 +109,8 @@ class VehicleDetector:
 @contextlib.contextmanager
 def _quiet_ultralytics() -> Iterator[None]:
     """Keep ultralytics' INFO lines (printed to stdout) out of our output, e.g. ``--json``."""
+    import ultralytics  # noqa: F401 - its first import resets its logger to INFO: import before lowering it
+
     log = logging.getLogger("ultralytics")
     level = log.level
     log.setLevel(max(level, logging.WARNING))

@@ -398,8 +398,11 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise IndexMismatchError(f"{folder} is not a carsearch index (no {MANIFEST}); build one with `carsearch index`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise IndexMismatchError(f"{folder}/{MANIFEST} cannot be read ({type(exc).__name__}); {REBUILD}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexMismatchError(f"{folder}/{MANIFEST} is not a carsearch index manifest")
     if int(manifest.get("version", -1)) > VERSION:
         raise IndexMismatchError(f"{folder} has index version {manifest['version']}; this carsearch reads <= {VERSION}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,7 +169,10 @@ class RecordTable(Sequence[ItemRecord]):
         paths = self.table.column("path")
         relative = pc.and_(pc.invert(pc.starts_with(paths, "/")), pc.invert(pc.match_substring(paths, "://")))
         joined = pc.binary_join_element_wise(pa.scalar(folder.rstrip("/")), paths, "/")
-        return self._with_path_column(pc.if_else(relative, joined, paths))
+        values = pc.if_else(relative, joined, paths).to_pylist()
+        for row in self.relative_paths():  # "a/../b" spelled as os.path.abspath spells it (the job's keys)
+            values[row] = posixpath.normpath(values[row])
+        return self._with_path_column(pa.chunked_array([pa.array(values, pa.string())]))
 
     def with_paths_relative_to(self, folder: str) -> RecordTable:
         """These rows with the paths inside the absolute ``folder`` written relative to it (others unchanged)."""

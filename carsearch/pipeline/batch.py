@@ -22,8 +22,8 @@ from carsearch.data.atomic import atomic_write_jsonl, read_jsonl
 from carsearch.data.decode import DecodeDataset, decode_loader
 from carsearch.data.lock import WriterLock
 from carsearch.data.sources import SourceItem
-from carsearch.detector.weights import bundle, describe, sha256_file
-from carsearch.errors import IndexMismatchError
+from carsearch.detector.weights import BUNDLE_DIR, bundle, describe, local_target, sha256_file
+from carsearch.errors import ConfigError, IndexMismatchError
 from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest, unresolved_paths
 from carsearch.index.records import RecordTable
 from carsearch.pipeline.chunks import Chunk, ChunkMeta, ChunkStore
@@ -160,28 +160,56 @@ def first_difference(stored: Any, now: Any, prefix: str = "") -> tuple[str, Any,
     return prefix.rstrip(".") or "settings", stored, now
 
 
-def absolute_items(items: list[SourceItem]) -> list[SourceItem]:
-    """``items`` with local paths absolute (an index never depends on the folder it was built from)."""
-    return [
-        item if storage.is_uri(item.path) else replace(item, path=Path(os.path.abspath(Path(item.path).expanduser())))
-        for item in items
-    ]
+def absolute_items(items: list[SourceItem], out: Path | None = None) -> list[SourceItem]:
+    """``items`` with local paths absolute (an index never depends on the folder it was built from), less the
+    index's own files when the index folder ``out`` sits inside the source (its top-level files, ``work/``,
+    ``detector/``; images in other sub-folders of ``out`` are indexed like any)."""
+    own = os.path.abspath(out) if out is not None else None
+    kept = []
+    for item in items:
+        if not storage.is_uri(item.path):
+            path = os.path.abspath(Path(item.path).expanduser())
+            relative = os.path.relpath(path, own) if own is not None else ".."
+            if not relative.startswith("..") and (
+                os.sep not in relative or relative.startswith((f"{WORK}{os.sep}", f"{BUNDLE_DIR}{os.sep}"))
+            ):
+                continue
+            item = replace(item, path=Path(path))
+        kept.append(item)
+    return kept
 
 
 def record_detector(manifest: dict[str, Any], models: Models, out: Path, existing: GalleryIndex | None) -> None:
     """Record the detector weights that made the index's crops (``detector_weights``: name, SHA-256, source)
-    and copy small files into the index folder; a run that never loaded the detector keeps the index's record."""
+    and copy small files into the index folder. The file is the loaded detector's, else (the Ray engine
+    detects in its actors; a run with nothing new never loads it) the index's own record, else the configured
+    weights resolved as the detector resolves them. The first recorded source is kept while the bytes match."""
     if not models.config.crop:
         return
-    if models.detector_loaded:
-        weights = models.detector.weights_file
-        record = bundle(describe(weights, models.config.detector.weights), weights, out).to_dict()
-    elif existing is not None and "detector_weights" in existing.manifest:
-        record = existing.manifest["detector_weights"]
+    configured = models.config.detector.weights
+    loaded = getattr(models.detector, "weights_file", None) if models.detector_loaded else None
+    previous = existing.manifest.get("detector_weights") if existing is not None else None
+    if loaded is None and previous:
+        record = previous
     else:
-        return
+        local = loaded or _local_weights(configured)
+        if local is None:
+            return
+        fresh = describe(local, configured)
+        if previous and previous.get("sha256") == fresh.sha256:
+            fresh = replace(fresh, source=previous["source"])
+        record = bundle(fresh, local, out).to_dict()
     manifest["detector_weights"] = record
     manifest["config"]["detector"]["weights"] = record["source"]
+
+
+def _local_weights(weights: str) -> Path | None:
+    """The local file the detector would load for ``weights`` (a URI's cached copy), if there is one."""
+    try:
+        local = storage.local_copy(weights) if storage.is_uri(weights) else Path(local_target(weights)).expanduser()
+    except OSError:
+        return None
+    return local if local.is_file() else None
 
 
 P = ParamSpec("P")
@@ -224,7 +252,10 @@ class IndexJob:
         self.start = time.perf_counter()
         self.models = models
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f"--out {self.out} is a file, not an index folder; choose another --out") from None
         self.lock = WriterLock(self.out).acquire()  # before reading any state; until finish() or release()
         self.manifest = models.manifest()
         check_resumable(self.out, self.manifest)
@@ -244,7 +275,7 @@ class IndexJob:
             self.done.update(zip(records.column("path"), records.column("content_hash"), strict=True))
         seen: set[str] = set()
         self.items: list[SourceItem] = []
-        for item in absolute_items(items):
+        for item in absolute_items(items, self.out):
             if str(item.path) not in seen:
                 seen.add(str(item.path))
                 self.items.append(item)

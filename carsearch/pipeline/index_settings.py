@@ -16,24 +16,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from carsearch.config import (
-    PipelineConfig,
-    apply_overrides,
-    from_dict,
-    resolve_config,
-    resolve_paths,
-    upgrade_config,
-)
+from carsearch.config import PipelineConfig, apply_overrides, from_dict, read_config_file, upgrade_config
 from carsearch.data import storage
-from carsearch.detector.weights import WeightsRecord, locate, sha256_file
+from carsearch.detector.weights import BUNDLE_DIR, WeightsRecord, locate, sha256_file
 from carsearch.errors import IndexMismatchError
 from carsearch.index import read_manifest
+from carsearch.pipeline.batch import adopt_weights_name, first_difference
+from carsearch.pipeline.models import processing_of
 
-# Settings that change the vectors an index holds: detector, crop mode and geometry, embedder input and model.
-VECTOR_SETTINGS = ("detector.", "crop", "crop_source", "runtime.max_image_side", "embedder.")
-RUN_SETTINGS = ("embedder.batch_size", "embedder.runtime", "embedder.channels_last")  # speed only
+# Embedder input settings a flag may change: refused on a re-run when given explicitly and different.
+EMBEDDER_INPUT = ("embedder.image_size", "embedder.image_width", "embedder.resize", "embedder.flip")
 FLAGS = {
     "detector.weights": "--detector-weights",
     "embedder.model": "--model",
@@ -57,7 +49,8 @@ def stored_config(index_dir: str | Path) -> dict[str, Any]:
     embedder = dict(data.get("embedder") or {})
     if embedder.get("model"):
         embedder["model"] = _from_here(str(embedder["model"]))
-    return {**data, "detector": detector, "embedder": embedder}
+    runtime = {**(data.get("runtime") or {}), "device": "auto"}  # the building machine's device is not this one's
+    return {**data, "detector": detector, "embedder": embedder, "runtime": runtime}
 
 
 def _from_here(value: str) -> str:
@@ -76,44 +69,58 @@ def update_config(
     index_dir: str | Path, config_file: str | Path | None = None, overrides: list[str] | None = None
 ) -> PipelineConfig:
     """The config to add images to the existing index at ``index_dir``: its own, then ``config_file``'s keys
-    and ``overrides``; refuses (:class:`IndexMismatchError`) an explicit key that changes its vectors."""
+    and ``overrides``; refuses (:class:`IndexMismatchError`, one line naming the setting) what would change
+    its vectors: the processing (crop mode, detector settings and weights, image limit) and an embedder
+    input setting given explicitly. A change of embedder is left to the job's identity check."""
+    manifest = read_manifest(index_dir)
     stored = stored_config(index_dir)
-    from_file: dict[str, Any] = {}
-    if config_file is not None:
-        file = resolve_config(config_file)
-        from_file = resolve_paths(yaml.safe_load(file.read_text()) or {}, file.parent)
+    from_file = read_config_file(config_file) if config_file is not None else {}
     merged = apply_overrides(_merge(stored, from_file), overrides or [])
     config = from_dict(PipelineConfig, merged)
-    asked = {*_flatten(from_file), *(item.split("=", 1)[0].strip() for item in overrides or [] if "=" in item)}
-    for key in sorted(asked):
-        if _changes_vectors(key) and not _same(key, _get(stored, key), _get(merged, key)):
-            flag = FLAGS.get(key, f"--set {key}")
-            raise IndexMismatchError(
-                f"{flag}: {index_dir} was built with {key}={_show(key, _get(stored, key))}; leave the flag out to "
-                f"add to the index with its own settings, or choose another --out for a new index"
-            )
+    typed = {item.split("=", 1)[0].strip() for item in overrides or [] if "=" in item}
+    filed = set(_flatten(from_file))
+
+    def refuse(key: str, value: Any) -> IndexMismatchError:
+        flag = FLAGS.get(key, f"--set {key}") if key in typed or key not in filed else f"--config {config_file}"
+        return IndexMismatchError(
+            f"{flag}: {index_dir} was built with {key}={value}; leave the setting out to add to the index with "
+            f"its own settings, or choose another --out for a new index"
+        )
+
+    for key in sorted(typed & set(EMBEDDER_INPUT)):
+        if _get(stored, key) != _get(merged, key):
+            raise refuse(key, repr(_get(stored, key)))
+    check_detector_file(manifest, Path(index_dir), config, explicit="detector.weights" in typed | filed)
+    now, before = processing_of(config), manifest.get("processing")
+    if before is not None and now != before:
+        adopt_weights_name(manifest, {"processing": now, "config": {"detector": {"weights": config.detector.weights}}})
+        if now != before:
+            key, was, _ = first_difference(before, now)
+            key = {"max_image_side": "runtime.max_image_side"}.get(key, key)
+            raise refuse(key, storage.name(str(was)) if key == "detector.weights" and was else repr(was))
     return config
 
 
-def _changes_vectors(key: str) -> bool:
-    return key.startswith(VECTOR_SETTINGS) and key not in RUN_SETTINGS
-
-
-def _same(key: str, stored: Any, asked: Any) -> bool:
-    """Equal settings; weights files compare by content (a moved or renamed copy is the same detector), and
-    the embedder by the identity check of the index job (a moved checkpoint is the same model)."""
-    if key == "embedder.model":
-        return True
-    if key == "detector.weights" and stored and asked:
-        stored_path, asked_path = Path(str(stored)), Path(str(asked)).expanduser()
-        if stored_path.is_file() and asked_path.is_file():
-            return sha256_file(stored_path) == sha256_file(asked_path)
-        return storage.name(str(stored)) == storage.name(str(asked))
-    return bool(stored == asked)
-
-
-def _show(key: str, value: Any) -> str:
-    return storage.name(str(value)) if key == "detector.weights" and value else repr(value)
+def check_detector_file(manifest: dict[str, Any], index_dir: Path, config: PipelineConfig, explicit: bool) -> None:
+    """Refuse to grow a cropped index with detector weights other than its own (compared by SHA-256), or when
+    its own can no longer be found (neither the copy inside it nor the recorded source)."""
+    record = manifest.get("detector_weights")
+    if not record or not config.crop:
+        return
+    weights = WeightsRecord.from_dict(record)
+    asked = Path(str(config.detector.weights)).expanduser()
+    if explicit and asked.is_file():
+        if sha256_file(asked) != weights.sha256:
+            raise IndexMismatchError(
+                f"--detector-weights: {index_dir} was built with other detector weights ({weights.name}, SHA-256 "
+                f"{weights.sha256[:12]}…); leave the flag out, or choose another --out for a new index"
+            )
+        return
+    if not explicit and locate(weights, index_dir) is None:
+        raise IndexMismatchError(
+            f"{index_dir}'s detector weights ({weights.name}, SHA-256 {weights.sha256[:12]}…) are neither in "
+            f"{index_dir}/{BUNDLE_DIR} nor at {weights.source}: pass --detector-weights PATH to that file"
+        )
 
 
 def _get(data: dict[str, Any], dotted: str) -> Any:

@@ -48,30 +48,10 @@ class Models:
 
     def manifest(self) -> dict[str, Any]:
         """How these models make vectors; stored with every index they build."""
-        det = self.config.detector
-        detector = None
-        if self.config.crop:
-            detector = {
-                "weights": storage.name(det.weights),
-                "classes": sorted(det.classes),
-                "confidence": det.confidence,
-                "iou": det.iou,
-                "image_size": det.image_size,
-                "margin": det.margin,
-                "selection": det.selection,
-                "min_box_size": det.min_box_size,
-            }
-            if det.fallback_confidence is not None:  # absent otherwise: indexes from before it still resume
-                detector["fallback_confidence"] = det.fallback_confidence
         config = located_config(self.config, self._embedder_backbone())
         manifest: dict[str, Any] = {
             "embedder": self.embedder.identity,
-            "processing": {
-                "crop": self.config.crop,
-                "crop_source": self.config.crop_source,
-                "detector": detector,
-                "max_image_side": self.config.runtime.max_image_side,  # queries are downscaled alike
-            },
+            "processing": processing_of(self.config),
             "config": config,
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -86,6 +66,31 @@ class Models:
     def _embedder_backbone(self) -> str:
         """The backbone the embedder really runs (a checkpoint's own, not ``embedder.backbone``)."""
         return str(self.embedder.identity.get("spec", {}).get("backbone") or self.config.embedder.backbone)
+
+
+def processing_of(config: PipelineConfig) -> dict[str, Any]:
+    """The settings besides the embedder that decide an index's vectors (its manifest's ``processing``):
+    crop or raw, where boxes come from, the detector's settings (its weights by file name), the image limit."""
+    det, detector = config.detector, None
+    if config.crop:
+        detector = {
+            "weights": storage.name(det.weights),
+            "classes": sorted(det.classes),
+            "confidence": det.confidence,
+            "iou": det.iou,
+            "image_size": det.image_size,
+            "margin": det.margin,
+            "selection": det.selection,
+            "min_box_size": det.min_box_size,
+        }
+        if det.fallback_confidence is not None:  # absent otherwise: indexes from before it still resume
+            detector["fallback_confidence"] = det.fallback_confidence
+    return {
+        "crop": config.crop,
+        "crop_source": config.crop_source,
+        "detector": detector,
+        "max_image_side": config.runtime.max_image_side,  # queries are downscaled alike
+    }
 
 
 def located_config(config: PipelineConfig, backbone: str) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def input_blocks(items: Sequence[SourceItem], indexed: dict[str, str], batch: in
         {
             "position": pa.array(range(len(items)), pa.int64()),
             "item": [
-                json.dumps([p, it.label, it.box.as_list() if it.box else None])
+                json.dumps([p, it.label, it.box.as_list() if it.box else None, it.skip_reason])
                 for p, it in zip(paths, items, strict=True)
             ],
             "indexed": [indexed.get(p, "") for p in paths],

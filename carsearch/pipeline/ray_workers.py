@@ -28,9 +28,9 @@ DECODE_CPUS = 0.25  # logical CPUs a decode task reserves
 
 
 def _source_item(item: str) -> SourceItem:
-    """The item the driver sent as JSON (``[path, label, box]``; see ``ray_engine._dataset``)."""
-    path, label, box = json.loads(item)
-    return SourceItem(as_location(path), label, BBox(*box) if box else None)
+    """The item the driver sent as JSON (``[path, label, box, skip_reason]``; see ``ray_engine._dataset``)."""
+    path, label, box, skip = json.loads(item)
+    return SourceItem(as_location(path), label, BBox(*box) if box else None, skip_reason=skip)
 
 
 def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.ndarray]:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,30 @@ def test_a_conflicting_flag_on_a_rerun_is_refused_in_one_line(
         _run(capsys, "index", str(photos), "--out", str(tmp_path / "idx"), "--detector-weights", str(copy), "--json")
     )
     assert report["skipped"] == CLASSES * (PER_CLASS - 1) and report["added"] == 0
+    # A fresh process (ultralytics imported for the first time inside the detector) keeps stdout pure JSON.
+    query = next(photos.glob("*/*.jpg"))
+    printed = subprocess.run(
+        [sys.executable, "-m", "carsearch.cli", "search", str(tmp_path / "idx"), str(query), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "YOLO_VERBOSE"},  # as a user runs it
+    ).stdout
+    assert json.loads(printed)["hits"][0]["path"] == str(query)
+
+
+def test_an_index_whose_detector_file_is_gone_or_changed_refuses_to_grow(
+    shared_dir: Path, shared_detector: Path, tmp_path: Path, capsys
+) -> None:
+    photos, _ = _photo_folder(shared_dir, tmp_path)
+    weights = tmp_path / "det.tflite"
+    shutil.copy(shared_detector, weights)
+    sets = [arg for override in TEST_OVERRIDES for arg in ("--set", override)]
+    _run(capsys, "index", str(photos), "--out", str(tmp_path / "idx"), "--detector-weights", str(weights), *sets)
+    shutil.rmtree(tmp_path / "idx" / "detector")
+    weights.write_bytes(weights.read_bytes()[:-1000])  # the recorded source now holds other bytes
+    assert main(["index", str(photos), "--out", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "are neither in" in err and "--detector-weights" in err, err
+    assert main(["index", str(photos), "--out", str(tmp_path / "idx"), "--detector-weights", str(weights)]) == 2
+    assert "built with other detector weights" in capsys.readouterr().err

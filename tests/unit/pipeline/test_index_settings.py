@@ -21,8 +21,15 @@ from tests.conftest import SHARED_DETECTOR, TEST_OVERRIDES, build_gallery
 
 def _as_older_index(index_dir: Path, base: Path) -> None:
     """Rewrite an index as carsearch wrote it before: paths as typed (relative to ``base``), no path marker."""
-    index = GalleryIndex.load(index_dir)
-    table = index.records.with_paths_relative_to(str(base))
+    import os
+
+    import pyarrow as pa
+
+    from carsearch.index.records import SCHEMA, RecordTable
+
+    records = GalleryIndex.load(index_dir).records.table
+    paths = [os.path.relpath(p, base) for p in records.column("path").to_pylist()]
+    table = RecordTable(records.set_column(0, SCHEMA.field("path"), pa.array(paths, pa.string())))
     assert len(table.relative_paths()) == len(table)
     manifest = json.loads((index_dir / MANIFEST).read_text())
     manifest["files"][ITEMS] = write_hashed(index_dir / ITEMS, table.write)
@@ -113,3 +120,80 @@ def test_named_detector_weights_live_in_the_cache_folder_not_the_working_directo
     detector = VehicleDetector(DetectorConfig(weights=SHARED_DETECTOR.name))
     assert detector.weights_file == cache_dir() / SHARED_DETECTOR.name
     assert list(work.iterdir()) == []
+    from carsearch.detector.weights import bundle, describe
+
+    record = describe(detector.weights_file, SHARED_DETECTOR.name)  # recorded where it really is: the cache
+    assert record.source == str(cache_dir() / SHARED_DETECTOR.name)
+    copied = bundle(record, detector.weights_file, tmp_path / "idx")
+    assert (tmp_path / "idx" / str(copied.file)).stat().st_mode & 0o044 == 0o044  # readable by other users
+
+
+def test_an_older_index_with_dotdot_paths_is_upgraded_without_duplicates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths typed as ``../gallery/…`` match the job's absolute keys once normalised (nothing re-embedded)."""
+    build = tmp_path / "build"
+    build_gallery(build / "gallery")
+    (build / "sub").mkdir()
+    monkeypatch.chdir(build / "sub")
+    Pipeline.from_config(overrides=[*TEST_OVERRIDES, "crop=false"]).index("../gallery", "idx")
+    _as_older_index(build / "sub" / "idx", build / "sub")  # ../gallery/class_0/img_0.jpg, …
+    index = GalleryIndex.load(build / "sub" / "idx")
+    assert all(".." not in p for p in index.records.column("path"))
+    report = Pipeline.for_update("idx").index("../gallery", "idx")
+    assert (report.added, report.items_in_index) == (0, 12)
+
+
+def test_a_rerun_with_the_config_file_it_was_built_with_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A full config file (as `carsearch config` prints it) names every key: only real changes are refused."""
+    import yaml
+
+    from carsearch.config import to_dict
+
+    monkeypatch.chdir(tmp_path)
+    build_gallery(tmp_path / "gallery")
+    full = tmp_path / "my.yaml"
+    full.write_text(yaml.safe_dump(to_dict(load_config(None, [*TEST_OVERRIDES, "crop=false"]))))
+    reports = []
+    for _ in range(2):
+        assert main(["index", "gallery", "--out", "idx", "--config", str(full), "--json", "--no-progress"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert (reports[1]["added"], reports[1]["skipped"], reports[1]["errors"]) == (0, 12, 0)
+
+
+def test_a_moved_index_does_not_bring_the_build_machines_device(tmp_path: Path) -> None:
+    build_gallery(tmp_path / "gallery")
+    Pipeline.from_config(overrides=[*TEST_OVERRIDES, "crop=false", "runtime.device=cpu"]).index(
+        tmp_path / "gallery", tmp_path / "idx"
+    )
+    manifest = json.loads((tmp_path / "idx" / MANIFEST).read_text())
+    manifest["config"]["runtime"]["device"] = "cuda"  # built on a GPU machine
+    (tmp_path / "idx" / MANIFEST).write_text(json.dumps(manifest))
+    assert Pipeline.for_index(tmp_path / "idx").config.runtime.device == "auto"
+
+
+def test_damaged_or_misplaced_inputs_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    build_gallery(tmp_path / "gallery")
+    (tmp_path / "afile").write_text("x")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("detector: [unclosed\n")
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / MANIFEST).write_text("{not json")
+    for argv in (
+        ["index", str(tmp_path / "gallery"), "--out", str(tmp_path / "afile"), "--raw"],
+        ["index", str(tmp_path / "gallery"), "--out", str(tmp_path / "new"), "--config", str(bad_yaml)],
+        ["evaluate", str(tmp_path / "idx")],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err, err
+
+
+def test_an_index_inside_its_own_source_does_not_index_its_own_files(tmp_path: Path) -> None:
+    build_gallery(tmp_path / "photos")
+    pipe = Pipeline.from_config(overrides=[*TEST_OVERRIDES, "crop=false"])
+    pipe.index(tmp_path / "photos", tmp_path / "photos" / "idx")
+    again = pipe.index(tmp_path / "photos", tmp_path / "photos" / "idx")
+    assert (again.errors, again.added, again.items_in_index) == (0, 0, 12)

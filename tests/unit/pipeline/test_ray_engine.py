@@ -202,7 +202,7 @@ def test_decode_tasks_skip_by_the_hash_each_row_carries(tmp_path: Path) -> None:
         make_car_image(i, CLASS_COLOURS[i]).save(path)
     batch = {
         "position": np.array([0, 1, 2]),
-        "item": np.array([json.dumps([str(p), "x", None]) for p in paths], dtype=object),
+        "item": np.array([json.dumps([str(p), "x", None, None]) for p in paths], dtype=object),
         "indexed": np.array([content_hash(paths[0].read_bytes()), "0" * 32, ""], dtype=object),
     }
     out = decode_batch(batch, max_side=1024)
