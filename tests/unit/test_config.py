@@ -108,7 +108,7 @@ def test_missing_and_invalid_yaml_files(tmp_path):
 
 
 def test_yaml_top_level_must_be_a_mapping(tmp_path):
-    with pytest.raises(ConfigError, match="expected a mapping.*got list"):
+    with pytest.raises(ConfigError, match="must be a mapping of sections, got a list"):
         load_config(_write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match="detector.*expected a mapping, got str"):
         load_config(_write(tmp_path, "detector: yolo.pt\n", "d.yaml"))

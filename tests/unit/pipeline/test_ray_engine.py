@@ -222,7 +222,7 @@ def test_input_blocks_are_batches_until_there_would_be_too_many(n: int, blocks: 
     assert len(tables) == blocks <= MAX_INPUT_BLOCKS and tables[0].num_rows == min(rows, n)
     assert sum(t.num_rows for t in tables) == n
     first = tables[0].to_pylist()[: min(n, 2)]
-    assert first[0] == {"position": 0, "item": '["/cams/000000.jpg", null, null]', "indexed": ""}
+    assert first[0] == {"position": 0, "item": '["/cams/000000.jpg", null, null, null]', "indexed": ""}
     assert n == 1 or first[1]["indexed"] == "ab" * 16
 
 
