@@ -23,8 +23,8 @@ HTML = re.compile(r"<(?:img|a|source)\b[^>]*?\b(?:src|href)\s*=\s*[\"']([^\"']+)
 EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:|//)", re.IGNORECASE)
 
 
-def prose_lines(text: str) -> list[tuple[int, str]]:
-    """(line number, line) outside fenced code blocks, with inline code spans blanked out."""
+def outside_fences(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of the lines outside fenced code blocks."""
     out, fence = [], ""
     for number, line in enumerate(text.splitlines(), 1):
         opened = FENCE.match(line)
@@ -35,8 +35,13 @@ def prose_lines(text: str) -> list[tuple[int, str]]:
         if opened:
             fence = opened.group(1)
             continue
-        out.append((number, CODE_SPAN.sub(lambda m: " " * len(m.group(0)), line)))
+        out.append((number, line))
     return out
+
+
+def prose_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) outside fenced code blocks, with inline code spans blanked out."""
+    return [(number, CODE_SPAN.sub(lambda m: " " * len(m.group(0)), line)) for number, line in outside_fences(text)]
 
 
 def slug(heading: str) -> str:
@@ -50,16 +55,7 @@ def slug(heading: str) -> str:
 def anchors(page: Path) -> frozenset[str]:
     seen: dict[str, int] = {}
     out = set()
-    fence = ""
-    for line in page.read_text(encoding="utf-8").splitlines():
-        opened = FENCE.match(line)
-        if fence:
-            if opened and opened.group(1)[0] == fence[0] and len(opened.group(1)) >= len(fence):
-                fence = ""
-            continue
-        if opened:
-            fence = opened.group(1)
-            continue
+    for _, line in outside_fences(page.read_text(encoding="utf-8")):
         match = HEADING.match(line)
         if match:
             base = slug(match.group(2))
