@@ -52,10 +52,16 @@ def test_search_returns_cars_the_car_searched_and_its_hits(
     x1, y1, x2, y2 = body["cars"][0]["box"]
     assert 0 <= x1 < x2 <= 160 and 0 <= y1 < y2 <= 120 and 0 < body["cars"][0]["score"] <= 1
     assert [hit["rank"] for hit in body["hits"]] == [1, 2, 3]
-    assert body["hits"][0]["label"] == "class_2" and body["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # the tiny test YOLO (random weights) ties its boxes' scores, so car 1's box, and with it the hits, can vary
+    # between calls: the answer's form is checked here, retrieval quality elsewhere
+    assert {hit["label"] for hit in body["hits"]} <= {"class_0", "class_1", "class_2", "class_3"}
+    scores = [hit["score"] for hit in body["hits"]]
+    assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1.0001
     assert {"detect", "embed", "search", "total"} <= set(body["timings_ms"])
     second = client.post("/api/v1/search?k=3&car=2", files={"image": ("q.jpg", photo, "image/jpeg")}).json()
-    assert second["car"] == 2 and len(second["cars"]) >= 2 and second["hits"] != body["hits"]  # tiny YOLO: tied scores
+    # tiny YOLO: equal boxes with tied scores, so which box is "car 2" varies; that car 2 searches another car
+    # is checked with the real detector (tests/unit/demo/test_searching.py, the browser test)
+    assert second["car"] == 2 and len(second["cars"]) >= 2 and len(second["hits"]) == 3
 
     thumbnail = client.get(f"/api/v1/items/{body['hits'][0]['item_id']}/thumbnail")
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
