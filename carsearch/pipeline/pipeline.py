@@ -40,8 +40,9 @@ from carsearch.pipeline.batch import IndexReport, run_index_job
 from carsearch.pipeline.evaluation import Evaluation, evaluate_index
 from carsearch.pipeline.index_settings import index_config, update_config
 from carsearch.pipeline.models import Models
+from carsearch.pipeline.queries import gallery_hits
 from carsearch.pipeline.ray_engine import RayOptions, run_ray_index_job
-from carsearch.types import BBox, CropPlan, Engine, SearchHit, SearchResult
+from carsearch.types import BBox, CropPlan, Engine, SearchResult
 
 logger = logging.getLogger(__name__)
 
@@ -192,18 +193,10 @@ class Pipeline:
         timings["detect_embed"] = (time.perf_counter() - tic) * 1000
         tic = time.perf_counter()
         excluded = {int(i) for i in gallery.records.ids_with_hash(query_hash)} if query_hash else set()
-        scores, ids = gallery.retrieve(vector[None], k, self.config.retrieval, exclude=[excluded] if excluded else None)
+        hits = gallery_hits(self.models, gallery, vector, k, excluded)
         timings["search"] = (time.perf_counter() - tic) * 1000
-        hits: list[SearchHit] = []
-        for score, item_id in zip(scores[0], ids[0], strict=True):
-            if item_id < 0 or len(hits) >= k:
-                continue
-            record = gallery.records[int(item_id)]
-            hits.append(
-                SearchHit(len(hits) + 1, int(item_id), float(score), record.label, record.path, record.to_dict())
-            )
         reranked = self.config.retrieval.kreciprocal
-        return SearchResult(plan, tuple(hits), timings_ms=timings, query_crop=crop, reranked=reranked)
+        return SearchResult(plan, hits, timings_ms=timings, query_crop=crop, reranked=reranked)
 
     def evaluate(self, index: GalleryIndex | str | Path) -> Evaluation:
         """Leave-one-out Recall@1/2/4/8, MAP@R and R-Precision over the labelled items of an index, searched

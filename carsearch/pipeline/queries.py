@@ -70,9 +70,12 @@ def embed_cars(models: Models, queries: Sequence[QueryCars], cars: Sequence[int]
     return models.embedder.embed([query.crop(car) for query, car in zip(queries, cars, strict=True)])
 
 
-def gallery_hits(models: Models, gallery: GalleryIndex, vector: np.ndarray, k: int) -> tuple[SearchHit, ...]:
-    """The top-``k`` hits of one (D,) vector, with the config's retrieval post-processing."""
-    scores, ids = gallery.retrieve(vector[None], k, models.config.retrieval)
+def gallery_hits(
+    models: Models, gallery: GalleryIndex, vector: np.ndarray, k: int, exclude: set[int] | None = None
+) -> tuple[SearchHit, ...]:
+    """The top-``k`` hits of one (D,) vector, with the config's retrieval post-processing; ``exclude``: item
+    ids never returned."""
+    scores, ids = gallery.retrieve(vector[None], k, models.config.retrieval, exclude=[exclude] if exclude else None)
     hits: list[SearchHit] = []
     for score, item_id in zip(scores[0], ids[0], strict=True):
         if item_id < 0 or len(hits) >= k:
