@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec
+from typing import Any
 
 import numpy as np
 
@@ -212,24 +212,6 @@ def _local_weights(weights: str) -> Path | None:
     return local if local.is_file() else None
 
 
-P = ParamSpec("P")
-
-
-def _unlocking_on_failure(init: Callable[Concatenate[IndexJob, P], None]) -> Callable[Concatenate[IndexJob, P], None]:
-    """``IndexJob.__init__`` that lets the next writer in at once when opening the job fails."""
-
-    @functools.wraps(init)
-    def opened(job: IndexJob, *args: P.args, **kwargs: P.kwargs) -> None:
-        try:
-            init(job, *args, **kwargs)
-        except BaseException:
-            if hasattr(job, "lock"):
-                job.lock.release()
-            raise
-
-    return opened
-
-
 class IndexJob:
     """One run of the batch job over an index directory, whatever engine produces the outcomes.
 
@@ -240,7 +222,6 @@ class IndexJob:
     index atomically and releases the lock. Engines call :meth:`release` in ``finally``.
     """
 
-    @_unlocking_on_failure
     def __init__(
         self,
         models: Models,
@@ -257,6 +238,15 @@ class IndexJob:
         except (FileExistsError, NotADirectoryError):
             raise ConfigError(f"--out {self.out} is a file, not an index folder; choose another --out") from None
         self.lock = WriterLock(self.out).acquire()  # before reading any state; until finish() or release()
+        try:
+            self._open(items, progress, chunk_format)
+        except BaseException:
+            self.lock.release()  # a job that cannot open lets the next writer in at once
+            raise
+
+    def _open(self, items: list[SourceItem], progress: bool, chunk_format: str) -> None:
+        """Check that ``out`` may be continued and collect what it already holds (under the lock)."""
+        models = self.models
         self.manifest = models.manifest()
         check_resumable(self.out, self.manifest)
         self.existing = GalleryIndex.load(self.out, models.config.index) if (self.out / MANIFEST).exists() else None
@@ -275,12 +265,13 @@ class IndexJob:
             self.done.update(zip(records.column("path"), records.column("content_hash"), strict=True))
         seen: set[str] = set()
         self.items: list[SourceItem] = []
-        for item in absolute_items(items, self.out):
+        listed = absolute_items(items, self.out)
+        for item in listed:
             if str(item.path) not in seen:
                 seen.add(str(item.path))
                 self.items.append(item)
-        if len(self.items) < len(items):
-            logger.warning("%d duplicate paths in the source were ignored", len(items) - len(self.items))
+        if len(self.items) < len(listed):
+            logger.warning("%d duplicate paths in the source were ignored", len(listed) - len(self.items))
         self.counts = dict.fromkeys(("processed", "skipped", "errors", "replaced", "items", "no_detection"), 0)
         self.timings = {"detect": 0.0, "embed": 0.0}
         self.chunk = Chunk()
