@@ -36,9 +36,9 @@ def test_a_batch_makes_one_detector_and_one_embedder_call_and_answers_as_one_by_
     assert calls == {"detect": [6], "embed": [6]}
     for one, many in zip(alone, together, strict=True):
         assert not isinstance(one, CarSearchError) and not isinstance(many, CarSearchError)
-        assert [(h.item_id, round(h.score, 5)) for h in one.main.hits] == [
-            (h.item_id, round(h.score, 5)) for h in many.main.hits
-        ]
+        assert [h.item_id for h in one.main.hits] == [h.item_id for h in many.main.hits]
+        # a batch of crops embeds within float error of one crop alone (rounding to 5 places could split them)
+        assert np.allclose([h.score for h in one.main.hits], [h.score for h in many.main.hits], atol=1e-5)
     # car 1 is the car Pipeline.search picks (the largest): the same hits as `carsearch search`
     pipeline = cropped_backend.main.pipeline
     reference = pipeline.search(cropped_backend.main.gallery, _queries(gallery)[0], k=3)
