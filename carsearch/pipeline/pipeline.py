@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -40,7 +39,7 @@ from carsearch.pipeline.batch import IndexReport, run_index_job
 from carsearch.pipeline.evaluation import Evaluation, evaluate_index
 from carsearch.pipeline.index_settings import index_config, update_config
 from carsearch.pipeline.models import Models
-from carsearch.pipeline.queries import gallery_hits
+from carsearch.pipeline.queries import at_min_score, gallery_hits
 from carsearch.pipeline.ray_engine import RayOptions, run_ray_index_job
 from carsearch.types import BBox, CropPlan, Engine, SearchResult
 
@@ -115,11 +114,8 @@ class Pipeline:
     ) -> list[CropPlan]:
         """Crop plans for one RGB image (detector runs only when needed). ``min_score`` raises
         ``detector.confidence`` for this image; ``detector.fallback_confidence`` still applies below it."""
-        config = self.config
-        detections = self.detector.detect([image])[0] if needs_detector(config, gt_box) else None
-        if min_score is not None:
-            detector = dataclasses.replace(config.detector, confidence=max(config.detector.confidence, min_score))
-            config = dataclasses.replace(config, detector=detector)
+        detections = self.detector.detect([image])[0] if needs_detector(self.config, gt_box) else None
+        config = at_min_score(self.config, min_score)
         return plan_image(config, image.width, image.height, detections, gt_box, single=single)
 
     def embed_image(

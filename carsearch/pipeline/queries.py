@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from carsearch.config import PipelineConfig
 from carsearch.data.cropping import apply_plan, needs_detector, plan_image
 from carsearch.data.images import limit_size
 from carsearch.index import GalleryIndex
@@ -50,19 +51,26 @@ def plan_cars(models: Models, images: Sequence[Image.Image], min_scores: Sequenc
     detections = (
         models.detector.detect([small for small, _ in prepared]) if needs_detector(config, None) and images else None
     )
+    every_car = dataclasses.replace(config, detector=dataclasses.replace(config.detector, selection="all"))
     out = []
     for i, ((small, scale), min_score) in enumerate(zip(prepared, min_scores, strict=True)):
-        detector = dataclasses.replace(config.detector, selection="all")
-        if min_score is not None:
-            detector = dataclasses.replace(detector, confidence=max(detector.confidence, min_score))
         plans = plan_image(
-            dataclasses.replace(config, detector=detector),
+            at_min_score(every_car, min_score),
             small.width,
             small.height,
             detections[i] if detections is not None else None,
         )
         out.append(QueryCars(small, scale, tuple(plans)))
     return out
+
+
+def at_min_score(config: PipelineConfig, min_score: float | None) -> PipelineConfig:
+    """``config`` with ``detector.confidence`` raised to ``min_score`` for one query (the demo's slider); the
+    fallback box below it still applies."""
+    if min_score is None:
+        return config
+    detector = dataclasses.replace(config.detector, confidence=max(config.detector.confidence, min_score))
+    return dataclasses.replace(config, detector=detector)
 
 
 def embed_cars(models: Models, queries: Sequence[QueryCars], cars: Sequence[int]) -> np.ndarray:
