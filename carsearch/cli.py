@@ -55,6 +55,7 @@ def _checked(name: str, convert: Callable[[str], Any], ok: Callable[[Any], bool]
         return value
 
     parse.__name__ = name  # argparse names the type in its messages
+    parse.__doc__ = f"An argparse type: {rule}."
     return parse
 
 
@@ -198,21 +199,20 @@ def _version() -> str:
         return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="carsearch",
-        description="Detect-then-embed car image retrieval: YOLO crops the car, a metric-learning embedder "
-        "embeds the crop, faiss finds the nearest cars, GradCAM shows where the model looked.",
-        epilog="Run 'carsearch COMMAND --help' (or 'carsearch help COMMAND') for a command's flags.",
-        formatter_class=_Formatter,
-    )
-    parser.add_argument("--version", action="version", version=f"carsearch {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One ``carsearch`` command, all in one place: its name, its one-line help (the listing's and its own
+    description), ``add_arguments`` that sets up its flags on its parser, and ``run`` that takes the parsed
+    arguments and returns the exit status. A new command is a new entry in ``COMMANDS``."""
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
-    p = command("index", "crop and index a folder / CSV / Stanford devkit / Kaggle dataset")
+
+# carsearch index: its flags, then what it runs
+def _index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "source",
         metavar="SOURCE",
@@ -252,253 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _common(p, config=PIPELINE_YAML, models=NEW_DETECTOR)
-
-    p = command("search", "top-k gallery cars for a query image")
-    _index_and_query(p)
-    p.add_argument("-k", type=positive_int, default=10, help="results")
-    p.add_argument("--exclude-self", action="store_true", help="drop gallery items with the query's exact bytes")
-    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    _common(p, models=INDEX_DETECTOR, set_help=FROM_INDEX)
-
-    p = command("evaluate", "leave-one-out Recall@k, MAP@R, R-Precision of a labelled index (seen / unseen classes)")
-    p.add_argument("index", metavar="INDEX", help="index folder")
-    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP + "; reports plain and post-processed metrics")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    _common(p, config=INDEX_YAML, set_help=SEARCH_ONLY)
-
-    p = command("audit", "relabelling candidates: neighbours disagree, duplicates labelled differently")
-    p.add_argument("index", metavar="INDEX", help="index folder")
-    p.add_argument("-k", type=positive_int, default=10, help="neighbours considered per item")
-    p.add_argument(
-        "--max-agree", type=share, default=0.2, help="flag items with at most this share of agreeing neighbours"
-    )
-    p.add_argument("--near", type=similarity, default=0.995, help="cosine similarity that counts as a near duplicate")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    _common(p, config=INDEX_YAML, set_help=SEARCH_ONLY)
-
-    p = command("explain", "GradCAM overlays for a query's top results (and its attention-in-box)")
-    _index_and_query(p)
-    p.add_argument("--top", type=positive_int, default=3, help="results to explain")
-    p.add_argument("--out", required=True, help=OUT + " for query.png, pair_NN.png, topk.png, explain.json")
-    p.add_argument("--box", help="the car's box in the query, x1,y1,x2,y2; default: the detector's")
-    p.add_argument("--exclude-self", action="store_true", help="skip gallery items with the query's exact bytes")
-    p.add_argument("--redact", action="store_true", help="draw the CAMs on grey, not on the photos (shareable)")
-    _cam_options(p)
-    _common(p, models=INDEX_DETECTOR, set_help=FROM_INDEX)
-
-    p = command("attention", "attention-in-box over a dataset: how much CAM energy falls on the car")
-    p.add_argument(
-        "source", metavar="SOURCE", help="CSV with boxes (path,label,x1,y1,x2,y2), folder, devkit or Kaggle root"
-    )
-    p.add_argument(
-        "--inputs", choices=["both", "whole", "crop"], default="both",
-        help="whole photos, crops pasted back into the photo, or both",
-    )  # fmt: skip
-    p.add_argument(
-        "--crop-source",
-        choices=CROP_SOURCES,
-        help="crops from the detector or gt boxes; default detector",
-    )
-    p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--split", choices=SPLITS, default="all", help="devkit/Kaggle split")
-    p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
-    p.add_argument("--limit", type=positive_int, help="first N images only; default all")
-    p.add_argument("--out", help=OUT + " for attention.json and attention.png; default: print only")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="images per CAM forward/backward")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _cam_options(p)
-    _common(p, config=PIPELINE_YAML, models=NEW_DETECTOR)
-
-    p = command("demo", "the Gradio web demo over an index (binds to 127.0.0.1)")
-    p.add_argument("index", metavar="INDEX", help="index folder (usually built with cropping)")
-    p.add_argument(
-        "--raw-index", metavar="INDEX", help="a second index of the same images, built with --raw: shown side by side"
-    )
-    p.add_argument(
-        "--model",
-        help="the embedder the index(es) were built with, where the manifest's path no longer finds it; "
-        "default: each index's own",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=port_number, default=7860, help="port to listen on")
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
-    p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="class activation map method")
-    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
-    _common(p, models=INDEX_DETECTOR, set_help=FROM_INDEX)
-
-    p = command("compare", "the cropped-vs-raw experiment as a report (report.md, report.html, results.json)")
-    p.add_argument(
-        "--config",
-        metavar="CONFIG",
-        help="experiment config: a shipped name (compare) or a YAML path; defaults without it",
-    )
-    p.add_argument("--out", required=True, help=OUT + "; re-running reuses finished stages")
-    p.add_argument("--quick", action="store_true", help="a small subset (6+6 classes, 1 short epoch) in a few minutes")
-    add_set_option(p, "e.g. --set train.overrides=[trainer.max_epochs=5]")
-    p.add_argument("--device", type=device_name, help=DEVICE_HELP)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-
-    p = command("train", "fine-tune an embedder on class-disjoint splits; prints the run folder")
-    p.add_argument(
-        "--config",
-        metavar="CONFIG",
-        help="training recipe: a shipped name (cpu_quick, cpu_full, ...) or a YAML path; defaults without it",
-    )
-    add_set_option(p, "e.g. --set trainer.max_epochs=5")
-    p.add_argument(
-        "--device",
-        type=device_name,
-        help="auto, cpu, cuda (every visible GPU), cuda:N; default: the recipe's trainer.accelerator",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-
-    p = command("export", "write a training run's model (or a named model) for indexing: a checkpoint or ONNX")
-    p.add_argument(
-        "run_dir", nargs="?", metavar="RUN", help="a run folder written by carsearch train; default: --model's model"
-    )
-    p.add_argument(
-        "--out", required=True, metavar="FILE", help="file to write: FILE.pt (use it with --model FILE) or FILE.onnx"
-    )
-    p.add_argument("--format", choices=["pt", "onnx"], help="default: onnx for a .onnx FILE, else pt")
-    p.add_argument(
-        "--embedding",
-        choices=["head", "pooled"],
-        help="embed with the head's output or the pooled features before it; default: the run's choice",
-    )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"without RUN: the model to export, a name ({', '.join(MODELS)}) or a path",
-    )
-    p.add_argument(
-        "--half",
-        action="store_true",
-        help="float16 weights (half the file; refused if an embedding moves by more than 1e-3)",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-
-    p = command("config", "print the effective configuration (a pipeline, training or compare config) as YAML")
-    p.add_argument("--config", metavar="CONFIG", help="a shipped name or a YAML path; default: the pipeline defaults")
-    add_set_option(p, "e.g. --set embedder.model=imagenet")
-    p.add_argument("--list", action="store_true", help="list the shipped configs instead")
-
-    p = command("models", "the shipped embedders: name, backbone, input size, dimension, training classes, figures")
-    p.add_argument("model", nargs="?", metavar="MODEL", help="one model: a shipped name or a checkpoint path")
-    p.add_argument("--classes", action="store_true", help="print MODEL's training classes, one per line")
-
-    p = command("help", "show the help of carsearch or of one command")
-    p.add_argument("topic", nargs="?", metavar="COMMAND", help="a command; default: all commands")
-    return parser
-
-
-def command_parsers() -> dict[str, argparse.ArgumentParser]:
-    """Every command's parser."""
-    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: parser for name, parser in subs.choices.items() if name != "help"}
-
-
-def flags_markdown() -> str:
-    """docs/cli.md's table of every command's arguments and flags, generated from the parsers."""
-    lines = ["| command | arguments | flags |", "|---|---|---|"]
-    for name, parser in command_parsers().items():
-        positional, flags = [], []
-        for action in parser._actions:
-            if isinstance(action, argparse._HelpAction):
-                continue
-            if action.option_strings:
-                flags.append(f"`{action.option_strings[0]}`")
-            else:
-                meta = action.metavar or action.dest.upper()
-                positional.append(f"[{meta}]" if action.nargs == "?" else str(meta))
-        lines.append(f"| `carsearch {name}` | {' '.join(positional) or '–'} | {', '.join(flags)} |")
-    return "\n".join(lines)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from carsearch.embedder.training import load_train_config, train
-    from carsearch.embedder.training.run import device_overrides
-
-    logging.getLogger("carsearch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    if args.device not in (None, "auto"):
-        from carsearch.runtime import resolve_device
-
-        resolve_device(args.device)  # a device this machine lacks: one line, before any data is read
-    run_dir = train(load_train_config(args.config, [*args.overrides, *device_overrides(args.device)]))
-    if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:  # DDP ranks > 0 re-run the command: rank 0 prints
-        print(run_dir)
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from carsearch.embedder.training import export
-
-    logging.getLogger("carsearch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    if args.embedding and args.run_dir is None:
-        raise ConfigError("--embedding needs a run folder")
-    if args.run_dir is not None and args.model != DEFAULT_MODEL:
-        raise ConfigError("--model names the model to export when no run folder is given")
-    fmt = args.format or ("onnx" if str(args.out).endswith(".onnx") else "pt")
-    print(export(args.run_dir, args.out, fmt, args.embedding, half=args.half, model_name=args.model))
-    return 0
-
-
-def _cmd_config(args: argparse.Namespace) -> int:
-    import yaml
-
-    from carsearch.config import config_names, resolve_config
-
-    if args.list:
-        for name, path in config_names().items():
-            print(f"{name:<18} {_config_class(yaml.safe_load(path.read_text()) or {}).__name__:<15} {path}")
-        return 0
-    data = yaml.safe_load(resolve_config(args.config).read_text()) or {} if args.config else {}
-    config = load_dataclass(_config_class(data), args.config, args.overrides)
-    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
-    return 0
-
-
-def _cmd_models(args: argparse.Namespace) -> int:
-    if args.classes:
-        from carsearch.embedder.checkpoint import read_checkpoint, train_labels
-        from carsearch.embedder.zoo import IMAGENET, shipped_checkpoint
-
-        if args.model is None:
-            raise ConfigError("--classes needs a MODEL, e.g. carsearch models cars98-lite1-320 --classes")
-        if args.model == IMAGENET:
-            raise ConfigError("imagenet is the pretrained backbone: it was trained on no car classes")
-        source = shipped_checkpoint(args.model) if args.model in MODELS else (args.model, None)
-        labels = train_labels(read_checkpoint(*source))
-        if labels is None:
-            raise ConfigError(f"{args.model} does not record the classes it was trained on")
-        print("\n".join(labels))
-        return 0
-    if args.model is not None and args.model not in MODELS:
-        raise ConfigError(f"no shipped model {args.model!r}; shipped: {', '.join(MODELS)}")
-    shown = [MODELS[args.model]] if args.model else list(MODELS.values())
-    print(f"{'name':<18} {'backbone':<22} {'input':>5} {'dim':>5} {'classes':>7}  note")
-    for m in shown:
-        name = m.name + (" *" if m.name == DEFAULT_MODEL else "")
-        print(f"{name:<18} {m.backbone:<22} {m.input_size:>5} {m.dim:>5} {m.train_classes:>7}  {m.note}")
-    if args.model:
-        print(MODELS[args.model].summary)
-    print(
-        "* the default. Training classes: carsearch models NAME --classes. A path or URI from carsearch export "
-        "is also a model."
-    )
-    return 0
-
-
-def _config_class(data: dict[str, Any]) -> type[Any]:
-    """The config dataclass whose sections a YAML mapping uses: pipeline, training recipe or compare experiment."""
-    from carsearch.compare.config import CompareConfig
-    from carsearch.embedder.training.config import TrainConfig
-
-    for cls in (PipelineConfig, TrainConfig, CompareConfig):  # the first whose sections hold every key
-        if isinstance(data, dict) and set(data) <= {f.name for f in dataclasses.fields(cls)}:
-            return cls
-    return PipelineConfig  # whose loader names the unknown keys
 
 
 def _refuse_ignored_index_flags(args: argparse.Namespace) -> None:
@@ -566,6 +319,16 @@ def _ray_options(args: argparse.Namespace) -> RayOptions:
     return RayOptions(args.ray_address, args.ray_cpus, pools[0], pools[1], args.ray_gpus_per_actor)
 
 
+# carsearch search: its flags, then what it runs
+def _search_arguments(p: argparse.ArgumentParser) -> None:
+    _index_and_query(p)
+    p.add_argument("-k", type=positive_int, default=10, help="results")
+    p.add_argument("--exclude-self", action="store_true", help="drop gallery items with the query's exact bytes")
+    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _common(p, models=INDEX_DETECTOR, set_help=FROM_INDEX)
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from carsearch.pipeline import Pipeline
 
@@ -602,6 +365,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     for hit in result.hits:
         print(f"{hit.rank:>4}  {hit.score:7.4f}  {str(hit.label)[:40]:<40}  {hit.path}")
     return 0
+
+
+# carsearch evaluate: its flags, then what it runs
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", metavar="INDEX", help="index folder")
+    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP + "; reports plain and post-processed metrics")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _common(p, config=INDEX_YAML, set_help=SEARCH_ONLY)
 
 
 def _search_config(args: argparse.Namespace) -> PipelineConfig:
@@ -661,6 +432,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# carsearch audit: its flags, then what it runs
+def _audit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", metavar="INDEX", help="index folder")
+    p.add_argument("-k", type=positive_int, default=10, help="neighbours considered per item")
+    p.add_argument(
+        "--max-agree", type=share, default=0.2, help="flag items with at most this share of agreeing neighbours"
+    )
+    p.add_argument("--near", type=similarity, default=0.995, help="cosine similarity that counts as a near duplicate")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _common(p, config=INDEX_YAML, set_help=SEARCH_ONLY)
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from carsearch.index import GalleryIndex
     from carsearch.pipeline.audit import audit_index
@@ -683,6 +466,18 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# carsearch explain: its flags, then what it runs
+def _explain_arguments(p: argparse.ArgumentParser) -> None:
+    _index_and_query(p)
+    p.add_argument("--top", type=positive_int, default=3, help="results to explain")
+    p.add_argument("--out", required=True, help=OUT + " for query.png, pair_NN.png, topk.png, explain.json")
+    p.add_argument("--box", help="the car's box in the query, x1,y1,x2,y2; default: the detector's")
+    p.add_argument("--exclude-self", action="store_true", help="skip gallery items with the query's exact bytes")
+    p.add_argument("--redact", action="store_true", help="draw the CAMs on grey, not on the photos (shareable)")
+    _cam_options(p)
+    _common(p, models=INDEX_DETECTOR, set_help=FROM_INDEX)
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from carsearch.pipeline import Pipeline
     from carsearch.pipeline.cam_jobs import explain_query, save_explanation
@@ -702,6 +497,35 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+ATTENTION_INPUTS = {"both": (False, True), "whole": (False,), "crop": (True,)}  # --inputs: crop or not, per pass
+
+
+# carsearch attention: its flags, then what it runs
+def _attention_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "source", metavar="SOURCE", help="CSV with boxes (path,label,x1,y1,x2,y2), folder, devkit or Kaggle root"
+    )
+    p.add_argument(
+        "--inputs", choices=list(ATTENTION_INPUTS), default="both",
+        help="whole photos, crops pasted back into the photo, or both",
+    )  # fmt: skip
+    p.add_argument(
+        "--crop-source",
+        choices=CROP_SOURCES,
+        help="crops from the detector or gt boxes; default detector",
+    )
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--split", choices=SPLITS, default="all", help="devkit/Kaggle split")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="CSV row filter (repeatable)")
+    p.add_argument("--limit", type=positive_int, help="first N images only; default all")
+    p.add_argument("--out", help=OUT + " for attention.json and attention.png; default: print only")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per CAM forward/backward")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _cam_options(p)
+    _common(p, config=PIPELINE_YAML, models=NEW_DETECTOR)
+
+
 def _cmd_attention(args: argparse.Namespace) -> int:
     from carsearch.data.atomic import atomic_write_json
     from carsearch.data.sources import read_source
@@ -711,7 +535,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
     pipeline = Pipeline.from_config(args.config, _overrides(args))
     items = read_source(args.source, args.split, _where(args.where))[: args.limit]
-    modes = {"whole": [False], "crop": [True], "both": [False, True]}[args.inputs]
+    modes = ATTENTION_INPUTS[args.inputs]
     reports = [
         attention_dataset(pipeline, items, crop, args.method, args.layer, args.batch_size, not args.no_progress)
         for crop in modes
@@ -741,6 +565,25 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+# carsearch demo: its flags, then what it runs
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", metavar="INDEX", help="index folder (usually built with cropping)")
+    p.add_argument(
+        "--raw-index", metavar="INDEX", help="a second index of the same images, built with --raw: shown side by side"
+    )
+    p.add_argument(
+        "--model",
+        help="the embedder the index(es) were built with, where the manifest's path no longer finds it; "
+        "default: each index's own",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port_number, default=7860, help="port to listen on")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="class activation map method")
+    p.add_argument("--rerank", metavar="METHODS", help=RERANK_HELP)
+    _common(p, models=INDEX_DETECTOR, set_help=FROM_INDEX)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import os
 
@@ -755,6 +598,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# carsearch compare: its flags, then what it runs
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help="experiment config: a shipped name (compare) or a YAML path; defaults without it",
+    )
+    p.add_argument("--out", required=True, help=OUT + "; re-running reuses finished stages")
+    p.add_argument("--quick", action="store_true", help="a small subset (6+6 classes, 1 short epoch) in a few minutes")
+    add_set_option(p, "e.g. --set train.overrides=[trainer.max_epochs=5]")
+    p.add_argument("--device", type=device_name, help=DEVICE_HELP)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from carsearch.compare import compare, load_compare_config
 
@@ -767,20 +624,265 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
-    "compare": _cmd_compare,
-    "config": _cmd_config,
-    "demo": _cmd_demo,
-    "explain": _cmd_explain,
-    "attention": _cmd_attention,
-    "index": _cmd_index,
-    "search": _cmd_search,
-    "evaluate": _cmd_evaluate,
-    "audit": _cmd_audit,
-    "train": _cmd_train,
-    "export": _cmd_export,
-    "models": _cmd_models,
-}
+# carsearch train: its flags, then what it runs
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help="training recipe: a shipped name (cpu_quick, cpu_full, ...) or a YAML path; defaults without it",
+    )
+    add_set_option(p, "e.g. --set trainer.max_epochs=5")
+    p.add_argument(
+        "--device",
+        type=device_name,
+        help="auto, cpu, cuda (every visible GPU), cuda:N; default: the recipe's trainer.accelerator",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from carsearch.embedder.training import load_train_config, train
+    from carsearch.embedder.training.run import device_overrides
+
+    logging.getLogger("carsearch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.device not in (None, "auto"):
+        from carsearch.runtime import resolve_device
+
+        resolve_device(args.device)  # a device this machine lacks: one line, before any data is read
+    run_dir = train(load_train_config(args.config, [*args.overrides, *device_overrides(args.device)]))
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:  # DDP ranks > 0 re-run the command: rank 0 prints
+        print(run_dir)
+    return 0
+
+
+# carsearch export: its flags, then what it runs
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "run_dir", nargs="?", metavar="RUN", help="a run folder written by carsearch train; default: --model's model"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="file to write: FILE.pt (use it with --model FILE) or FILE.onnx"
+    )
+    p.add_argument("--format", choices=["pt", "onnx"], help="default: onnx for a .onnx FILE, else pt")
+    p.add_argument(
+        "--embedding",
+        choices=["head", "pooled"],
+        help="embed with the head's output or the pooled features before it; default: the run's choice",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"without RUN: the model to export, a name ({', '.join(MODELS)}) or a path",
+    )
+    p.add_argument(
+        "--half",
+        action="store_true",
+        help="float16 weights (half the file; refused if an embedding moves by more than 1e-3)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from carsearch.embedder.training import export
+
+    logging.getLogger("carsearch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.embedding and args.run_dir is None:
+        raise ConfigError("--embedding needs a run folder")
+    if args.run_dir is not None and args.model != DEFAULT_MODEL:
+        raise ConfigError("--model names the model to export when no run folder is given")
+    fmt = args.format or ("onnx" if str(args.out).endswith(".onnx") else "pt")
+    print(export(args.run_dir, args.out, fmt, args.embedding, half=args.half, model_name=args.model))
+    return 0
+
+
+# carsearch config: its flags, then what it runs
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="CONFIG", help="a shipped name or a YAML path; default: the pipeline defaults")
+    add_set_option(p, "e.g. --set embedder.model=imagenet")
+    p.add_argument("--list", action="store_true", help="list the shipped configs instead")
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from carsearch.config import config_names, resolve_config
+
+    if args.list:
+        for name, path in config_names().items():
+            print(f"{name:<18} {_config_class(yaml.safe_load(path.read_text()) or {}).__name__:<15} {path}")
+        return 0
+    data = yaml.safe_load(resolve_config(args.config).read_text()) or {} if args.config else {}
+    config = load_dataclass(_config_class(data), args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def _config_class(data: dict[str, Any]) -> type[Any]:
+    """The config dataclass whose sections a YAML mapping uses: pipeline, training recipe or compare experiment."""
+    from carsearch.compare.config import CompareConfig
+    from carsearch.embedder.training.config import TrainConfig
+
+    for cls in (PipelineConfig, TrainConfig, CompareConfig):  # the first whose sections hold every key
+        if isinstance(data, dict) and set(data) <= {f.name for f in dataclasses.fields(cls)}:
+            return cls
+    return PipelineConfig  # whose loader names the unknown keys
+
+
+# carsearch models: its flags, then what it runs
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", metavar="MODEL", help="one model: a shipped name or a checkpoint path")
+    p.add_argument("--classes", action="store_true", help="print MODEL's training classes, one per line")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    if args.classes:
+        from carsearch.embedder.checkpoint import read_checkpoint, train_labels
+        from carsearch.embedder.zoo import IMAGENET, shipped_checkpoint
+
+        if args.model is None:
+            raise ConfigError("--classes needs a MODEL, e.g. carsearch models cars98-lite1-320 --classes")
+        if args.model == IMAGENET:
+            raise ConfigError("imagenet is the pretrained backbone: it was trained on no car classes")
+        source = shipped_checkpoint(args.model) if args.model in MODELS else (args.model, None)
+        labels = train_labels(read_checkpoint(*source))
+        if labels is None:
+            raise ConfigError(f"{args.model} does not record the classes it was trained on")
+        print("\n".join(labels))
+        return 0
+    if args.model is not None and args.model not in MODELS:
+        raise ConfigError(f"no shipped model {args.model!r}; shipped: {', '.join(MODELS)}")
+    shown = [MODELS[args.model]] if args.model else list(MODELS.values())
+    print(f"{'name':<18} {'backbone':<22} {'input':>5} {'dim':>5} {'classes':>7}  note")
+    for m in shown:
+        name = m.name + (" *" if m.name == DEFAULT_MODEL else "")
+        print(f"{name:<18} {m.backbone:<22} {m.input_size:>5} {m.dim:>5} {m.train_classes:>7}  {m.note}")
+    if args.model:
+        print(MODELS[args.model].summary)
+    print(
+        "* the default. Training classes: carsearch models NAME --classes. A path or URI from carsearch export "
+        "is also a model."
+    )
+    return 0
+
+
+# carsearch help: its flags, then what it runs
+def _help_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("topic", nargs="?", metavar="COMMAND", help="a command; default: all commands")
+
+
+def _cmd_help(args: argparse.Namespace) -> int:
+    """Print the help of ``args.topic`` (a command) or of carsearch; an unknown topic is a usage error."""
+    topic = getattr(args, "topic", None)
+    names = [command.name for command in COMMANDS if command.name != "help"]
+    if topic is not None and topic not in names and topic != "help":
+        args.parser.error(f"no command {topic!r}; commands: {', '.join(names)}")
+    (_subparsers(args.parser)[topic] if topic else args.parser).print_help()
+    return 0
+
+
+COMMANDS: tuple[Command, ...] = (  # in the order of 'carsearch --help'
+    Command("index", "crop and index a folder / CSV / Stanford devkit / Kaggle dataset", _index_arguments, _cmd_index),
+    Command("search", "top-k gallery cars for a query image", _search_arguments, _cmd_search),
+    Command(
+        "evaluate",
+        "leave-one-out Recall@k, MAP@R, R-Precision of a labelled index (seen / unseen classes)",
+        _evaluate_arguments,
+        _cmd_evaluate,
+    ),
+    Command(
+        "audit",
+        "relabelling candidates: neighbours disagree, duplicates labelled differently",
+        _audit_arguments,
+        _cmd_audit,
+    ),
+    Command(
+        "explain",
+        "GradCAM overlays for a query's top results (and its attention-in-box)",
+        _explain_arguments,
+        _cmd_explain,
+    ),
+    Command(
+        "attention",
+        "attention-in-box over a dataset: how much CAM energy falls on the car",
+        _attention_arguments,
+        _cmd_attention,
+    ),
+    Command("demo", "the Gradio web demo over an index (binds to 127.0.0.1)", _demo_arguments, _cmd_demo),
+    Command(
+        "compare",
+        "the cropped-vs-raw experiment as a report (report.md, report.html, results.json)",
+        _compare_arguments,
+        _cmd_compare,
+    ),
+    Command(
+        "train", "fine-tune an embedder on class-disjoint splits; prints the run folder", _train_arguments, _cmd_train
+    ),
+    Command(
+        "export",
+        "write a training run's model (or a named model) for indexing: a checkpoint or ONNX",
+        _export_arguments,
+        _cmd_export,
+    ),
+    Command(
+        "config",
+        "print the effective configuration (a pipeline, training or compare config) as YAML",
+        _config_arguments,
+        _cmd_config,
+    ),
+    Command(
+        "models",
+        "the shipped embedders: name, backbone, input size, dimension, training classes, figures",
+        _models_arguments,
+        _cmd_models,
+    ),
+    Command("help", "show the help of carsearch or of one command", _help_arguments, _cmd_help),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``carsearch`` parser: one sub-parser per entry of ``COMMANDS``, in its order, set up by the entry's
+    ``add_arguments``. Builds without importing torch, faiss or a model library, so help stays fast."""
+    parser = _Parser(
+        prog="carsearch",
+        description="Detect-then-embed car image retrieval: YOLO crops the car, a metric-learning embedder "
+        "embeds the crop, faiss finds the nearest cars, GradCAM shows where the model looked.",
+        epilog="Run 'carsearch COMMAND --help' (or 'carsearch help COMMAND') for a command's flags.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"carsearch {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help, formatter_class=_Formatter)
+        command.add_arguments(p)
+    return parser
+
+
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by name, ``help`` left out."""
+    return {name: parser for name, parser in _subparsers(build_parser()).items() if name != "help"}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The sub-parsers of a parser from ``build_parser``, by command name."""
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subs.choices
+
+
+def flags_markdown() -> str:
+    """docs/cli.md's table of every command's arguments and flags, generated from the parsers."""
+    lines = ["| command | arguments | flags |", "|---|---|---|"]
+    for name, parser in command_parsers().items():
+        positional, flags = [], []
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if action.option_strings:
+                flags.append(f"`{action.option_strings[0]}`")
+            else:
+                meta = action.metavar or action.dest.upper()
+                positional.append(f"[{meta}]" if action.nargs == "?" else str(meta))
+        lines.append(f"| `carsearch {name}` | {' '.join(positional) or '–'} | {', '.join(flags)} |")
+    return "\n".join(lines)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -788,8 +890,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     override (``detector.confidence=0.3`` → ``did you mean --set detector.confidence=0.3?``)."""
     args, extra = parser.parse_known_args(argv)
     if extra:
-        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        where = subs.choices.get(args.command, parser) if args.command else parser
+        where = _subparsers(parser).get(args.command, parser) if args.command else parser
         bare = [a for a in extra if "=" in a and not a.startswith("-") and "." in a.partition("=")[0]]
         hint = f"; did you mean {' '.join(f'--set {a}' for a in bare)}?" if bare else ""
         where.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
@@ -805,23 +906,21 @@ def _no_space(args: argparse.Namespace, exc: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command (``sys.argv`` by default) and return its exit status: 0 done, 2 an error of the user's
+    (one line on stderr; argparse exits 2 itself on a usage error), 130 interrupted, 141 the reader of stdout
+    went away. Other errors raise."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = _parse(parser, argv)
-    if args.command in (None, "help"):
-        topic = getattr(args, "topic", None)
-        if topic is not None and topic not in COMMANDS and topic != "help":
-            parser.error(f"no command {topic!r}; commands: {', '.join(COMMANDS)}")
-        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        (subs.choices[topic] if topic else parser).print_help()
-        return 0
-    args.argv = argv
+    args.command = args.command or "help"  # no command: the help of them all
+    args.argv, args.parser = argv, parser  # compare records the command line; help prints this parser's help
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    run = next(command.run for command in COMMANDS if command.name == args.command)
     try:
-        code = COMMANDS[args.command](args)
+        code = run(args)
         sys.stdout.flush()  # a reader that went away (`| head`) shows here, not as a traceback at exit
         return code
     except BrokenPipeError:  # the Python docs' "Note on SIGPIPE": stop writing, end as if killed by SIGPIPE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -145,7 +146,8 @@ def test_other_os_errors_still_raise(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(args: object) -> int:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setitem(cli.COMMANDS, "models", broken)
+    commands = tuple(dataclasses.replace(c, run=broken) if c.name == "models" else c for c in cli.COMMANDS)
+    monkeypatch.setattr(cli, "COMMANDS", commands)
     with pytest.raises(OSError, match="I/O error"):
         main(["models"])
 
