@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,12 +133,14 @@ def test_a_non_editable_install_carries_configs_and_the_shipped_model(tmp_path: 
 
 
 def test_the_cli_choices_are_the_tables_that_define_them() -> None:
-    """Each CAM method, engine, split and crop source is written once; the flags offer exactly those."""
+    """Each CAM method, engine, split, crop source and export embedding is written once; the flags offer exactly
+    those."""
     import typing
 
     from carsearch.cli import command_parsers
     from carsearch.config import CropSource
     from carsearch.data.sources import Split
+    from carsearch.embedder.training.module import FeatureKind
     from carsearch.explain.cam import METHODS
     from carsearch.pipeline.pipeline import ENGINES
 
@@ -149,3 +152,58 @@ def test_the_cli_choices_are_the_tables_that_define_them() -> None:
     assert choices("index", "--engine") == list(ENGINES)
     assert choices("index", "--split") == choices("attention", "--split") == list(typing.get_args(Split))
     assert choices("index", "--crop-source") == list(typing.get_args(CropSource))
+    assert choices("export", "--embedding") == list(typing.get_args(FeatureKind))
+
+
+def test_names_in_help_texts_are_the_tables_names() -> None:
+    """Help that lists names by hand lists real ones: re-ranking presets, devices, shipped configs."""
+    from carsearch.cli import DEVICE_HELP, RERANK_HELP
+    from carsearch.config import DEVICE_NAMES, RERANK_PRESETS, config_names
+
+    assert all(f"{name} " in RERANK_HELP or f"{name}," in RERANK_HELP for name in RERANK_PRESETS)
+    assert all(name in DEVICE_HELP for name in DEVICE_NAMES.split(", "))
+    helps = " ".join(
+        a.help or "" for p in command_parsers().values() for a in p._actions if "--config" in a.option_strings
+    )
+    named = {n for group in re.findall(r"a shipped name \(([^)]*)\)", helps) for n in group.split(", ") if n != "..."}
+    assert named and named <= set(config_names()), named - set(config_names())
+
+
+def test_each_command_is_one_entry_of_the_table() -> None:
+    """``build_parser`` makes one sub-parser per ``COMMANDS`` entry, in order, described by the entry's help."""
+    from carsearch.cli import COMMANDS
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(subs.choices) == [command.name for command in COMMANDS]
+    assert all(subs.choices[command.name].description == command.help for command in COMMANDS)
+
+
+def test_help_imports_no_heavy_library() -> None:
+    """``carsearch``, ``carsearch help CMD`` and ``carsearch CMD --help`` import no torch, timm, faiss, YOLO, gradio."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from carsearch.cli import COMMANDS, main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main([]) == 0\n"
+        "    for command in COMMANDS:\n"
+        "        assert main(['help', command.name]) == 0\n"
+        "        try:\n"
+        "            main([command.name, '--help'])\n"
+        "        except SystemExit as exit_info:\n"
+        "            assert exit_info.code == 0\n"
+        "print(sorted(m for m in ('torch', 'timm', 'faiss', 'ultralytics', 'gradio') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_functions_are_short_and_public_ones_state_their_rule() -> None:
+    """No function of cli.py is longer than 80 lines (def to last line); each public one has a docstring."""
+    import ast
+
+    tree = ast.parse((ROOT / "carsearch" / "cli.py").read_text())
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    long = {f.name: f.end_lineno - f.lineno + 1 for f in functions if (f.end_lineno or 0) - f.lineno + 1 > 80}
+    assert not long, f"split these functions (lines): {long}"
+    public = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
+    assert not [n.name for n in public if not ast.get_docstring(n)]
