@@ -36,7 +36,7 @@ from carsearch.errors import DataSourceError
 from carsearch.metrics import leave_one_out_metrics
 from carsearch.pipeline.cam_jobs import attention_dataset
 from carsearch.runtime import configure_threads, resolve_device, versions
-from carsearch.types import FLAG_NO_DETECTION, BBox, Detection
+from carsearch.types import FLAG_NO_DETECTION, Detection
 
 if TYPE_CHECKING:
     from carsearch.embedder.training.config import InputMode
@@ -247,11 +247,11 @@ def run_compare(config: CompareConfig, out: str | Path) -> CompareResults:
         "detections",
         [images_key, to_dict(sweep)],
         lambda: [
-            [[*d.box.as_list(), d.score, d.class_name] for d in dets]
+            [d.to_row() for d in dets]  # detect_cached's detections are rounded as rows are: rows unchanged
             for dets in detect_cached(items, sweep, cache_path(out / "cache", sweep), device=device)
         ],
     )
-    detections = [[Detection(BBox(*r[:4]), float(r[4]), str(r[5])) for r in rows] for rows in det_rows]
+    detections = [[Detection.from_row(r) for r in rows] for rows in det_rows]
     sizes = [load_image(i.path).size for i in items]  # decoded as everywhere else (EXIF orientation applied)
     quality = cache.json(
         "detector_quality",
