@@ -84,6 +84,19 @@ class Detection:
         if not 0.0 <= self.score <= 1.0:
             raise ValueError(f"Detection score must be in [0, 1], got {self.score}")
 
+    def to_row(self) -> list[Any]:
+        """``[x1, y1, x2, y2, score, class_name]``, JSON-able: the box rounded to 0.01 px, the score to 4 places.
+
+        The one row format of stored detections (the training box cache, the compare's detections stage).
+        Rounding is idempotent, so a detection read back with :meth:`from_row` encodes to the same row.
+        """
+        return [*self.box.as_list(), round(self.score, 4), self.class_name]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> Detection:
+        """The detection of a :meth:`to_row` row (as read back from JSON)."""
+        return cls(BBox(*map(float, row[:4])), float(row[4]), str(row[5]))
+
 
 # Flags recorded on indexed items.
 FLAG_NO_DETECTION = "no_detection"

@@ -36,7 +36,7 @@ from carsearch.errors import DataSourceError
 from carsearch.metrics import leave_one_out_metrics
 from carsearch.pipeline.cam_jobs import attention_dataset
 from carsearch.runtime import configure_threads, resolve_device, versions
-from carsearch.types import FLAG_NO_DETECTION, BBox, Detection
+from carsearch.types import FLAG_NO_DETECTION, Detection
 
 if TYPE_CHECKING:
     from carsearch.embedder.training.config import InputMode
@@ -231,44 +231,38 @@ def top1(vectors: np.ndarray) -> np.ndarray:
     return sims.argmax(axis=1)
 
 
-def run_compare(config: CompareConfig, out: str | Path) -> CompareResults:
-    """Every stage of the experiment (cached in ``out``); returns the results for the report."""
-    out = Path(out)
-    started = time.perf_counter()
-    configure_threads(None)
-    device = str(resolve_device(config.device))
-    cache = StageCache(out)
-    split = split_photos(config)
-    items = split.train + split.test
-    images_key = split.key
+def _detections(
+    cache: StageCache, config: CompareConfig, split: PhotoSplit, out: Path, device: str
+) -> tuple[list[list[list[Any]]], list[list[Detection]]]:
+    """Stage ``detections``: every photo's boxes at the lowest swept confidence, as stored rows and as detections.
 
+    The rows (:meth:`Detection.to_row`) are part of later stages' keys. ``detect_cached`` returns detections
+    already rounded as the row format rounds them, so a row holds exactly the detector cache's values.
+    """
     sweep = dataclasses.replace(config.detector, confidence=min(config.confidences))
-    det_rows = cache.json(
+    rows = cache.json(
         "detections",
-        [images_key, to_dict(sweep)],
+        [split.key, to_dict(sweep)],
         lambda: [
-            [[*d.box.as_list(), d.score, d.class_name] for d in dets]
-            for dets in detect_cached(items, sweep, cache_path(out / "cache", sweep), device=device)
+            [d.to_row() for d in dets]
+            for dets in detect_cached(split.train + split.test, sweep, cache_path(out / "cache", sweep), device=device)
         ],
     )
-    detections = [[Detection(BBox(*r[:4]), float(r[4]), str(r[5])) for r in rows] for rows in det_rows]
-    sizes = [load_image(i.path).size for i in items]  # decoded as everywhere else (EXIF orientation applied)
-    quality = cache.json(
-        "detector_quality",
-        [images_key, det_rows, to_dict(config)["detector"], config.confidences],
-        lambda: detector_quality(config, items, detections, sizes),
-    )
+    return rows, [[Detection.from_row(row) for row in dets] for dets in rows]
 
-    models = {mode: _finetune(cache, config, split, mode, out) for mode in ("ft_raw", "ft_crop")}
 
-    test_dets = _boxes(detections[len(split.train) :], config.detector.confidence)
+def _retrieval(
+    cache: StageCache,
+    config: CompareConfig,
+    split: PhotoSplit,
+    test_dets: list[list[Detection]],
+    det_rows: list[list[list[Any]]],
+    embedders: dict[str, Embedder],
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[tuple[str, str], np.ndarray]]:
+    """Stages ``embed_<embedder>_<input>``: the test photos' vectors and their leave-one-out metrics, per cell."""
     labels = [str(i.label) for i in split.test]
     grid: dict[str, dict[str, dict[str, float]]] = {}
     vectors: dict[tuple[str, str], np.ndarray] = {}
-    test_sizes = sizes[len(split.train) :]
-    detector_crop = input_config(config, "detector")
-    no_detection = sum(_chosen(detector_crop, d, w, h) is None for d, (w, h) in zip(test_dets, test_sizes, strict=True))
-    embedders = {name: _embedder(config, name, models, device) for name in EMBEDDERS}  # loaded once each
     crops: dict[str, list[Image.Image]] = {}  # per input mode, decoded and cut once, shared by the embedders
 
     def crops_for(mode: str) -> list[Image.Image]:
@@ -291,11 +285,19 @@ def run_compare(config: CompareConfig, out: str | Path) -> CompareResults:
 
             vectors[(name, mode)] = cache.array(f"embed_{name}_{mode}", key, compute)
             grid[name][mode] = _metrics(vectors[(name, mode)], labels)
-    crops.clear()
+    return grid, vectors
 
-    attention: dict[str, Any] = {}
+
+ATTENTION_SUMMARY = ("count", "mean", "median", "share_mostly_outside", "chance", "histogram")
+
+
+def _attention(
+    cache: StageCache, config: CompareConfig, split: PhotoSplit, embedders: dict[str, Embedder], device: str
+) -> dict[str, dict[str, Any]]:
+    """Stages ``attention_<embedder>``: attention-in-box on the first raw test photos, summarised per embedder."""
     limit = config.attention.limit
     pipeline_config = PipelineConfig(detector=config.detector, crop=False, runtime=RuntimeConfig(device=device))
+    attention: dict[str, dict[str, Any]] = {}
     for name, embedder in embedders.items():
 
         def compute_attention(embedder: Embedder = embedder) -> dict[str, Any]:
@@ -311,18 +313,22 @@ def run_compare(config: CompareConfig, out: str | Path) -> CompareResults:
             )
             return report.to_dict(with_items=True)
 
-        attention[name] = cache.json(
+        report = cache.json(
             f"attention_{name}",
             [embedder.identity, split.key, limit, to_dict(config)["attention"]],
             compute_attention,
         )
+        attention[name] = {m: report[m] for m in ATTENTION_SUMMARY}
+    return attention
 
-    raw_top, crop_top = top1(vectors[("zero_shot", "raw")]), top1(vectors[("zero_shot", "detector")])
+
+def _examples(labels: list[str], raw_top: np.ndarray, crop_top: np.ndarray, limit: int) -> dict[str, Any]:
+    """The test photos whose top-1 the crop fixes or breaks (first ``limit`` of each), and the four counts."""
     correct_raw = np.array([labels[j] == labels[i] for i, j in enumerate(raw_top)])
     correct_crop = np.array([labels[j] == labels[i] for i, j in enumerate(crop_top)])
-    examples = {
-        "crop_right_raw_wrong": [int(i) for i in np.flatnonzero(correct_crop & ~correct_raw)[: config.examples]],
-        "raw_right_crop_wrong": [int(i) for i in np.flatnonzero(correct_raw & ~correct_crop)[: config.examples]],
+    return {
+        "crop_right_raw_wrong": [int(i) for i in np.flatnonzero(correct_crop & ~correct_raw)[:limit]],
+        "raw_right_crop_wrong": [int(i) for i in np.flatnonzero(correct_raw & ~correct_crop)[:limit]],
         "counts": {
             "crop_right_raw_wrong": int((correct_crop & ~correct_raw).sum()),
             "raw_right_crop_wrong": int((correct_raw & ~correct_crop).sum()),
@@ -330,23 +336,55 @@ def run_compare(config: CompareConfig, out: str | Path) -> CompareResults:
             "both_wrong": int((~correct_crop & ~correct_raw).sum()),
         },
     }
+
+
+def _split_summary(split: PhotoSplit, sizes: list[tuple[int, int]]) -> dict[str, Any]:
+    """Class and image counts of both sides, and the first five image sizes."""
+    return {
+        "train_classes": len({i.label for i in split.train}),
+        "test_classes": len({str(i.label) for i in split.test}),
+        "train_images": len(split.train),
+        "test_images": len(split.test),
+        "resolution": sorted({f"{w}x{h}" for w, h in sizes})[:5],
+    }
+
+
+def run_compare(config: CompareConfig, out: str | Path) -> CompareResults:
+    """Every stage of the experiment (cached in ``out``); returns the results for the report."""
+    out = Path(out)
+    started = time.perf_counter()
+    configure_threads(None)
+    device = str(resolve_device(config.device))
+    cache = StageCache(out)
+    split = split_photos(config)
+    items = split.train + split.test
+
+    det_rows, detections = _detections(cache, config, split, out, device)
+    sizes = [load_image(i.path).size for i in items]  # decoded as everywhere else (EXIF orientation applied)
+    quality = cache.json(
+        "detector_quality",
+        [split.key, det_rows, to_dict(config)["detector"], config.confidences],
+        lambda: detector_quality(config, items, detections, sizes),
+    )
+    models = {mode: _finetune(cache, config, split, mode, out) for mode in ("ft_raw", "ft_crop")}
+
+    test_dets = _boxes(detections[len(split.train) :], config.detector.confidence)
+    test_sizes = sizes[len(split.train) :]
+    detector_crop = input_config(config, "detector")
+    no_detection = sum(_chosen(detector_crop, d, w, h) is None for d, (w, h) in zip(test_dets, test_sizes, strict=True))
+    embedders = {name: _embedder(config, name, models, device) for name in EMBEDDERS}  # loaded once each
+    grid, vectors = _retrieval(cache, config, split, test_dets, det_rows, embedders)
+    attention = _attention(cache, config, split, embedders, device)
+
+    raw_top, crop_top = top1(vectors[("zero_shot", "raw")]), top1(vectors[("zero_shot", "detector")])
     return CompareResults(
         config=to_dict(config),
-        split={
-            "train_classes": len({i.label for i in split.train}),
-            "test_classes": len(set(labels)),
-            "train_images": len(split.train),
-            "test_images": len(split.test),
-            "resolution": sorted({f"{w}x{h}" for w, h in sizes})[:5],
-        },
+        split=_split_summary(split, sizes),
         detector_quality=quality,
         retrieval=grid,
         test_no_detection=int(no_detection),
-        attention={
-            k: {m: v[m] for m in ("count", "mean", "median", "share_mostly_outside", "chance", "histogram")}
-            for k, v in attention.items()
-        },
-        examples=examples,
+        attention=attention,
+        examples=_examples([str(i.label) for i in split.test], raw_top, crop_top, config.examples),
         models={k: str(v) for k, v in models.items()},
         stages=cache.log,
         wall_time_s=round(time.perf_counter() - started, 1),

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from carsearch.errors import EmptyGalleryError
 from carsearch.index import GalleryIndex, ItemRecord
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,15 @@ def audit_index(gallery: GalleryIndex, k: int = 10, max_agree: float = 0.2, near
     k = max(1, min(k, len(ids) - 1))
     scores, neighbours = sub.search(sub.vectors, k + 1)
 
+    disagreements = _disagreements(ids, records, neighbours, k, max_agree)
+    duplicates = _duplicates(records, neighbours, scores, near)
+    return AuditReport(disagreements, sorted(duplicates.values(), key=lambda d: (d.kind, d.path_a)), len(ids), k)
+
+
+def _disagreements(
+    ids: np.ndarray, records: list[ItemRecord], neighbours: np.ndarray, k: int, max_agree: float
+) -> list[Disagreement]:
+    """Items with at most ``max_agree`` of their ``k`` neighbours sharing their label, most dominated first."""
     disagreements = []
     for i, (row, record) in enumerate(zip(neighbours, records, strict=True)):
         others = [int(j) for j in row if j != i and j >= 0][:k]
@@ -76,7 +89,13 @@ def audit_index(gallery: GalleryIndex, k: int = 10, max_agree: float = 0.2, near
                 Disagreement(int(ids[i]), record.path, str(record.label), agree, str(majority), count / len(others))
             )
     disagreements.sort(key=lambda d: (-d.majority_share, d.agree, d.path))
+    return disagreements
 
+
+def _duplicates(
+    records: list[ItemRecord], neighbours: np.ndarray, scores: np.ndarray, near: float
+) -> dict[tuple[str, str], DuplicatePair]:
+    """Differently labelled pairs with the same content hash (exact) or a similarity >= ``near`` (near)."""
     duplicates: dict[tuple[str, str], DuplicatePair] = {}
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
@@ -90,7 +109,7 @@ def audit_index(gallery: GalleryIndex, k: int = 10, max_agree: float = 0.2, near
         for j, sim in zip(row, sims, strict=True):
             if j >= 0 and j != i and sim >= near:
                 _add_pair(duplicates, records[i], records[int(j)], "near", float(sim))
-    return AuditReport(disagreements, sorted(duplicates.values(), key=lambda d: (d.kind, d.path_a)), len(ids), k)
+    return duplicates
 
 
 def _add_pair(found: dict[tuple[str, str], DuplicatePair], a: ItemRecord, b: ItemRecord, kind: str, sim: float) -> None:

@@ -1,7 +1,8 @@
-"""Static checks over the source: mypy (configured in pyproject.toml) and ruff."""
+"""Static checks over the source: mypy and ruff (configured in pyproject.toml), and function length."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,39 @@ def test_ruff_check_passes() -> None:
         check=False,
     )
     assert result.returncode == 0, f"ruff check failed:\n{result.stdout}{result.stderr}"
+
+
+MAX_FUNCTION_LINES = 80
+LONG_FUNCTIONS_ALLOWED = {
+    "carsearch/cli.py::build_parser",  # removed when the command table lands
+}
+
+
+def long_functions(root: Path, limit: int) -> dict[str, int]:
+    """``{"<path>::<qualified name>": lines}`` of every function in ``root``'s package longer than ``limit`` lines
+    (``def`` line to last line; decorators not counted)."""
+    found: dict[str, int] = {}
+
+    def visit(node: ast.AST, path: str, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = prefix
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    assert child.end_lineno is not None
+                    lines = child.end_lineno - child.lineno + 1
+                    if lines > limit:
+                        found[f"{path}::{name}"] = lines
+                name += "."
+            visit(child, path, name)
+
+    for file in sorted((root / "carsearch").rglob("*.py")):
+        visit(ast.parse(file.read_text(), str(file)), file.relative_to(root).as_posix(), "")
+    return found
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    """Short functions that say what they do: none in ``carsearch`` over 80 lines, beyond the allow-list."""
+    too_long = long_functions(ROOT, MAX_FUNCTION_LINES)
+    unexpected = {name: lines for name, lines in too_long.items() if name not in LONG_FUNCTIONS_ALLOWED}
+    assert not unexpected, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {unexpected}"

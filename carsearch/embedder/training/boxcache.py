@@ -10,14 +10,13 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from carsearch.config import DetectorConfig
 from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_json
 from carsearch.data.images import content_hash, decode_image
 from carsearch.data.sources import SourceItem
-from carsearch.types import BBox, Detection
+from carsearch.types import Detection
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +42,6 @@ def cache_path(cache_dir: str | Path, config: DetectorConfig) -> Path:
     return Path(cache_dir) / f"boxes_{stem}_{digest}.json"
 
 
-def _encode(detections: list[Detection]) -> list[list[Any]]:
-    return [[*d.box.as_list(), round(d.score, 4), d.class_name] for d in detections]
-
-
-def _decode(rows: list[list[Any]]) -> list[Detection]:
-    return [Detection(BBox(*map(float, row[:4])), float(row[4]), str(row[5])) for row in rows]
-
-
 def read_cache(path: str | Path) -> dict[str, list[Detection]]:
     """``{"<path>|<content hash>": detections}``; a missing or stale-format file is empty."""
     path = Path(path)
@@ -63,7 +54,7 @@ def read_cache(path: str | Path) -> dict[str, list[Detection]]:
         return {}
     if payload.get("version") != CACHE_VERSION:
         return {}
-    return {key: _decode(rows) for key, rows in payload.get("boxes", {}).items()}
+    return {key: [Detection.from_row(row) for row in rows] for key, rows in payload.get("boxes", {}).items()}
 
 
 def detect_cached(
@@ -106,13 +97,13 @@ def detect_cached(
                     logger.warning("cannot decode %s for detection: %s", key.rsplit("|", 1)[0], exc)
                     cache[key] = []
             for key, found in zip(chunk_keys, detector.detect(images), strict=True):
-                cache[key] = _decode(_encode(found))  # as a later run reads it back (rounded)
+                cache[key] = [Detection.from_row(d.to_row()) for d in found]  # as a later run reads it back (rounded)
         atomic_write_json(
             cache_file,
             {
                 "version": CACHE_VERSION,
                 "detector": detector.identity,
-                "boxes": {k: _encode(v) for k, v in cache.items()},
+                "boxes": {k: [d.to_row() for d in v] for k, v in cache.items()},
             },
         )
     return [cache.get(key, []) for key in keys]

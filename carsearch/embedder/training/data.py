@@ -87,7 +87,6 @@ def split_classes(
     (``val_carve``: see :func:`carve_out`).
     """
     classes = sort_classes(labels)
-    known = set(classes)
     val = [str(c) for c in val_classes]
     if mode == "half":
         if len(classes) < 4:
@@ -97,31 +96,44 @@ def split_classes(
     elif mode == "all":
         train, test = classes, []
     elif mode == "list":
-        train = [str(c) for c in train_classes]
-        named = {*train, *val}
-        test = [str(c) for c in test_classes] or [c for c in classes if c not in named]
-        missing = sorted({*train, *val, *test} - known)
-        if missing:
-            raise ConfigError(f"class(es) not in the data: {missing[:10]}{' …' if len(missing) > 10 else ''}")
-        for a, b, names in (
-            (train, val, "train and validation"),
-            (train, test, "train and test"),
-            (val, test, "validation and test"),
-        ):
-            overlap = sorted(set(a) & set(b))
-            if overlap:
-                raise ConfigError(f"{names} classes must be disjoint; both have {overlap[:10]}")
+        train, test = _listed_classes(classes, train_classes, val, test_classes)
     else:
         raise ConfigError(f"unknown class split {mode!r}; valid: half, all, list")
     if not val and val_fraction > 0:
         train, val = carve_out(train, val_fraction, val_carve)
+    _check_split_sizes(train, val, test)
+    return ClassSplits(sort_classes(train), sort_classes(val), sort_classes(test))
+
+
+def _listed_classes(
+    classes: list[str], train_classes: Sequence[str], val: list[str], test_classes: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """``class_split=list``: (train, test) as named (test: every class not named), all in the data and disjoint."""
+    train = [str(c) for c in train_classes]
+    named = {*train, *val}
+    test = [str(c) for c in test_classes] or [c for c in classes if c not in named]
+    missing = sorted({*train, *val, *test} - set(classes))
+    if missing:
+        raise ConfigError(f"class(es) not in the data: {missing[:10]}{' …' if len(missing) > 10 else ''}")
+    for a, b, names in (
+        (train, val, "train and validation"),
+        (train, test, "train and test"),
+        (val, test, "validation and test"),
+    ):
+        overlap = sorted(set(a) & set(b))
+        if overlap:
+            raise ConfigError(f"{names} classes must be disjoint; both have {overlap[:10]}")
+    return train, test
+
+
+def _check_split_sizes(train: list[str], val: list[str], test: list[str]) -> None:
+    """At least 2 training classes, and 2 validation / test classes where there are any."""
     if len(set(train)) < 2:
         raise ConfigError(f"need >= 2 training classes, got {len(set(train))}")
     if val and len(set(val)) < 2:
         raise ConfigError(f"need >= 2 validation classes (or none), got {len(set(val))}; raise data.val_fraction")
     if test and len(set(test)) < 2:
         raise ConfigError(f"need >= 2 test classes (or none), got {len(set(test))}")
-    return ClassSplits(sort_classes(train), sort_classes(val), sort_classes(test))
 
 
 def geometry_transform(pre: Preprocessing, size: Size | None = None) -> v2.Compose:

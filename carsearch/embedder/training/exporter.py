@@ -45,6 +45,35 @@ def half_precision_error(model: EmbeddingModel, images: int = 16, seed: int = 0)
         return float((model.eval()(batch) - rounded(batch)).abs().max())
 
 
+def _named_model(model_name: str) -> tuple[EmbeddingModel, str, dict[str, Any]]:
+    """(the model ``model_name``, its name, the classes it was trained on if it records them)."""
+    embedder = Embedder.from_config(EmbedderConfig(model=model_name, runtime="torch"))
+    extra: dict[str, Any] = {}
+    if embedder.train_labels:
+        extra["train_labels"] = list(embedder.train_labels)
+    return embedder.model, model_name, extra
+
+
+def _run_model(run_dir: Path, embedding: FeatureKind | None) -> tuple[EmbeddingModel, str, dict[str, Any]]:
+    """(the run's best model with ``embedding`` (default: the run's choice), its checkpoint, what to record:
+    the run, its classes and, when they are of this embedding, its test and zero-shot metrics)."""
+    checkpoint = best_checkpoint(run_dir)
+    model, source = load_trained_model(checkpoint), str(checkpoint)
+    chosen = embedding or run_embedding(run_dir)
+    if chosen == "pooled":
+        model = without_head(model)
+    extra: dict[str, Any] = {"run": run_dir.name, "lightning_checkpoint": checkpoint.name, "embedding": chosen}
+    classes_file = run_dir / "classes.json"
+    if classes_file.exists():
+        extra["train_labels"] = sorted(json.loads(classes_file.read_text()).get("train") or [])
+    metrics = RunMetrics.read(run_dir)
+    if metrics is not None and chosen == run_embedding(run_dir):  # the run's metrics are of this embedding
+        for name, recorded in (("test", metrics.test), ("zero_shot", metrics.zero_shot)):
+            if recorded:
+                extra[f"{name}_metrics"] = recorded
+    return model, source, extra
+
+
 def export(
     run_dir: str | Path | None,
     out_path: str | Path,
@@ -63,28 +92,10 @@ def export(
     """
     if half and fmt != "pt":
         raise ConfigError("float16 weights (--half) are for .pt checkpoints; ONNX files keep float32")
-    extra: dict[str, Any] = {}
     if run_dir is None:
-        embedder = Embedder.from_config(EmbedderConfig(model=model_name, runtime="torch"))
-        model, source = embedder.model, model_name
-        if embedder.train_labels:
-            extra["train_labels"] = list(embedder.train_labels)
+        model, source, extra = _named_model(model_name)
     else:
-        run_dir = Path(run_dir)
-        checkpoint = best_checkpoint(run_dir)
-        model, source = load_trained_model(checkpoint), str(checkpoint)
-        chosen = embedding or run_embedding(run_dir)
-        if chosen == "pooled":
-            model = without_head(model)
-        extra = {"run": run_dir.name, "lightning_checkpoint": checkpoint.name, "embedding": chosen}
-        classes_file = run_dir / "classes.json"
-        if classes_file.exists():
-            extra["train_labels"] = sorted(json.loads(classes_file.read_text()).get("train") or [])
-        metrics = RunMetrics.read(run_dir)
-        if metrics is not None and chosen == run_embedding(run_dir):  # the run's metrics are of this embedding
-            for name, recorded in (("test", metrics.test), ("zero_shot", metrics.zero_shot)):
-                if recorded:
-                    extra[f"{name}_metrics"] = recorded
+        model, source, extra = _run_model(Path(run_dir), embedding)
     if half:
         error = half_precision_error(model)
         if error > FP16_TOLERANCE:

@@ -15,7 +15,7 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 import torch
@@ -32,6 +32,9 @@ from carsearch.embedder.training.module import EmbedderModule, FeatureKind
 from carsearch.embedder.training.run_metrics import METRICS_FILE, RunMetrics
 from carsearch.errors import ConfigError
 from carsearch.runtime import configure_threads
+
+if TYPE_CHECKING:
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -128,23 +131,34 @@ def averaging_callback(config: TrainerConfig) -> StepAveraging | None:
     return None
 
 
-def train(config: TrainConfig) -> Path:
-    """Train; pick the epoch on validation classes (or keep the last one); test once; returns the run directory.
+@dataclasses.dataclass
+class _Run:
+    """What ``train`` sets up before fitting: the run directory, data, model, callbacks and trainer."""
 
-    ``metrics.json`` holds zero-shot and final validation/test metrics: the test classes are evaluated
-    twice only, before training (zero-shot) and with the selected model, and choose nothing.
-    """
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    config: TrainConfig
+    run_dir: Path
+    accelerator: str
+    precision: ResolvedPrecision
+    data: EmbedderDataModule
+    module: EmbedderModule
+    monitor: str | None  # the validation metric that picks the epoch (None: the last epoch is kept)
+    prefix: str  # "pooled_" when the metric is the pooled features'
+    checkpoint: ModelCheckpoint
+    averaging: StepAveraging | None
+    trainer: L.Trainer
 
-    started = time.perf_counter()
-    accelerator, precision = resolve_trainer(config.trainer)
-    run_dir = run_directory(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if accelerator == "cpu":
-        configure_threads(config.trainer.threads)
-    L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+    @property
+    def validating(self) -> bool:
+        return self.data.val_set is not None
 
-    spec = model_spec(config)
+    @property
+    def testing(self) -> bool:
+        """Whether this process tests (rank 0, with test classes)."""
+        return self.data.test_set is not None and self.trainer.global_rank == 0
+
+
+def _data_module(config: TrainConfig, spec: ModelSpec, accelerator: str) -> EmbedderDataModule:
+    """The data, its detector boxes and image cache prepared (by rank 0) and set up for fitting."""
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else Path(config.out.dir).expanduser() / "cache"
     data = EmbedderDataModule(
         config.data,
@@ -156,17 +170,22 @@ def train(config: TrainConfig) -> Path:
     if not _is_ddp_child():
         data.prepare_data()  # detector boxes and image cache, before Lightning starts other ranks
     data.setup("fit")
-    module = EmbedderModule(
-        spec, data.num_train_classes, config.model, config.loss, config.optim, config.trainer.micro_batch
-    )
-    validating = data.val_set is not None
+    return data
+
+
+def _monitor(config: TrainConfig, validating: bool) -> tuple[str | None, str]:
+    """(the validation metric that picks the epoch, or None to keep the last one; its feature prefix)."""
     select = config.trainer.select
     # a fixed model.embed_with=pooled picks its epoch by the pooled features' metric: the ones it exports
     prefix = "pooled_" if config.model.embed_with == "pooled" and config.model.embedding_dim else ""
-    monitor = f"val/{prefix}{select}" if validating and select != "last" else None
+    return (f"val/{prefix}{select}" if validating and select != "last" else None), prefix
 
-    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
-    atomic_write_json(run_dir / "classes.json", data.splits.to_dict())
+
+def _callbacks(
+    config: TrainConfig, run_dir: Path, monitor: str | None
+) -> tuple[ModelCheckpoint, StepAveraging | None, list[Any]]:
+    """(the checkpoint callback, the weight averaging if any, every callback: those and early stopping)."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -182,7 +201,18 @@ def train(config: TrainConfig) -> Path:
     averaging = averaging_callback(config.trainer)
     if averaging is not None:
         callbacks.append(averaging)
-    trainer = L.Trainer(
+    return checkpoint, averaging, callbacks
+
+
+def _trainer(
+    config: TrainConfig,
+    run_dir: Path,
+    accelerator: str,
+    precision: ResolvedPrecision,
+    validating: bool,
+    callbacks: list[Any],
+) -> L.Trainer:
+    return L.Trainer(
         accelerator=accelerator,
         devices=config.trainer.devices,
         strategy=_strategy(config),
@@ -200,82 +230,148 @@ def train(config: TrainConfig) -> Path:
         callbacks=callbacks,
         default_root_dir=str(run_dir),
     )
+
+
+def _set_up(config: TrainConfig) -> _Run:
+    """Resolve the trainer, create the run directory (``config.yaml``, ``classes.json``), seed, build everything."""
+    accelerator, precision = resolve_trainer(config.trainer)
+    run_dir = run_directory(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator == "cpu":
+        configure_threads(config.trainer.threads)
+    L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+
+    spec = model_spec(config)
+    data = _data_module(config, spec, accelerator)
+    module = EmbedderModule(
+        spec, data.num_train_classes, config.model, config.loss, config.optim, config.trainer.micro_batch
+    )
+    validating = data.val_set is not None
+    monitor, prefix = _monitor(config, validating)
+
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+    atomic_write_json(run_dir / "classes.json", data.splits.to_dict())
+
+    checkpoint, averaging, callbacks = _callbacks(config, run_dir, monitor)
+    trainer = _trainer(config, run_dir, accelerator, precision, validating, callbacks)
+    return _Run(config, run_dir, accelerator, precision, data, module, monitor, prefix, checkpoint, averaging, trainer)
+
+
+def _zero_shot(run: _Run) -> tuple[dict[str, Any], dict[FeatureKind, dict[str, float]]]:
+    """Before training: validation metrics (``{"val": ..., "test": None}``), and the test metrics of every
+    embedding the run may export (rank 0; choosing nothing)."""
+    config, module, data = run.config, run.module, run.data
     zero_shot: dict[str, Any] = {"val": None, "test": None}
-    if validating:
-        trainer.validate(module, datamodule=data, verbose=False)
+    if run.validating:
+        run.trainer.validate(module, datamodule=data, verbose=False)
         zero_shot["val"] = module.val_history[-1] if module.val_history else None
         module.val_history.clear()
-    testing = data.test_set is not None and trainer.global_rank == 0
     has_head = config.model.embedding_dim is not None
     candidates: list[FeatureKind] = (
         ["head", "pooled"]
-        if has_head and config.model.embed_with == "auto" and validating
-        else [choose_embedding(config.model, None, select)[0]]
+        if has_head and config.model.embed_with == "auto" and run.validating
+        else [choose_embedding(config.model, None, config.trainer.select)[0]]
     )
     zero_shot_test: dict[FeatureKind, dict[str, float]] = {}
-    if testing:  # before training, for each embedding the run may export (choosing nothing)
+    if run.testing:
         assert data.test_set is not None
         zero_shot_test = module.evaluate(data.eval_loader(data.test_set), data.splits.test, candidates)
+    return zero_shot, zero_shot_test
+
+
+def _fit(run: _Run) -> float:
+    """Train; returns the seconds it took."""
     fit_started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # frozen layers, on purpose
-        trainer.fit(module, datamodule=data)
-    train_time = time.perf_counter() - fit_started
+        run.trainer.fit(run.module, datamodule=run.data)
+    return time.perf_counter() - fit_started
 
-    if trainer.global_rank == 0:
-        selected = Path(checkpoint.best_model_path).resolve() if checkpoint.best_model_path else None
-        history = module.val_history
-        key = prefix + ("map_at_r" if select == "last" else select)
-        best = max(history, key=lambda m: m[key]) if history else None
-        embedding, reason = choose_embedding(
-            config.model, (best if monitor else history[-1]) if history else None, select
-        )
-        test = None
-        if testing:
-            if selected is not None:  # the selected epoch's weights, not whatever the last epoch left
-                module.load_state_dict(
-                    torch.load(selected, map_location=module.device, weights_only=True)["state_dict"]
-                )
-            assert data.test_set is not None
-            test = module.evaluate(data.eval_loader(data.test_set), data.splits.test, [embedding])[embedding]
-            zero_shot["test"] = zero_shot_test.get(embedding)
-        metrics = RunMetrics(
-            test=test,
-            zero_shot=zero_shot,
-            embedding={
-                "name": embedding,
-                # num_features: timm's plain int attribute, which torch's stub types as Tensor | Module
-                "dim": int(module.model.dim if embedding == "head" else cast(int, module.model.backbone.num_features)),
-                "chosen_by": reason,
-            },
-            selected_by=monitor or "last epoch (fixed schedule)",
-            selected_epoch=int(best["epoch"]) if monitor and best else int(trainer.current_epoch) - 1,
-            val={"best": best, "final": history[-1] if history else None, "history": history},
-            checkpoint=str(selected) if selected else None,
-            averaging=averaging.summary() if averaging is not None else None,
-            epochs=int(trainer.current_epoch),
-            global_steps=int(trainer.global_step),
-            images={
-                "train": len(data.train_set or []),
-                "val": len(data.val_set or []),
-                "test": len(data.test_set or []),
-            },
-            classes={name: len(classes) for name, classes in data.splits.to_dict().items()},
-            train_time_s=round(train_time, 1),
-            wall_time_s=round(time.perf_counter() - started, 1),
-            resolved={"accelerator": accelerator, "precision": precision, "world_size": trainer.world_size},
-        )
-        metrics.write(run_dir)
+
+def _choose(run: _Run) -> tuple[dict[str, Any] | None, FeatureKind, str]:
+    """(the best validation entry, the embedding to export and why) from the validation history."""
+    select = run.config.trainer.select
+    history = run.module.val_history
+    key = run.prefix + ("map_at_r" if select == "last" else select)
+    best = max(history, key=lambda m: m[key]) if history else None
+    embedding, reason = choose_embedding(
+        run.config.model, (best if run.monitor else history[-1]) if history else None, select
+    )
+    return best, embedding, reason
+
+
+def _test(run: _Run, selected: Path | None, embedding: FeatureKind) -> dict[str, float]:
+    """The test metrics of ``embedding`` with the selected epoch's weights (not whatever the last epoch left)."""
+    module, data = run.module, run.data
+    if selected is not None:
+        module.load_state_dict(torch.load(selected, map_location=module.device, weights_only=True)["state_dict"])
+    assert data.test_set is not None
+    return module.evaluate(data.eval_loader(data.test_set), data.splits.test, [embedding])[embedding]
+
+
+def _run_metrics(
+    run: _Run,
+    zero_shot: dict[str, Any],
+    zero_shot_test: dict[FeatureKind, dict[str, float]],
+    train_time: float,
+    started: float,
+) -> RunMetrics:
+    """Select the epoch and embedding, test them once (rank 0) and gather ``metrics.json``."""
+    module, data, trainer, monitor = run.module, run.data, run.trainer, run.monitor
+    selected = Path(run.checkpoint.best_model_path).resolve() if run.checkpoint.best_model_path else None
+    history = module.val_history
+    best, embedding, reason = _choose(run)
+    test = None
+    if run.testing:
+        test = _test(run, selected, embedding)
+        zero_shot["test"] = zero_shot_test.get(embedding)
+    return RunMetrics(
+        test=test,
+        zero_shot=zero_shot,
+        embedding={
+            "name": embedding,
+            # num_features: timm's plain int attribute, which torch's stub types as Tensor | Module
+            "dim": int(module.model.dim if embedding == "head" else cast(int, module.model.backbone.num_features)),
+            "chosen_by": reason,
+        },
+        selected_by=monitor or "last epoch (fixed schedule)",
+        selected_epoch=int(best["epoch"]) if monitor and best else int(trainer.current_epoch) - 1,
+        val={"best": best, "final": history[-1] if history else None, "history": history},
+        checkpoint=str(selected) if selected else None,
+        averaging=run.averaging.summary() if run.averaging is not None else None,
+        epochs=int(trainer.current_epoch),
+        global_steps=int(trainer.global_step),
+        images={"train": len(data.train_set or []), "val": len(data.val_set or []), "test": len(data.test_set or [])},
+        classes={name: len(classes) for name, classes in data.splits.to_dict().items()},
+        train_time_s=round(train_time, 1),
+        wall_time_s=round(time.perf_counter() - started, 1),
+        resolved={"accelerator": run.accelerator, "precision": run.precision, "world_size": trainer.world_size},
+    )
+
+
+def train(config: TrainConfig) -> Path:
+    """Train; pick the epoch on validation classes (or keep the last one); test once; returns the run directory.
+
+    ``metrics.json`` holds zero-shot and final validation/test metrics: the test classes are evaluated
+    twice only, before training (zero-shot) and with the selected model, and choose nothing.
+    """
+    started = time.perf_counter()
+    run = _set_up(config)
+    zero_shot, zero_shot_test = _zero_shot(run)
+    train_time = _fit(run)
+    if run.trainer.global_rank == 0:
+        metrics = _run_metrics(run, zero_shot, zero_shot_test, train_time, started)
+        metrics.write(run.run_dir)
         logger.info(
             "run %s: test R@1 %s → %s (selected: %s, epoch %s), training %.0f s",
-            run_dir,
-            (zero_shot["test"] or {}).get("recall_at_1"),
-            (test or {}).get("recall_at_1"),
+            run.run_dir,
+            (metrics.zero_shot["test"] or {}).get("recall_at_1"),
+            (metrics.test or {}).get("recall_at_1"),
             metrics.selected_by,
             metrics.selected_epoch,
             train_time,
         )
-    return run_dir
+    return run.run_dir
 
 
 def device_overrides(device: str | None) -> list[str]:
