@@ -80,10 +80,7 @@ def detect_cached(
     keys: list[str] = []
     todo: dict[str, bytes] = {}
     for item in items:
-        try:
-            data = storage.read_bytes(item.path)
-        except OSError:
-            data = b""
+        data = storage.read_bytes_or_empty(item.path)
         key = f"{storage.identity(item.path)}|{content_hash(data)}"
         keys.append(key)
         if key not in cache and data:

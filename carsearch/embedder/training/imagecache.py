@@ -37,10 +37,7 @@ def cache_key(dataset: CropDataset, size: Size, preprocessing: str) -> str:
     def entries() -> Iterator[list[Any]]:
         yield [CACHE_VERSION, list(size), preprocessing, dataset.mode, cropping]
         for i, item in enumerate(dataset.items):
-            try:
-                data = storage.read_bytes(item.path)
-            except OSError:
-                data = b""
+            data = storage.read_bytes_or_empty(item.path)
             boxes = [d.box.as_list() for d in dataset.detections[i]] if dataset.detections is not None else None
             box = item.box.as_list() if item.box is not None else None
             yield [storage.identity(item.path), content_hash(data), box, boxes]
