@@ -30,9 +30,20 @@ class RetrievalMetrics:
     other_year_share: float | None = None  # of the wrong top-1 hits: same make and model, another year
 
     def to_dict(self) -> dict[str, object]:
+        """Every field, ``recall_at`` keyed by ``str(k)``: the record an index evaluation writes."""
         data = asdict(self)
         data["recall_at"] = {str(k): v for k, v in self.recall_at.items()}
         return data
+
+    def flat(self, names: Sequence[str] | None = None) -> dict[str, float]:
+        """The scores as one flat ``{name: float}``: ``recall_at_<k>`` per k, ``map_at_r``, ``r_precision`` and
+        ``other_year_share`` when measured; ``names``: only these, in that order. The names training logs
+        (``val/<name>``) and writes to ``metrics.json``, and the experiment's grid uses."""
+        scores = {f"recall_at_{k}": float(v) for k, v in self.recall_at.items()}
+        scores.update(map_at_r=float(self.map_at_r), r_precision=float(self.r_precision))
+        if self.other_year_share is not None:
+            scores["other_year_share"] = float(self.other_year_share)
+        return scores if names is None else {name: scores[name] for name in names}
 
 
 def relevance_matrix(query_labels: Sequence[object], neighbour_labels: Sequence[Sequence[object]]) -> np.ndarray:

@@ -220,8 +220,7 @@ def _embedder(config: CompareConfig, name: str, models: dict[str, Path], device:
 
 
 def _metrics(vectors: np.ndarray, labels: list[str]) -> dict[str, float]:
-    m = leave_one_out_metrics(vectors, labels)
-    return {"recall_at_1": m.recall_at[1], "recall_at_4": m.recall_at[4], "map_at_r": m.map_at_r}
+    return leave_one_out_metrics(vectors, labels).flat(("recall_at_1", "recall_at_4", "map_at_r"))
 
 
 def top1(vectors: np.ndarray) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -14,13 +13,9 @@ from typing import Any
 import numpy as np
 
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
+from carsearch.data.digest import json_digest as digest  # a stage's key; experiment.py names models with it
 
 logger = logging.getLogger(__name__)
-
-
-def digest(value: Any) -> str:
-    """A short stable hash of a JSON-able value."""
-    return hashlib.blake2b(json.dumps(value, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
 class StageCache:

@@ -55,7 +55,7 @@ def decode_item(position: int, item: SourceItem, done: dict[str, str], max_side:
     try:
         data = storage.read_bytes(item.path)
     except OSError as exc:
-        return Decoded(position, item, None, "error", f"cannot read file: {exc.strerror or exc}")
+        return Decoded(position, item, None, "error", f"cannot read file: {storage.read_failure(exc)}")
     digest = content_hash(data)
     if done.get(str(item.path)) == digest:
         return Decoded(position, item, digest, "skip")

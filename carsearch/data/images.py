@@ -91,7 +91,7 @@ def as_image(picture: ImageInput) -> tuple[Image.Image, bytes | None]:
         data = bytes(picture)
         return decode_image(data), data
     if isinstance(picture, (str, Path)):
-        data = read_bytes(picture)
+        data = read_image_bytes(picture)
         return decode_image(data), data
     if isinstance(picture, np.ndarray):
         return prepare(array_image(picture)), None
@@ -142,19 +142,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """A file's bytes, or :class:`ImageLoadError` saying why it cannot be read."""
+def read_image_bytes(path: str | Path) -> bytes:
+    """An image file's bytes (:func:`~carsearch.data.storage.read_bytes`), or :class:`ImageLoadError` saying
+    why they cannot be read: the one place a failed read of an image becomes ``ImageLoadError``."""
     try:
         return storage.read_bytes(path)
     except IsADirectoryError:
         raise ImageLoadError(f"{path} is a directory, not an image") from None
     except OSError as exc:
-        raise ImageLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ImageLoadError(f"cannot read {path}: {storage.read_failure(exc)}") from None
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Read and decode an image file (see :func:`decode_image`)."""
-    return decode_image(read_bytes(path), max_pixels=max_pixels)
+    return decode_image(read_image_bytes(path), max_pixels=max_pixels)
 
 
 def limit_size(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:

@@ -80,7 +80,14 @@ def _uri(parts: SplitResult, path: str) -> str:
 
 
 def read_bytes(location: str | Path) -> bytes:
-    """A file's bytes. Raises ``OSError`` (``FileNotFoundError`` when it does not exist) like ``open``."""
+    """A file's bytes, from a local path or a URI: every read of a file in carsearch comes here.
+
+    The contract: raises ``OSError`` like ``open``, for a URI too: ``FileNotFoundError`` when it does not
+    exist, ``IsADirectoryError`` for a folder, a plain ``OSError`` for a store that cannot be reached or
+    refuses, or a malformed URI. :func:`read_failure` says why in words. For images,
+    :func:`carsearch.data.images.read_image_bytes` turns the error into ``ImageLoadError``; for content keys,
+    :func:`read_bytes_or_empty`.
+    """
     if not is_uri(location):
         return Path(location).read_bytes()
     filesystem, path = _resolve(str(location))
@@ -92,6 +99,20 @@ def read_bytes(location: str | Path) -> bytes:
             if filesystem.get_file_info(path).type.name == "Directory":
                 raise IsADirectoryError(21, "Is a directory", str(location)) from None
             raise
+
+
+def read_bytes_or_empty(location: str | Path) -> bytes:
+    """:func:`read_bytes`, or ``b""`` when the file cannot be read: keys an unreadable file by empty content
+    (whoever decodes it later skips it and says why)."""
+    try:
+        return read_bytes(location)
+    except OSError:
+        return b""
+
+
+def read_failure(exc: OSError) -> str:
+    """Why a read failed, in words: the system's reason (``No such file or directory``) or the store's message."""
+    return exc.strerror or str(exc)
 
 
 def list_files(root: str) -> list[tuple[str, str]]:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import Image
 
 from carsearch.demo.backend import DemoBackend, Side
 from carsearch.demo.handlers import CROP_MIN_SIDE, Caption, QueryState, fit
 from carsearch.errors import CarSearchError
-from carsearch.explain import energy_in_box, paste_into
+from carsearch.explain import photo_attention
 from carsearch.explain.render import draw_box, overlay
 from carsearch.pipeline.queries import QueryCars
 
@@ -52,15 +51,13 @@ def photo_cam(side: Side, cars: QueryCars, car: int, box_car: QueryCars | None) 
     """The side's own-embedding CAM over the whole photo (the crop's map pasted back) and its energy in the
     searched car's box (from ``box_car``, the main index's view, where that index crops)."""
     image, plan = cars.image, cars.plans[car - 1]
-    crop_map = side.explainer.heatmaps([cars.crop(car)])[0]
-    cam: np.ndarray = paste_into(crop_map, plan.region, image.width, image.height)
-    picture = fit(overlay(image, cam), max_side=PHOTO_MAX_SIDE)
     detection = box_car.plans[0].detection if box_car is not None else None
-    if detection is None:
-        return picture, None
-    box = detection.box
-    picture = draw_box(picture, box.scale(picture.width / image.width), label="car")
-    return picture, energy_in_box(cam, box)
+    box = detection.box if detection is not None else None
+    cam, share = photo_attention(side.explainer.heatmaps([cars.crop(car)])[0], plan.region, image.size, box)
+    picture = fit(overlay(image, cam), max_side=PHOTO_MAX_SIDE)
+    if box is not None:
+        picture = draw_box(picture, box.scale(picture.width / image.width), label="car")
+    return picture, share
 
 
 def explain_search(backend: DemoBackend, state: QueryState) -> ExplainOutput:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from carsearch.data.images import decode_image, read_bytes
+from carsearch.data.images import decode_image, read_image_bytes
 from carsearch.demo.backend import MAX_UPLOAD_BYTES, DemoBackend, Side
 from carsearch.demo.searching import CarSearch, SearchRequest, ask
 from carsearch.errors import CarSearchError
@@ -78,10 +78,10 @@ def read_upload(path: str | Path | None) -> Image.Image:
     try:
         size = os.path.getsize(path)
     except OSError:
-        size = 0  # read_bytes says why it cannot be read
+        size = 0  # read_image_bytes says why it cannot be read
     if size > MAX_UPLOAD_BYTES:
         raise CarSearchError(f"file too large: {size / 2**20:.1f} MiB > {MAX_UPLOAD_BYTES / 2**20:.0f} MiB")
-    return decode_image(read_bytes(path))
+    return decode_image(read_image_bytes(path))
 
 
 def hit_pictures(hits: tuple[SearchHit, ...]) -> list[Caption]:

@@ -8,7 +8,6 @@ file's metadata, so an ONNX file names the model it came from.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from carsearch.data.digest import json_digest
 from carsearch.data.storage import cache_root
 from carsearch.embedder.model import EmbeddingModel
 from carsearch.errors import ModelLoadError
@@ -80,7 +80,7 @@ class OnnxRunner:
             import onnxruntime as ort
         except ImportError as exc:
             raise ModelLoadError(f"embedder.runtime=onnx needs onnxruntime: {INSTALL}") from exc
-        spec = hashlib.blake2b(json.dumps(model.spec.to_dict(), sort_keys=True).encode(), digest_size=4).hexdigest()
+        spec = json_digest(model.spec.to_dict(), size=4)
         self.path = cache_dir() / f"{fingerprint}-{spec}.onnx"  # weights and spec (pooling has no weights)
         if not self.path.exists():
             export_onnx(model, self.path, fingerprint)

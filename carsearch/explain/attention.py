@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
+from carsearch.explain.geometry import paste_into
 from carsearch.types import BBox
 
 HISTOGRAM_BINS = 10
@@ -28,6 +29,27 @@ def energy_in_box(cam: np.ndarray, box: BBox) -> float:
     x1, x2 = (int(np.clip(math.ceil(v - 0.5), 0, width)) for v in (box.x1, box.x2))
     y1, y2 = (int(np.clip(math.ceil(v - 0.5), 0, height)) for v in (box.y1, box.y2))
     return float(cam[y1:y2, x1:x2].sum() / total)
+
+
+@overload
+def photo_attention(
+    cam: np.ndarray, region: BBox | None, size: tuple[int, int], box: BBox
+) -> tuple[np.ndarray, float]: ...
+@overload
+def photo_attention(
+    cam: np.ndarray, region: BBox | None, size: tuple[int, int], box: BBox | None
+) -> tuple[np.ndarray, float | None]: ...
+def photo_attention(
+    cam: np.ndarray, region: BBox | None, size: tuple[int, int], box: BBox | None
+) -> tuple[np.ndarray, float | None]:
+    """A crop's CAM over the whole photo and the share of its energy in the car's ``box`` (None without one).
+
+    ``cam``: the map of the crop taken at ``region`` (None: of the whole photo); ``size``: the photo's
+    (width, height). The map is :func:`~carsearch.explain.geometry.paste_into` the photo, then scored by
+    :func:`energy_in_box`: attention-in-box in photo pixels, whatever was cropped.
+    """
+    photo_map = paste_into(cam, region, *size)
+    return photo_map, (energy_in_box(photo_map, box) if box is not None else None)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from carsearch.data.cropping import apply_plan, needs_detector, plan_image
 from carsearch.data.images import ImageInput, as_image, load_image
 from carsearch.data.sources import SourceItem
 from carsearch.errors import CarSearchError
-from carsearch.explain import AttentionSummary, Explainer, energy_in_box, paste_into
+from carsearch.explain import AttentionSummary, Explainer, photo_attention
 from carsearch.explain.cam import Method
 from carsearch.explain.render import PairView, draw_box, overlay, pair_panel, topk_grid
 from carsearch.index import GalleryIndex
@@ -91,9 +91,7 @@ def explain_result(
         PairView(crop, q_map, hit_crop, h_map, hit.score, hit.rank, query_label, hit.label, crop_box)
         for hit, hit_crop, q_map, h_map in zip(hits, hit_crops, query_maps[:-1], hit_maps, strict=True)
     ]
-    own = query_maps[-1]
-    photo_map = paste_into(own, plan.region, image.width, image.height)
-    attention = energy_in_box(photo_map, box) if box is not None else None
+    photo_map, attention = photo_attention(query_maps[-1], plan.region, image.size, box)
     return QueryExplanation(image, plan, crop, views, photo_map, box, attention)
 
 
@@ -256,10 +254,9 @@ def attention_dataset(
         crops = [apply_plan(images[i], plan) for i, plan in zip(keep, plans, strict=True)]
         maps = explainer.heatmaps(crops) if crops else []
         for i, plan, cam in zip(keep, plans, maps, strict=True):
-            photo_map = paste_into(cam, plan.region, images[i].width, images[i].height)
             box, source = boxes[i]
             assert box is not None  # keep lists only items with a box
-            score = energy_in_box(photo_map, box)
+            _, score = photo_attention(cam, plan.region, images[i].size, box)
             scores.append(score)
             report.items.append(
                 {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import faiss
 import numpy as np
 import pytest
@@ -230,6 +232,16 @@ def test_to_dict_uses_string_keys():
     data = retrieval_metrics(HAND_RELEVANT, HAND_R, ks=(1, 2)).to_dict()
     assert set(data["recall_at"]) == {"1", "2"}
     assert data["num_queries"] == 3
+
+
+def test_flat_names_every_score_once_and_picks_in_order():
+    metrics = retrieval_metrics(HAND_RELEVANT, HAND_R, ks=(1, 2))
+    flat = metrics.flat()
+    assert list(flat) == ["recall_at_1", "recall_at_2", "map_at_r", "r_precision"]  # logged as val/<name>
+    assert flat["recall_at_2"] == metrics.recall_at[2] and flat["map_at_r"] == metrics.map_at_r
+    picked = metrics.flat(("map_at_r", "recall_at_1"))
+    assert picked == {"map_at_r": metrics.map_at_r, "recall_at_1": metrics.recall_at[1]}
+    assert replace(metrics, other_year_share=0.5).flat()["other_year_share"] == 0.5
 
 
 # --------------------------------------------------------------------------- helpers

@@ -5,7 +5,6 @@ Detection runs once per image and detector setting: later epochs, runs and DDP r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from pathlib import Path
 from carsearch.config import DetectorConfig
 from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_json
+from carsearch.data.digest import json_digest
 from carsearch.data.images import content_hash, decode_image
 from carsearch.data.sources import SourceItem
 from carsearch.types import Detection
@@ -26,7 +26,7 @@ CACHE_VERSION = 1
 def cache_path(cache_dir: str | Path, config: DetectorConfig) -> Path:
     """The cache file of one detector setting (weights file + what changes its output), in ``cache_dir``."""
     weights = storage.as_location(config.weights)
-    key = json.dumps(
+    digest = json_digest(
         [
             str(weights if storage.is_uri(weights) else Path(weights).expanduser()),
             storage.stamp(weights),
@@ -37,7 +37,6 @@ def cache_path(cache_dir: str | Path, config: DetectorConfig) -> Path:
             config.max_detections,
         ]
     )
-    digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
     stem = Path(storage.name(weights)).stem
     return Path(cache_dir) / f"boxes_{stem}_{digest}.json"
 
@@ -72,10 +71,7 @@ def detect_cached(
     keys: list[str] = []
     todo: dict[str, bytes] = {}
     for item in items:
-        try:
-            data = storage.read_bytes(item.path)
-        except OSError:
-            data = b""
+        data = storage.read_bytes_or_empty(item.path)
         key = f"{storage.identity(item.path)}|{content_hash(data)}"
         keys.append(key)
         if key not in cache and data:

@@ -6,18 +6,19 @@ mode and size, shared by later epochs, runs and DataLoader workers (the memory m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_json
+from carsearch.data.digest import json_stream_digest
 from carsearch.data.images import content_hash
 from carsearch.data.processes import die_with_parent
 from carsearch.embedder.preprocessing import Size
@@ -31,18 +32,17 @@ CACHE_VERSION = 1
 
 def cache_key(dataset: CropDataset, size: Size, preprocessing: str) -> str:
     """Digest of everything that decides the cached pixels: file contents, boxes, crop mode, size, resizing."""
-    digest = hashlib.blake2b(digest_size=10)
     cropping = repr(dataset.crop.detector) if dataset.mode != "raw" else None
-    digest.update(json.dumps([CACHE_VERSION, list(size), preprocessing, dataset.mode, cropping]).encode())
-    for i, item in enumerate(dataset.items):
-        try:
-            data = storage.read_bytes(item.path)
-        except OSError:
-            data = b""
-        boxes = [d.box.as_list() for d in dataset.detections[i]] if dataset.detections is not None else None
-        box = item.box.as_list() if item.box is not None else None
-        digest.update(json.dumps([storage.identity(item.path), content_hash(data), box, boxes]).encode())
-    return digest.hexdigest()
+
+    def entries() -> Iterator[list[Any]]:
+        yield [CACHE_VERSION, list(size), preprocessing, dataset.mode, cropping]
+        for i, item in enumerate(dataset.items):
+            data = storage.read_bytes_or_empty(item.path)
+            boxes = [d.box.as_list() for d in dataset.detections[i]] if dataset.detections is not None else None
+            box = item.box.as_list() if item.box is not None else None
+            yield [storage.identity(item.path), content_hash(data), box, boxes]
+
+    return json_stream_digest(entries(), size=10)
 
 
 def _safe_item(dataset: CropDataset, index: int) -> tuple[int, np.ndarray | None, str]:

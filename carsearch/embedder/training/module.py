@@ -20,7 +20,7 @@ from carsearch.embedder.model import EmbeddingModel, ModelSpec
 from carsearch.embedder.training.config import LossConfig, ModelConfig, OptimConfig
 from carsearch.embedder.training.losses import build_criterion, mined_count
 from carsearch.errors import ConfigError
-from carsearch.metrics import RetrievalMetrics, leave_one_out_metrics
+from carsearch.metrics import leave_one_out_metrics
 
 if TYPE_CHECKING:
     from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
@@ -77,15 +77,6 @@ def decay_split(named: Sequence[tuple[str, nn.Parameter]]) -> tuple[list[nn.Para
         if parameter.requires_grad:
             (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
     return decay, no_decay
-
-
-def metrics_dict(metrics: RetrievalMetrics) -> dict[str, float]:
-    """Flat ``{"recall_at_1": ..., "map_at_r": ..., "r_precision": ...}`` for logging."""
-    flat = {f"recall_at_{k}": float(v) for k, v in metrics.recall_at.items()}
-    flat.update(map_at_r=float(metrics.map_at_r), r_precision=float(metrics.r_precision))
-    if metrics.other_year_share is not None:
-        flat["other_year_share"] = float(metrics.other_year_share)
-    return flat
 
 
 class EmbedderModule(L.LightningModule):
@@ -257,11 +248,11 @@ class EmbedderModule(L.LightningModule):
             _, first = np.unique(index.cpu().numpy(), return_index=True)
             embeddings, labels, features = embeddings[first], labels[first], features[first]
         names = labels.cpu().tolist()
-        metrics = metrics_dict(leave_one_out_metrics(embeddings.cpu().numpy(), names))
+        metrics = leave_one_out_metrics(embeddings.cpu().numpy(), names).flat()
         if not isinstance(self.model.head, nn.Identity):
             # The pooled features before the head: model.embed_with=auto exports whichever scores higher.
-            pooled = metrics_dict(leave_one_out_metrics(features.cpu().numpy(), names))
-            metrics.update({f"pooled_{name}": pooled[name] for name in ("recall_at_1", "map_at_r")})
+            pooled = leave_one_out_metrics(features.cpu().numpy(), names).flat(("recall_at_1", "map_at_r"))
+            metrics.update({f"pooled_{name}": value for name, value in pooled.items()})
         self.val_history.append({"epoch": int(self.current_epoch), **metrics})
         self.log_dict(
             {f"val/{name}": value for name, value in metrics.items()},
@@ -295,7 +286,7 @@ class EmbedderModule(L.LightningModule):
         finally:
             self.train(was_training)
         names = [class_names[i] for i in labels] if class_names is not None else labels
-        return {name: metrics_dict(leave_one_out_metrics(torch.cat(parts[name]).numpy(), names)) for name in embeddings}
+        return {name: leave_one_out_metrics(torch.cat(parts[name]).numpy(), names).flat() for name in embeddings}
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ METRICS_FILE = "metrics.json"
 
 @dataclass(frozen=True)
 class RunMetrics:
-    """What a run measured and chose. Metrics dicts are ``RetrievalMetrics.to_dict()``; ``test`` / ``zero_shot``
+    """What a run measured and chose. Metrics dicts are ``RetrievalMetrics.flat()``; ``test`` / ``zero_shot``
     are of the exported embedding (``embedding["name"]``: ``head`` or ``pooled``); ``val`` holds the best and
     final validation epochs and the history; ``checkpoint`` is the selected Lightning checkpoint. Files written
     by older runs may lack fields: they read as their defaults."""

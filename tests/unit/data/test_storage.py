@@ -53,6 +53,24 @@ def test_file_uris_read_and_list(tmp_path: Path) -> None:
     assert storage.identity(tmp_path / "a" / ".." / "top.png") == str(tmp_path / "top.png")
 
 
+def test_one_read_contract_oserror_then_image_load_error_or_empty_bytes(tmp_path: Path) -> None:
+    """``storage.read_bytes`` raises ``OSError`` for a path and a URI alike; images turn it into
+    ``ImageLoadError`` (one message each), content keys into ``b""``."""
+    for missing in (tmp_path / "gone.jpg", f"{tmp_path.as_uri()}/gone.jpg"):
+        with pytest.raises(FileNotFoundError) as info:
+            storage.read_bytes(missing)
+        assert storage.read_failure(info.value) in str(info.value) and storage.read_failure(info.value)
+        with pytest.raises(ImageLoadError, match=f"^cannot read {missing}: "):
+            load_image(missing)
+        assert storage.read_bytes_or_empty(missing) == b""
+    assert storage.read_failure(FileNotFoundError(2, "No such file or directory", "x")) == "No such file or directory"
+    assert storage.read_failure(OSError("s3://b/x: refused")) == "s3://b/x: refused"  # a store's message as it is
+    with pytest.raises(ImageLoadError, match=f"^{tmp_path} is a directory, not an image$"):
+        load_image(tmp_path)
+    (tmp_path / "x.jpg").write_bytes(b"x")
+    assert storage.read_bytes_or_empty(tmp_path / "x.jpg") == b"x"
+
+
 def test_a_folder_behind_a_file_uri_reads_like_the_folder(tiny_gallery: Path) -> None:
     for name in ("audi", "audi-a4"):  # listed folder by folder, in the local walk's order
         (tiny_gallery / name).mkdir()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from carsearch.embedder.preprocessing import Preprocessing
-from carsearch.explain import AttentionSummary, cam_to_image, energy_in_box, paste_into
+from carsearch.explain import AttentionSummary, cam_to_image, energy_in_box, paste_into, photo_attention
 from carsearch.types import BBox
 
 
@@ -37,6 +37,15 @@ def test_paste_into_places_a_crop_map_at_its_region() -> None:
     assert out.shape == (50, 100) and out.sum() == pytest.approx(600)
     assert out[5:25, 10:40].min() == 1.0
     assert paste_into(crop_map, None, 30, 20) is crop_map  # raw: the map already covers the photo
+
+
+def test_photo_attention_pastes_the_crop_map_then_scores_the_box() -> None:
+    crop_map = np.ones((20, 30), np.float32)
+    photo_map, share = photo_attention(crop_map, BBox(10, 5, 40, 25), (100, 50), BBox(10, 5, 25, 25))
+    np.testing.assert_array_equal(photo_map, paste_into(crop_map, BBox(10, 5, 40, 25), 100, 50))
+    assert share == pytest.approx(0.5)  # half the crop lies in the box
+    _, none = photo_attention(crop_map, None, (30, 20), None)
+    assert none is None  # no box known: the map alone
 
 
 def test_energy_in_box_counts_pixel_centres() -> None:
