@@ -16,6 +16,7 @@ from carsearch.config import PipelineConfig, to_dict
 from carsearch.data import storage
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder, zoo
+from carsearch.index.manifest import Manifest
 from carsearch.runtime import configure_threads, resolve_device, versions
 
 
@@ -46,17 +47,15 @@ class Models:
             self._embedder = Embedder.from_config(self.config.embedder, self.device)
         return self._embedder
 
-    def manifest(self) -> dict[str, Any]:
-        """How these models make vectors; stored with every index they build."""
-        config = located_config(self.config, self._embedder_backbone())
-        manifest: dict[str, Any] = {
-            "embedder": self.embedder.identity,
-            "processing": processing_of(self.config),
-            "config": config,
-            "versions": versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        return manifest
+    def manifest(self) -> Manifest:
+        """How these models make vectors (a fresh, unsaved manifest each call); stored with every index they build."""
+        return Manifest(
+            embedder=self.embedder.identity,
+            processing=processing_of(self.config),
+            config=located_config(self.config, self._embedder_backbone()),
+            versions=versions(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
 
     @property
     def detector_loaded(self) -> bool:

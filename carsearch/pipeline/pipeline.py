@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ from carsearch.data.sources import Split, read_source
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder
 from carsearch.errors import ConfigError, EmptyGalleryError
-from carsearch.index import GalleryIndex
+from carsearch.index import GalleryIndex, Manifest
 from carsearch.pipeline.batch import IndexReport, run_index_job
 from carsearch.pipeline.evaluation import Evaluation, evaluate_index
 from carsearch.pipeline.index_settings import index_config, update_config
@@ -77,7 +76,7 @@ class Pipeline:
     def embedder(self) -> Embedder:
         return self.models.embedder
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         """How this pipeline makes vectors; stored with every index it builds."""
         return self.models.manifest()
 
