@@ -64,6 +64,7 @@ class IndexReport:
     embed_seconds: float
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: every field under its own name."""
         return asdict(self)
 
 

@@ -24,6 +24,7 @@ class ClassGroup:
     metrics: RetrievalMetrics | None  # None: fewer than 2 items
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: the counts, and the metrics (None below 2 items)."""
         return {"classes": self.classes, "items": self.items, "metrics": self.metrics and self.metrics.to_dict()}
 
 
@@ -70,6 +71,7 @@ class Evaluation:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: the metrics of all labelled items at the top level, the counts, each group, the verdict."""
         return {
             **self.metrics.to_dict(),
             "items": self.items,

@@ -35,6 +35,7 @@ class Models:
 
     @property
     def detector(self) -> VehicleDetector:
+        """The config's detector, loaded on first use (with the config's thread count kept afterwards)."""
         if self._detector is None:
             threads = configure_threads(self.config.runtime.threads)
             self._detector = VehicleDetector(self.config.detector, device=str(self.device), threads=threads)
@@ -43,6 +44,7 @@ class Models:
 
     @property
     def embedder(self) -> Embedder:
+        """The config's embedder on this device, loaded on first use."""
         if self._embedder is None:
             self._embedder = Embedder.from_config(self.config.embedder, self.device)
         return self._embedder

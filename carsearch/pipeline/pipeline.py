@@ -62,18 +62,22 @@ class Pipeline:
 
     @property
     def config(self) -> PipelineConfig:
+        """The pipeline config every stage follows (its :class:`Models`')."""
         return self.models.config
 
     @property
     def device(self) -> torch.device:
+        """The device the models run on, resolved once from ``runtime.device``."""
         return self.models.device
 
     @property
     def detector(self) -> VehicleDetector:
+        """The detector, loaded on first use."""
         return self.models.detector
 
     @property
     def embedder(self) -> Embedder:
+        """The embedder, loaded on first use."""
         return self.models.embedder
 
     def manifest(self) -> Manifest:
