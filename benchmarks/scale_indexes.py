@@ -235,7 +235,8 @@ def records_bytes_per_item(n: int = 10_000) -> float:
 
 def load_real(real: Path) -> tuple[np.ndarray, np.ndarray]:
     """Vectors (N, D) and labels (N,) of a saved carsearch index."""
-    from carsearch.index.gallery import read_manifest, read_records
+    from carsearch.index.gallery import read_records
+    from carsearch.index.manifest import read_manifest
 
     labels = read_records(real, read_manifest(real)).column("label")  # items.arrow, or a version-1 items.jsonl
     return np.load(real / "vectors.npy"), np.array(labels)

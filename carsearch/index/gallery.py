@@ -15,21 +15,18 @@ import faiss
 import numpy as np
 
 from carsearch.config import IndexConfig, RetrievalConfig
-from carsearch.data.atomic import atomic_write, atomic_write_bytes, atomic_write_json, replace_all
+from carsearch.data.atomic import atomic_write, atomic_write_bytes, replace_all
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
 from carsearch.index import backend, rerank, tuning
+from carsearch.index.manifest import MANIFEST, REBUILD, Manifest, check_identity
 from carsearch.index.records import ItemRecord, RecordTable
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "carsearch-index"
-VERSION = 2  # 2: records as Arrow columns (items.arrow); 1: JSON lines (items.jsonl), still read
-MANIFEST = "manifest.json"
 VECTORS = "vectors.npy"
 ITEMS = "items.arrow"
 LEGACY_ITEMS = "items.jsonl"
 FAISS = "index.faiss"
-REBUILD = "rebuild it: delete the folder and run `carsearch index SOURCE --out FOLDER` again"
 VERIFY_MAX_BYTES = 1 << 30  # files up to 1 GiB are checksummed at load; larger ones: size only (docs/indexing.md)
 CHUNK = 16 << 20
 STAGED = ".{}.next"  # a save's files before its commit (one quick burst of renames, the manifest last)
@@ -46,17 +43,17 @@ class GalleryIndex:
     index and what is read.
     """
 
-    def __init__(self, dim: int, manifest: dict[str, Any], config: IndexConfig | None = None) -> None:
+    def __init__(self, dim: int, manifest: Manifest | dict[str, Any], config: IndexConfig | None = None) -> None:
         if dim < 1:
             raise ValueError(f"index dimension must be >= 1, got {dim}")
         self.dim = dim
-        self.manifest = dict(manifest)
+        self.manifest = manifest.copy() if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
         self.config = config or IndexConfig()
         self._vectors = np.zeros((0, dim), dtype=np.float32)
         self.records = RecordTable()
         self._cpu: Any = None  # the faiss index on CPU, with search parameters set
         self._faiss: Any = None  # the same on the search device
-        self._info: dict[str, Any] = {}  # manifest["index"]: kind, nprobe / ef_search, measured recall
+        self._info: dict[str, Any] = {}  # the manifest's index: kind, nprobe / ef_search, measured recall
         self._augmented: dict[tuple[int, float], GalleryIndex] = {}
 
     @classmethod
@@ -64,7 +61,7 @@ class GalleryIndex:
         cls,
         vectors: np.ndarray,
         records: Sequence[ItemRecord] | RecordTable,
-        manifest: dict[str, Any],
+        manifest: Manifest | dict[str, Any],
         config: IndexConfig | None = None,
     ) -> GalleryIndex:
         """An index over ``vectors`` (N, D) float32 as they are (a memory map stays one) and their records."""
@@ -172,18 +169,14 @@ class GalleryIndex:
         }
         atomic_write_bytes(staged[FAISS], faiss_bytes)
         digests[FAISS] = file_digest(faiss_bytes)
-        manifest = {
-            **self.manifest,
-            "format": FORMAT,
-            "version": VERSION,
-            "dim": self.dim,
-            "count": len(self),
-            "index_kind": self._info["kind"],
-            "index": {**self._info, "bytes_per_vector": round(len(faiss_bytes) / max(1, len(self)), 2)},
-            "files": digests,
-            "paths": {"relative_to": "index", "relative": len(stored.relative_paths())},
-        }
-        atomic_write_json(staged[MANIFEST], manifest)
+        manifest = self.manifest.committed(
+            dim=self.dim,
+            count=len(self),
+            index={**self._info, "bytes_per_vector": round(len(faiss_bytes) / max(1, len(self)), 2)},
+            files=digests,
+            relative_paths=len(stored.relative_paths()),
+        )
+        manifest.write(staged[MANIFEST])
         replace_all((staged[name], folder / name) for name in (VECTORS, ITEMS, FAISS, MANIFEST))
         (folder / LEGACY_ITEMS).unlink(missing_ok=True)  # a version-1 index, now rewritten as version 2
         self.manifest = manifest
@@ -204,15 +197,15 @@ class GalleryIndex:
         burst), then reported as damage.
         """
         folder = Path(folder)
-        manifest = read_manifest(folder)
+        manifest = Manifest.read(folder)
         if embedder_identity is not None:
-            check_identity(manifest.get("embedder", {}), embedder_identity, where=str(folder))
+            check_identity(manifest.embedder_identity, embedder_identity, where=str(folder))
         settled = time.monotonic() + SETTLE_SECONDS
         error: Exception | None = None
         for _ in range(LOAD_ATTEMPTS):
             before = stamps(folder)
             try:
-                index = cls._open(folder, read_manifest(folder), config)
+                index = cls._open(folder, Manifest.read(folder), config)
             except (IndexMismatchError, OSError, RuntimeError) as exc:  # RuntimeError: faiss
                 error = exc
             else:
@@ -221,7 +214,7 @@ class GalleryIndex:
                 continue
             if error is None:
                 if embedder_identity is not None:  # the commit read may be newer than the manifest checked above
-                    check_identity(index.manifest.get("embedder", {}), embedder_identity, where=str(folder))
+                    check_identity(index.manifest.embedder_identity, embedder_identity, where=str(folder))
                 return index
             if time.monotonic() > settled:
                 break
@@ -231,15 +224,17 @@ class GalleryIndex:
         raise error
 
     @classmethod
-    def _open(cls, folder: Path, manifest: dict[str, Any], config: IndexConfig | None) -> GalleryIndex:
+    def _open(cls, folder: Path, manifest: Manifest, config: IndexConfig | None) -> GalleryIndex:
         """The index as ``manifest`` describes it, every file checked against it."""
-        index = cls(int(manifest["dim"]), manifest, config)
+        if manifest.dim is None or manifest.count is None:
+            raise IndexMismatchError(f"{folder}/{MANIFEST} is damaged (no dim or count); {REBUILD}")
+        index = cls(manifest.dim, manifest, config)
         verify_file(folder, VECTORS, manifest)
         vectors = open_vectors(folder / VECTORS)
         records = read_records(folder, manifest)
-        if len(vectors) != manifest["count"] or len(records) != manifest["count"]:
+        if len(vectors) != manifest.count or len(records) != manifest.count:
             raise IndexMismatchError(
-                f"{folder} is inconsistent: manifest says {manifest['count']} items, found {len(vectors)} "
+                f"{folder} is inconsistent: manifest says {manifest.count} items, found {len(vectors)} "
                 f"vectors and {len(records)} records (interrupted write?); re-run `carsearch index`"
             )
         if vectors.ndim != 2 or vectors.shape[1] != index.dim:
@@ -251,7 +246,7 @@ class GalleryIndex:
             verify_file(folder, FAISS, manifest)
             cpu_index = faiss.read_index(str(folder / FAISS))
             if cpu_index.ntotal == len(index) and cpu_index.d == index.dim:
-                stored = manifest.get("index") or {"kind": manifest.get("index_kind")}
+                stored = manifest.index_info
                 tuning.apply(cpu_index, stored, index.config)
                 index._cpu, index._info = cpu_index, stored
         return index
@@ -317,7 +312,7 @@ def open_vectors(path: Path) -> np.ndarray:
         raise IndexMismatchError(f"{path} is not a readable vector file ({exc}); {REBUILD}") from None
 
 
-def verify_file(folder: Path, name: str, manifest: dict[str, Any]) -> None:
+def verify_file(folder: Path, name: str, manifest: Manifest) -> None:
     """Refuse ``folder/name`` unless it matches the manifest's size and SHA-256, streamed in chunks.
 
     Files over :data:`VERIFY_MAX_BYTES` are checked for size only, so that opening a 10M-vector index does
@@ -327,51 +322,50 @@ def verify_file(folder: Path, name: str, manifest: dict[str, Any]) -> None:
     path = folder / name
     if not path.exists():
         raise IndexMismatchError(f"{folder} is damaged: {name} is missing; {REBUILD}")
-    expected = manifest.get("files", {}).get(name)
+    expected = manifest.digest(name)
     size = path.stat().st_size
-    if expected is None or (size == expected["bytes"] and size > VERIFY_MAX_BYTES):
+    if expected is None or (size == expected.bytes and size > VERIFY_MAX_BYTES):
         if expected is not None:
             logger.info("%s: %d bytes (over %d): size checked, checksum not", path, size, VERIFY_MAX_BYTES)
         return
     sha = hashlib.sha256()
-    if size == expected["bytes"]:
+    if size == expected.bytes:
         with path.open("rb") as handle:
             while chunk := handle.read(CHUNK):
                 sha.update(chunk)
-    if size != expected["bytes"] or sha.hexdigest() != expected["sha256"]:
+    if size != expected.bytes or sha.hexdigest() != expected.sha256:
         raise IndexMismatchError(
             f"{folder} is damaged: {name} ({size} bytes) does not match the size and checksum in {MANIFEST} "
-            f"({expected['bytes']} bytes): an interrupted copy or a modified file; {REBUILD}"
+            f"({expected.bytes} bytes): an interrupted copy or a modified file; {REBUILD}"
         )
 
 
-def read_records(folder: Path, manifest: dict[str, Any]) -> RecordTable:
+def read_records(folder: Path, manifest: Manifest) -> RecordTable:
     """The verified records of an index: ``items.arrow`` (version 2) or a version-1 ``items.jsonl``."""
-    if ITEMS in manifest.get("files", {}) or (folder / ITEMS).exists():
+    if manifest.digest(ITEMS) is not None or (folder / ITEMS).exists():
         verify_file(folder, ITEMS, manifest)
         try:
             return RecordTable.read(folder / ITEMS)
         except ValueError as exc:
             raise IndexMismatchError(f"{exc}; {REBUILD}") from None
-    if "files" not in manifest and not (folder / LEGACY_ITEMS).exists():
+    if not manifest.has_checksums and not (folder / LEGACY_ITEMS).exists():
         return RecordTable()  # written before records were stored
     verify_file(folder, LEGACY_ITEMS, manifest)
     lines = (folder / LEGACY_ITEMS).read_bytes().decode().splitlines()
     return RecordTable.of(ItemRecord.from_dict(json.loads(line)) for line in lines if line.strip())
 
 
-def absolute_paths(records: RecordTable, folder: Path, manifest: dict[str, Any]) -> RecordTable:
+def absolute_paths(records: RecordTable, folder: Path, manifest: Manifest) -> RecordTable:
     """``records`` with every local path usable from any working directory.
 
     An index stores its items' local paths absolute, or relative to the index folder for files inside it
-    (``manifest["paths"]``), so a moved or copied index still finds them. Indexes written before stored
-    paths as typed, relative to the folder they were built from: those are resolved against the working
-    directory when they exist from it (and saved absolute by the next ``carsearch index``); otherwise they
-    stay relative and :func:`unresolved_paths` counts them.
+    (:attr:`Manifest.paths_relative_to_index`), so a moved or copied index still finds them. Indexes written
+    before stored paths as typed, relative to the folder they were built from: those are resolved against the
+    working directory when they exist from it (and saved absolute by the next ``carsearch index``); otherwise
+    they stay relative and :func:`unresolved_paths` counts them.
     """
-    paths = manifest.get("paths")
-    if isinstance(paths, dict) and paths.get("relative_to") == "index":
-        return records.with_paths_under(os.path.abspath(folder)) if paths.get("relative") else records
+    if manifest.paths_relative_to_index:
+        return records.with_paths_under(os.path.abspath(folder)) if manifest.relative_paths else records
     relative = records.relative_paths()
     if not len(relative):
         return records
@@ -392,37 +386,3 @@ def absolute_paths(records: RecordTable, folder: Path, manifest: dict[str, Any])
 def unresolved_paths(records: RecordTable) -> list[str]:
     """Relative paths left in opened records: an older index opened away from the folder it was built in."""
     return [str(records.table.column("path")[int(i)].as_py()) for i in records.relative_paths()]
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise IndexMismatchError(f"{folder} is not a carsearch index (no {MANIFEST}); build one with `carsearch index`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise IndexMismatchError(f"{folder}/{MANIFEST} cannot be read ({type(exc).__name__}); {REBUILD}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexMismatchError(f"{folder}/{MANIFEST} is not a carsearch index manifest")
-    if int(manifest.get("version", -1)) > VERSION:
-        raise IndexMismatchError(f"{folder} has index version {manifest['version']}; this carsearch reads <= {VERSION}")
-    return manifest
-
-
-def check_identity(stored: dict[str, Any], actual: dict[str, Any], where: str) -> None:
-    """Raise :class:`IndexMismatchError` naming the first field where two embedder identities differ."""
-    for key in ("dim", "spec", "fingerprint", "tta"):  # tta: "flip", or absent (no test-time augmentation)
-        if stored.get(key) != actual.get(key):
-            raise IndexMismatchError(
-                f"{where} was built with another embedder ({key} differs): the index's is {_embedder(stored)}, "
-                f"this one is {_embedder(actual)}; use the index's model (--model), or rebuild the index"
-            )
-
-
-def _embedder(identity: dict[str, Any]) -> str:
-    """A short description of an embedder identity: source, backbone, input size, dimension, flip."""
-    spec = identity.get("spec") or {}
-    size = (spec.get("preprocessing") or {}).get("image_size")
-    parts = [str(spec.get("backbone", "?")), f"{size} px" if size else "", f"{identity.get('dim')}-d"]
-    parts += ["flip TTA"] if identity.get("tta") else []
-    return f"{identity.get('source')!r} ({', '.join(p for p in parts if p)})"

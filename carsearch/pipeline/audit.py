@@ -39,12 +39,15 @@ class DuplicatePair:
 
 @dataclass(frozen=True)
 class AuditReport:
+    """Relabelling candidates of an index: items outvoted by their neighbours' labels, and duplicate pairs."""
+
     disagreements: list[Disagreement]
     duplicates: list[DuplicatePair]
     items: int
     k: int
 
     def to_dict(self) -> dict[str, object]:
+        """Plain JSON: the counts, then every disagreement and duplicate pair as its fields."""
         return {
             "items": self.items,
             "k": self.k,

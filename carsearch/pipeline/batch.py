@@ -22,9 +22,10 @@ from carsearch.data.atomic import atomic_write_jsonl, read_jsonl
 from carsearch.data.decode import DecodeDataset, decode_loader
 from carsearch.data.lock import WriterLock
 from carsearch.data.sources import SourceItem
-from carsearch.detector.weights import BUNDLE_DIR, bundle, describe, local_target, sha256_file
+from carsearch.detector.weights import BUNDLE_DIR, WeightsRecord, bundle, describe, local_target, sha256_file
 from carsearch.errors import ConfigError, IndexMismatchError
-from carsearch.index.gallery import MANIFEST, GalleryIndex, check_identity, read_manifest, unresolved_paths
+from carsearch.index.gallery import GalleryIndex, unresolved_paths
+from carsearch.index.manifest import MANIFEST, Manifest, check_identity
 from carsearch.index.records import RecordTable
 from carsearch.pipeline.chunks import Chunk, ChunkMeta, ChunkStore
 from carsearch.pipeline.models import Models
@@ -63,6 +64,7 @@ class IndexReport:
     embed_seconds: float
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: every field under its own name."""
         return asdict(self)
 
 
@@ -123,32 +125,33 @@ def _merge_errors(old: list[dict[str, Any]], chunks: list[ChunkMeta], indexed: s
     return [e for path, e in errors.items() if path not in indexed]
 
 
-def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
+def check_resumable(out: Path, manifest: Manifest) -> None:
     """Refuse to continue an index in ``out`` that was built with other settings."""
     if not (out / MANIFEST).exists():
         return
-    stored = read_manifest(out)
+    stored = Manifest.read(out)
     # The embedder is its weights' fingerprint (+ spec, dim), not the checkpoint's path: a moved file is the same.
-    check_identity(stored.get("embedder", {}), manifest.get("embedder", {}), where=str(out))
+    check_identity(stored.embedder_identity, manifest.embedder_identity, where=str(out))
     adopt_weights_name(stored, manifest)
-    if stored.get("processing") != manifest.get("processing"):
-        key, was, now = first_difference(stored.get("processing"), manifest.get("processing"))
+    if stored.processing != manifest.processing:
+        key, was, now = first_difference(stored.processing, manifest.processing)
         raise IndexMismatchError(
             f"{out} was built with {key}={was!r}, this run has {now!r}: re-run without that setting to add to the "
             f"index with its own settings, or choose another --out (or delete {out}) for a new index"
         )
 
 
-def adopt_weights_name(stored: dict[str, Any], manifest: dict[str, Any]) -> None:
+def adopt_weights_name(stored: Manifest, manifest: Manifest) -> None:
     """A detector file with the bytes the index recorded (``detector_weights``) is the index's detector under
     another name: ``manifest`` takes the index's name for it, so the settings compare equal."""
-    record, detector = stored.get("detector_weights"), (manifest.get("processing") or {}).get("detector")
-    weights = Path(str(((manifest.get("config") or {}).get("detector") or {}).get("weights", "")))
-    stored_detector = (stored.get("processing") or {}).get("detector")
-    if not (record and detector and stored_detector) or storage.is_uri(str(weights)) or not weights.is_file():
+    weights = Path(str(manifest.configured_detector_weights or ""))
+    if not (stored.detector_weights and manifest.crop_detector and stored.crop_detector):
         return
-    if weights.stat().st_size == record["bytes"] and sha256_file(weights) == record["sha256"]:
-        detector["weights"] = stored_detector.get("weights")
+    if storage.is_uri(str(weights)) or not weights.is_file():
+        return
+    record = WeightsRecord.from_dict(stored.detector_weights)
+    if weights.stat().st_size == record.bytes and sha256_file(weights) == record.sha256:
+        manifest.detector_name = stored.detector_name
 
 
 def first_difference(stored: Any, now: Any, prefix: str = "") -> tuple[str, Any, Any]:
@@ -179,7 +182,7 @@ def absolute_items(items: list[SourceItem], out: Path | None = None) -> list[Sou
     return kept
 
 
-def record_detector(manifest: dict[str, Any], models: Models, out: Path, existing: GalleryIndex | None) -> None:
+def record_detector(manifest: Manifest, models: Models, out: Path, existing: GalleryIndex | None) -> None:
     """Record the detector weights that made the index's crops (``detector_weights``: name, SHA-256, source)
     and copy small files into the index folder. The file is the loaded detector's, else (the Ray engine
     detects in its actors; a run with nothing new never loads it) the index's own record, else the configured
@@ -188,19 +191,19 @@ def record_detector(manifest: dict[str, Any], models: Models, out: Path, existin
         return
     configured = models.config.detector.weights
     loaded = getattr(models.detector, "weights_file", None) if models.detector_loaded else None
-    previous = existing.manifest.get("detector_weights") if existing is not None else None
-    if loaded is None and previous:
-        record = previous
+    stored = existing.manifest.detector_weights if existing is not None else None
+    if loaded is None and stored:
+        record = stored  # as recorded, keys and all
     else:
         local = loaded or _local_weights(configured)
         if local is None:
             return
         fresh = describe(local, configured)
-        if previous and previous.get("sha256") == fresh.sha256:
-            fresh = replace(fresh, source=previous["source"])
+        previous = WeightsRecord.from_dict(stored) if stored else None
+        if previous is not None and previous.sha256 == fresh.sha256:
+            fresh = replace(fresh, source=previous.source)
         record = bundle(fresh, local, out).to_dict()
-    manifest["detector_weights"] = record
-    manifest["config"]["detector"]["weights"] = record["source"]
+    manifest.record_detector_weights(record)
 
 
 def _local_weights(weights: str) -> Path | None:

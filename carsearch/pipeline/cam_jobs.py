@@ -173,6 +173,9 @@ class AttentionReport:
     seconds: float = 0.0
 
     def to_dict(self, with_items: bool = True) -> dict[str, Any]:
+        """Plain JSON: mode, method, the summary's figures, counts (skipped, per box source, no detection) and
+        the chance level (the boxes' mean share of the image); the item and skipped rows unless ``with_items``
+        is false."""
         out: dict[str, Any] = {
             "mode": self.mode,
             "method": self.method,

@@ -65,6 +65,7 @@ class ChunkStore:
         return sorted(files, key=lambda p: p.stem)
 
     def write(self, chunk: Chunk, dim: int) -> None:
+        """Write ``chunk`` atomically as the next numbered file (an empty chunk's vectors: (0, ``dim``))."""
         vectors = np.stack(chunk.vectors).astype(np.float32) if chunk.vectors else np.zeros((0, dim), np.float32)
         path = self.folder / f"chunk-{self._next:06d}.{self.fmt}"
         if self.fmt == "parquet":
@@ -104,6 +105,7 @@ class ChunkStore:
             return np.asarray(data["vectors"], dtype=np.float32)
 
     def clear(self) -> None:
+        """Delete every chunk file, then the folder when nothing else is left in it."""
         for path in self._files():
             path.unlink(missing_ok=True)
         try:

@@ -24,6 +24,7 @@ class ClassGroup:
     metrics: RetrievalMetrics | None  # None: fewer than 2 items
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: the counts, and the metrics (None below 2 items)."""
         return {"classes": self.classes, "items": self.items, "metrics": self.metrics and self.metrics.to_dict()}
 
 
@@ -70,6 +71,7 @@ class Evaluation:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: the metrics of all labelled items at the top level, the counts, each group, the verdict."""
         return {
             **self.metrics.to_dict(),
             "items": self.items,
@@ -97,7 +99,7 @@ def evaluate_index(gallery: GalleryIndex, retrieval: RetrievalConfig | None = No
     retrieval = retrieval or RetrievalConfig()
     metrics = _leave_one_out(gallery, labelled, retrieval)
     no_detection = gallery.records.count_flag(FLAG_NO_DETECTION)
-    trained_on = gallery.manifest.get("embedder", {}).get("train_labels")
+    trained_on = gallery.manifest.train_labels
     if trained_on is None:
         return Evaluation(metrics, len(gallery), len(labelled), no_detection)
     known = set(trained_on)
@@ -108,7 +110,7 @@ def evaluate_index(gallery: GalleryIndex, retrieval: RetrievalConfig | None = No
         ids = labelled[mask]
         group = _leave_one_out(gallery, ids, retrieval) if len(ids) >= 2 else None
         groups.append(ClassGroup(len(set(labels[mask])), len(ids), group))
-    model = str(gallery.manifest.get("embedder", {}).get("source") or "MODEL")
+    model = gallery.manifest.model_name or "MODEL"
     return Evaluation(metrics, len(gallery), len(labelled), no_detection, groups[0], groups[1], model)
 
 

@@ -16,11 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from carsearch.config import PipelineConfig, apply_overrides, from_dict, read_config_file, upgrade_config
+from carsearch.config import PipelineConfig, apply_overrides, from_dict, read_config_file
 from carsearch.data import storage
 from carsearch.detector.weights import BUNDLE_DIR, WeightsRecord, locate, sha256_file
 from carsearch.errors import IndexMismatchError
-from carsearch.index import read_manifest
+from carsearch.index.manifest import MANIFEST, REBUILD, Manifest
 from carsearch.pipeline.batch import adopt_weights_name, first_difference
 from carsearch.pipeline.models import processing_of
 
@@ -37,10 +37,12 @@ FLAGS = {
 
 def stored_config(index_dir: str | Path) -> dict[str, Any]:
     """The config an index was built with (its manifest's, upgraded), its files located from here."""
-    manifest = read_manifest(index_dir)
-    data = upgrade_config(manifest["config"])
+    manifest = Manifest.read(index_dir)
+    data = manifest.built_config
+    if data is None:
+        raise IndexMismatchError(f"{index_dir}/{MANIFEST} records no config; {REBUILD}")
     detector = dict(data.get("detector") or {})
-    record = manifest.get("detector_weights")
+    record = manifest.detector_weights
     if record:
         found = locate(WeightsRecord.from_dict(record), Path(index_dir))
         detector["weights"] = found or detector.get("weights")
@@ -72,7 +74,7 @@ def update_config(
     and ``overrides``; refuses (:class:`IndexMismatchError`, one line naming the setting) what would change
     its vectors: the processing (crop mode, detector settings and weights, image limit) and an embedder
     input setting given explicitly. A change of embedder is left to the job's identity check."""
-    manifest = read_manifest(index_dir)
+    manifest = Manifest.read(index_dir)
     stored = stored_config(index_dir)
     from_file = read_config_file(config_file) if config_file is not None else {}
     merged = apply_overrides(_merge(stored, from_file), overrides or [])
@@ -91,9 +93,10 @@ def update_config(
         if _get(stored, key) != _get(merged, key):
             raise refuse(key, repr(_get(stored, key)))
     check_detector_file(manifest, Path(index_dir), config, explicit="detector.weights" in typed | filed)
-    now, before = processing_of(config), manifest.get("processing")
+    now, before = processing_of(config), manifest.processing
     if before is not None and now != before:
-        adopt_weights_name(manifest, {"processing": now, "config": {"detector": {"weights": config.detector.weights}}})
+        asked = Manifest(processing=now, config={"detector": {"weights": config.detector.weights}})
+        adopt_weights_name(manifest, asked)  # may rename the detector in ``now``
         if now != before:
             key, was, _ = first_difference(before, now)
             key = {"max_image_side": "runtime.max_image_side"}.get(key, key)
@@ -101,13 +104,12 @@ def update_config(
     return config
 
 
-def check_detector_file(manifest: dict[str, Any], index_dir: Path, config: PipelineConfig, explicit: bool) -> None:
+def check_detector_file(manifest: Manifest, index_dir: Path, config: PipelineConfig, explicit: bool) -> None:
     """Refuse to grow a cropped index with detector weights other than its own (compared by SHA-256), or when
     its own can no longer be found (neither the copy inside it nor the recorded source)."""
-    record = manifest.get("detector_weights")
-    if not record or not config.crop:
+    if not manifest.detector_weights or not config.crop:
         return
-    weights = WeightsRecord.from_dict(record)
+    weights = WeightsRecord.from_dict(manifest.detector_weights)
     asked = Path(str(config.detector.weights)).expanduser()
     if explicit and asked.is_file():
         if sha256_file(asked) != weights.sha256:

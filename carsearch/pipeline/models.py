@@ -16,6 +16,7 @@ from carsearch.config import PipelineConfig, to_dict
 from carsearch.data import storage
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder, zoo
+from carsearch.index.manifest import Manifest
 from carsearch.runtime import configure_threads, resolve_device, versions
 
 
@@ -34,6 +35,7 @@ class Models:
 
     @property
     def detector(self) -> VehicleDetector:
+        """The config's detector, loaded on first use (with the config's thread count kept afterwards)."""
         if self._detector is None:
             threads = configure_threads(self.config.runtime.threads)
             self._detector = VehicleDetector(self.config.detector, device=str(self.device), threads=threads)
@@ -42,21 +44,20 @@ class Models:
 
     @property
     def embedder(self) -> Embedder:
+        """The config's embedder on this device, loaded on first use."""
         if self._embedder is None:
             self._embedder = Embedder.from_config(self.config.embedder, self.device)
         return self._embedder
 
-    def manifest(self) -> dict[str, Any]:
-        """How these models make vectors; stored with every index they build."""
-        config = located_config(self.config, self._embedder_backbone())
-        manifest: dict[str, Any] = {
-            "embedder": self.embedder.identity,
-            "processing": processing_of(self.config),
-            "config": config,
-            "versions": versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        return manifest
+    def manifest(self) -> Manifest:
+        """How these models make vectors (a fresh, unsaved manifest each call); stored with every index they build."""
+        return Manifest(
+            embedder=self.embedder.identity,
+            processing=processing_of(self.config),
+            config=located_config(self.config, self._embedder_backbone()),
+            versions=versions(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
 
     @property
     def detector_loaded(self) -> bool:

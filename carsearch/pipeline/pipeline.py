@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ from carsearch.data.sources import Split, read_source
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder
 from carsearch.errors import ConfigError, EmptyGalleryError
-from carsearch.index import GalleryIndex
+from carsearch.index import GalleryIndex, Manifest
 from carsearch.pipeline.batch import IndexReport, run_index_job
 from carsearch.pipeline.evaluation import Evaluation, evaluate_index
 from carsearch.pipeline.index_settings import index_config, update_config
@@ -63,21 +62,25 @@ class Pipeline:
 
     @property
     def config(self) -> PipelineConfig:
+        """The pipeline config every stage follows (its :class:`Models`')."""
         return self.models.config
 
     @property
     def device(self) -> torch.device:
+        """The device the models run on, resolved once from ``runtime.device``."""
         return self.models.device
 
     @property
     def detector(self) -> VehicleDetector:
+        """The detector, loaded on first use."""
         return self.models.detector
 
     @property
     def embedder(self) -> Embedder:
+        """The embedder, loaded on first use."""
         return self.models.embedder
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         """How this pipeline makes vectors; stored with every index it builds."""
         return self.models.manifest()
 

@@ -158,7 +158,7 @@ def test_explicit_kinds_save_and_reload(tmp_path: Path, kind: str) -> None:
     index.add(unit_vectors(200), [ItemRecord(path=f"{i}", label=None, content_hash="") for i in range(200)])
     index.save(tmp_path / kind)
     loaded = GalleryIndex.load(tmp_path / kind, IndexConfig(kind=kind, use_gpu=False))  # type: ignore[arg-type]
-    assert loaded.manifest["index_kind"] == kind
+    assert loaded.manifest.index_kind == kind
     _, ids = loaded.search(loaded.vectors[:10], 1)
     assert (ids[:, 0] == np.arange(10)).mean() >= 0.8
 
@@ -269,7 +269,7 @@ def test_loads_during_saves_see_one_committed_state_each(tmp_path: Path) -> None
             except Exception as exc:  # every kind counts
                 failures.append(exc)
             else:
-                seen.append((len(index.vectors), len(index.records), index.manifest["count"]))
+                seen.append((len(index.vectors), len(index.records), index.manifest.count))
 
     reader = threading.Thread(target=read)
     reader.start()

@@ -106,7 +106,7 @@ def test_a_version_1_index_with_json_lines_records_opens_and_is_rewritten_as_ver
     old.save(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["index.faiss", "items.arrow", "manifest.json", "vectors.npy"]
     new = GalleryIndex.load(folder, IndexConfig(use_gpu=False))
-    assert new.manifest["version"] == 2 and len(new) == 13 and new.records[-1].path == os.path.abspath("new.jpg")
+    assert new.manifest.version == 2 and len(new) == 13 and new.records[-1].path == os.path.abspath("new.jpg")
     assert np.array_equal(new.vectors[:12], index.vectors)
 
 

@@ -84,7 +84,7 @@ def test_ray_engine_reads_the_source_and_the_models_from_s3_in_its_workers(
     strip = [{**r.to_dict(), "path": None} for r in local_index.records]
     assert [{**r.to_dict(), "path": None} for r in ray_index.records] == strip  # same boxes, hashes, labels
     assert np.abs(ray_index.vectors - local_index.vectors).max() <= 1e-5
-    assert ray_index.manifest["embedder"]["fingerprint"] == local_index.manifest["embedder"]["fingerprint"]
+    assert ray_index.manifest.embedder_identity["fingerprint"] == local_index.manifest.embedder_identity["fingerprint"]
     assert ray_index.vectors.shape[1] == 16  # the checkpoint's head, not the pretrained backbone
     assert list((tmp_path / "cache" / "downloads").glob("*-tiny_car.pt"))  # fetched by the workers
 

@@ -169,7 +169,7 @@ def test_the_manifest_names_a_fallback_only_when_there_is_one() -> None:
     """Indexes built before detector.fallback_confidence existed keep their processing settings (and resume)."""
     for overrides, expected in ((["detector.fallback_confidence=null"], None), ([], 0.05)):
         models = Models(load_config(None, [*TEST_OVERRIDES, *overrides]), embedder=NamedEmbedder())  # type: ignore[arg-type]
-        assert models.manifest()["processing"]["detector"].get("fallback_confidence") == expected
+        assert (models.manifest().crop_detector or {}).get("fallback_confidence") == expected
 
 
 def _in_mode(image: Image.Image, mode: str) -> Image.Image:

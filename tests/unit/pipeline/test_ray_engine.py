@@ -76,8 +76,7 @@ def test_ray_engine_builds_the_local_engines_index_and_skips_unchanged_files(
     assert [getattr(on_ray, f) for f in fields] == [getattr(local, f) for f in fields]
     assert on_ray.detect_seconds > 0 and on_ray.embed_seconds > 0
     assert (
-        GalleryIndex.load(tmp_path / "ray").manifest["embedder"]
-        == GalleryIndex.load(tmp_path / "local").manifest["embedder"]
+        GalleryIndex.load(tmp_path / "ray").manifest.embedder == GalleryIndex.load(tmp_path / "local").manifest.embedder
     )
 
     make_car_image(99, CLASS_COLOURS[0]).save(gallery / "class_0" / "img_1.jpg")  # changed content
