@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class CarSearchError(Exception):
     """Base class of all carsearch errors."""
@@ -27,8 +29,21 @@ class EmptyGalleryError(CarSearchError, ValueError):
     """A search or evaluation was asked of an index that holds no items."""
 
 
+ImageProblem = Literal["too_large", "not_image", "too_small", "unreadable"]
+
+
 class ImageLoadError(CarSearchError, ValueError):
-    """An input file is not a usable image (corrupt, empty, too small, too large, not an image)."""
+    """An input file is not a usable image. ``kind`` says why, for callers that answer by it (the HTTP API):
+    ``too_large`` (over the pixel limit), ``not_image`` (no known format), ``too_small`` (a side under the
+    minimum) or ``unreadable`` (empty, corrupt, truncated, unreadable, or not a picture at all)."""
+
+    def __init__(self, message: str, kind: ImageProblem = "unreadable") -> None:
+        super().__init__(message)
+        self.kind: ImageProblem = kind
+
+    def __reduce__(self) -> tuple[type[ImageLoadError], tuple[str, ImageProblem]]:
+        """Pickled with its kind (decode workers and Ray tasks send errors across processes)."""
+        return type(self), (str(self), self.kind)
 
 
 class DataSourceError(CarSearchError, ValueError):

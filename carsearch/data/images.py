@@ -48,15 +48,16 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int 
             if width * height > max_pixels:
                 raise ImageLoadError(
                     f"image too large: {width}x{height} = {width * height} pixels > {max_pixels} "
-                    "(decompression-bomb guard)"
+                    "(decompression-bomb guard)",
+                    "too_large",
                 )
             image.load()
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"image too large (decompression-bomb guard): {exc}") from None
+        raise ImageLoadError(f"image too large (decompression-bomb guard): {exc}", "too_large") from None
     except UnidentifiedImageError:
-        raise ImageLoadError("not an image file (format not recognised)") from None
+        raise ImageLoadError("not an image file (format not recognised)", "not_image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(f"corrupt or truncated image: {exc}") from None
     return prepare(image, max_pixels, min_side)
@@ -66,9 +67,9 @@ def prepare(image: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS, min_side: in
     """A decoded image as every stage takes it: size-checked, EXIF orientation applied, 8-bit RGB."""
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageLoadError(f"image too large: {width}x{height} = {width * height} pixels > {max_pixels}")
+        raise ImageLoadError(f"image too large: {width}x{height} = {width * height} pixels > {max_pixels}", "too_large")
     if min(image.size) < min_side:
-        raise ImageLoadError(f"image too small: {width}x{height} (need >= {min_side} px a side)")
+        raise ImageLoadError(f"image too small: {width}x{height} (need >= {min_side} px a side)", "too_small")
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - broken EXIF must not lose the image
@@ -98,7 +99,9 @@ def as_image(picture: ImageInput) -> tuple[Image.Image, bytes | None]:
     if isinstance(picture, Image.Image):
         width, height = picture.size
         if width * height > MAX_IMAGE_PIXELS:  # before load(): a lazily opened bomb is never decoded
-            raise ImageLoadError(f"image too large: {width}x{height} = {width * height} pixels > {MAX_IMAGE_PIXELS}")
+            raise ImageLoadError(
+                f"image too large: {width}x{height} = {width * height} pixels > {MAX_IMAGE_PIXELS}", "too_large"
+            )
         try:
             picture.load()
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:

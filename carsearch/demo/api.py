@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from carsearch.data.images import decode_image
 from carsearch.demo.backend import MAX_UPLOAD_BYTES, DemoBackend
 from carsearch.demo.searching import CarSearch, SearchRequest, batcher_for, waited
-from carsearch.errors import CarSearchError, ImageLoadError
+from carsearch.errors import CarSearchError, ImageLoadError, ImageProblem
 from carsearch.pipeline.cam_jobs import load_item_crop
 
 PREFIX = "/api/v1"
@@ -35,16 +35,12 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+IMAGE_ERROR_STATUS: dict[ImageProblem, int] = {"too_large": 413, "not_image": 415, "too_small": 422, "unreadable": 400}
+
+
 def image_error_status(exc: ImageLoadError) -> int:
-    """413 for pixel bombs, 415 for what is no image, 422 for too small, 400 for broken files."""
-    text = str(exc)
-    if text.startswith("image too large"):
-        return 413
-    if text.startswith("not an image"):
-        return 415
-    if text.startswith("image too small"):
-        return 422
-    return 400
+    """The HTTP status of an unusable upload, by why it is unusable (``ImageLoadError.kind``)."""
+    return IMAGE_ERROR_STATUS[exc.kind]
 
 
 def answer_json(answer: CarSearch) -> dict[str, Any]:

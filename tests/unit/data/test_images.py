@@ -335,3 +335,36 @@ def test_non_image_is_refused_cleanly_after_ultralytics_patched_pil() -> None:
     assert PILImage.open.__module__.startswith("ultralytics")
     with pytest.raises(ImageLoadError, match="not an image"):
         decode_image(b"plain text, not pixels")
+
+
+def _encoded(size: tuple[int, int], fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 200)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda: b"", "unreadable"),
+        (lambda: b"just text, no picture", "not_image"),
+        (lambda: _encoded((1, 1), "PNG"), "too_small"),
+        (lambda: _encoded((64, 48), "JPEG")[:300], "unreadable"),  # truncated
+    ],
+    ids=["empty", "text", "one-pixel", "truncated"],
+)
+def test_every_refusal_says_its_kind_and_keeps_it_across_processes(make, kind: str) -> None:
+    import pickle
+
+    with pytest.raises(ImageLoadError) as caught:
+        decode_image(make())
+    assert caught.value.kind == kind
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert (type(copy), str(copy), copy.kind) == (ImageLoadError, str(caught.value), kind)
+
+
+@pytest.mark.parametrize("side", [12_000, 20_000])  # our limit, PIL's own hard limit
+def test_a_pixel_bomb_is_too_large(side: int) -> None:
+    with pytest.raises(ImageLoadError) as caught:
+        decode_image(_png_claiming_size(side, side))
+    assert caught.value.kind == "too_large"
