@@ -31,7 +31,7 @@ from photo_path import CROPS, embedder_for  # noqa: E402
 
 from carsearch.data.images import load_image  # noqa: E402
 from carsearch.data.sources import read_source  # noqa: E402
-from carsearch.embedder.inference import Embedder  # noqa: E402
+from carsearch.embedder.embedder import Embedder  # noqa: E402
 from carsearch.embedder.model import at_input_size  # noqa: E402
 from carsearch.metrics import leave_one_out_metrics  # noqa: E402
 

@@ -12,7 +12,7 @@ from carsearch.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from carsearch.embedder.checkpoint import load_checkpoint, save_checkpoint
-    from carsearch.embedder.inference import Embedder
+    from carsearch.embedder.embedder import Embedder
     from carsearch.embedder.model import EmbeddingModel, ModelSpec, default_spec
     from carsearch.embedder.preprocessing import Preprocessing
 
@@ -26,7 +26,7 @@ __all__ = [
     "save_checkpoint",
 ]
 _HOMES = {
-    "Embedder": "carsearch.embedder.inference",
+    "Embedder": "carsearch.embedder.embedder",
     "EmbeddingModel": "carsearch.embedder.model",
     "ModelSpec": "carsearch.embedder.model",
     "Preprocessing": "carsearch.embedder.preprocessing",

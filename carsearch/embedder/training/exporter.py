@@ -12,7 +12,7 @@ import torch
 
 from carsearch.config import EmbedderConfig
 from carsearch.embedder.checkpoint import save_checkpoint, weights_fingerprint
-from carsearch.embedder.inference import Embedder
+from carsearch.embedder.embedder import Embedder
 from carsearch.embedder.model import EmbeddingModel, without_head
 from carsearch.embedder.onnx import export_onnx
 from carsearch.embedder.training.choice import best_checkpoint, load_trained_model, run_embedding

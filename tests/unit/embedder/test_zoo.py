@@ -181,12 +181,12 @@ def test_the_default_cpu_runtime_is_onnxruntime_with_the_same_vectors(
 
 
 def test_cuda_keeps_torch_and_a_missing_onnxruntime_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    from carsearch.embedder import inference
+    from carsearch.embedder import embedder
 
-    assert inference.resolve_runtime("auto", torch.device("cuda")) == "torch"
-    assert inference.resolve_runtime("onnx", torch.device("cuda")) == "onnx"  # asked for: kept
-    monkeypatch.setattr(inference, "onnxruntime_available", lambda: False)
-    assert inference.resolve_runtime("auto", torch.device("cpu")) == "torch"
+    assert embedder.resolve_runtime("auto", torch.device("cuda")) == "torch"
+    assert embedder.resolve_runtime("onnx", torch.device("cuda")) == "onnx"  # asked for: kept
+    monkeypatch.setattr(embedder, "onnxruntime_available", lambda: False)
+    assert embedder.resolve_runtime("auto", torch.device("cpu")) == "torch"
 
 
 def test_a_checkpoint_records_the_classes_it_was_trained_on(tmp_path: Path) -> None:
