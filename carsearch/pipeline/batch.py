@@ -28,7 +28,7 @@ from carsearch.index.gallery import GalleryIndex, unresolved_paths
 from carsearch.index.manifest import MANIFEST, Manifest, check_identity
 from carsearch.index.records import RecordTable
 from carsearch.pipeline.chunks import Chunk, ChunkMeta, ChunkStore
-from carsearch.pipeline.models import Models
+from carsearch.pipeline.loaded_models import Models
 from carsearch.pipeline.outcomes import Outcome, attach_vectors, crop_decoded
 from carsearch.runtime import progress_bar
 from carsearch.types import FLAG_NO_DETECTION

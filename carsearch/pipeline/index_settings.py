@@ -22,7 +22,7 @@ from carsearch.detector.weights import BUNDLE_DIR, WeightsRecord, locate, sha256
 from carsearch.errors import IndexMismatchError
 from carsearch.index.manifest import MANIFEST, REBUILD, Manifest
 from carsearch.pipeline.batch import adopt_weights_name, first_difference
-from carsearch.pipeline.models import processing_of
+from carsearch.pipeline.loaded_models import processing_of
 
 # Embedder input settings a flag may change: refused on a re-run when given explicitly and different.
 EMBEDDER_INPUT = ("embedder.image_size", "embedder.image_width", "embedder.resize", "embedder.flip")

@@ -13,7 +13,7 @@ from PIL import Image
 from carsearch.data.cropping import apply_plan, needs_detector, plan_image, plan_in_original
 from carsearch.data.decode import Decoded
 from carsearch.index.records import ItemRecord
-from carsearch.pipeline.models import Models
+from carsearch.pipeline.loaded_models import Models
 from carsearch.types import BBox
 
 

@@ -37,7 +37,7 @@ from carsearch.index import GalleryIndex, Manifest
 from carsearch.pipeline.batch import IndexReport, run_index_job
 from carsearch.pipeline.evaluation import Evaluation, evaluate_index
 from carsearch.pipeline.index_settings import index_config, update_config
-from carsearch.pipeline.models import Models
+from carsearch.pipeline.loaded_models import Models
 from carsearch.pipeline.queries import at_min_score, gallery_hits
 from carsearch.pipeline.ray_engine import RayOptions, run_ray_index_job
 from carsearch.types import BBox, CropPlan, Engine, SearchResult
@@ -51,7 +51,7 @@ ENGINES: dict[Engine, Callable[..., IndexReport]] = {"local": run_index_job, "ra
 class Pipeline:
     """Detect → crop → embed → index/search, configured by one :class:`PipelineConfig`.
 
-    Its :class:`~carsearch.pipeline.models.Models` load lazily on first use and once per pipeline; the
+    Its :class:`~carsearch.pipeline.loaded_models.Models` load lazily on first use and once per pipeline; the
     detector loads only when cropping needs it.
     """
 

@@ -18,7 +18,7 @@ from carsearch.config import PipelineConfig
 from carsearch.data.cropping import apply_plan, needs_detector, plan_image
 from carsearch.data.images import limit_size
 from carsearch.index import GalleryIndex
-from carsearch.pipeline.models import Models
+from carsearch.pipeline.loaded_models import Models
 from carsearch.types import CropPlan, SearchHit
 
 

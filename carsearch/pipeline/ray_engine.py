@@ -30,7 +30,7 @@ from carsearch.embedder import zoo
 from carsearch.errors import ConfigError
 from carsearch.index.records import ItemRecord
 from carsearch.pipeline.batch import IndexJob, IndexReport
-from carsearch.pipeline.models import Models
+from carsearch.pipeline.loaded_models import Models
 from carsearch.pipeline.outcomes import Outcome
 from carsearch.pipeline.ray_workers import DECODE_CPUS, CropActor, EmbedActor, decode_batch
 

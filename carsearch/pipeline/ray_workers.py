@@ -21,7 +21,7 @@ from carsearch.data.storage import as_location
 from carsearch.types import BBox
 
 if TYPE_CHECKING:
-    from carsearch.pipeline.models import Models
+    from carsearch.pipeline.loaded_models import Models
     from carsearch.pipeline.outcomes import Outcome
 
 DECODE_CPUS = 0.25  # logical CPUs a decode task reserves
@@ -54,7 +54,7 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.nd
 
 def _models_in_actor(settings: dict[str, Any]) -> Models:
     from carsearch.config import PipelineConfig, apply_overrides, from_dict
-    from carsearch.pipeline.models import Models
+    from carsearch.pipeline.loaded_models import Models
 
     # One thread per actor: the cluster's CPUs are shared out by actors, not by intra-op threads. More threads
     # per actor oversubscribe the cores: on 2 cores they were slower, not faster.

@@ -13,7 +13,7 @@ from carsearch.config import load_config
 from carsearch.errors import EmptyGalleryError, IndexMismatchError
 from carsearch.index import GalleryIndex
 from carsearch.pipeline import Pipeline
-from carsearch.pipeline.models import Models
+from carsearch.pipeline.loaded_models import Models
 from carsearch.types import FLAG_LOW_CONFIDENCE, FLAG_NO_DETECTION, BBox, Detection
 from tests.conftest import CLASS_COLOURS, TEST_OVERRIDES, build_gallery, make_car_image
 
