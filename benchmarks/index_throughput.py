@@ -141,7 +141,7 @@ def main() -> None:
     from carsearch.data.images import load_image
     from carsearch.data.sources import read_source
     from carsearch.pipeline import Pipeline
-    from carsearch.pipeline.batch import run_index_job
+    from carsearch.pipeline.local_engine import run_index_job
 
     tmp = Path(tempfile.mkdtemp(prefix="carsearch-bench-"))
     items = synthetic_sources(args.synthetic, tmp / "images") if args.synthetic else read_source(args.source)[: args.n]

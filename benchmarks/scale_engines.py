@@ -46,7 +46,7 @@ def compare_engines(
 ) -> dict[str, Any]:
     from carsearch.index import GalleryIndex
     from carsearch.pipeline import Pipeline
-    from carsearch.pipeline.batch import IndexJob
+    from carsearch.pipeline.index_job import IndexJob
     from carsearch.pipeline.ray_engine import RayOptions
 
     stamps: list[tuple[float, int]] = []  # (time, images) of each batch of outcomes the job records

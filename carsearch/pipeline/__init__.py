@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 from carsearch.lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from carsearch.pipeline.batch import IndexReport
     from carsearch.pipeline.evaluation import ClassGroup, Evaluation, evaluate_index
+    from carsearch.pipeline.index_job import IndexReport
     from carsearch.pipeline.pipeline import Pipeline
 
 __all__ = ["ClassGroup", "Evaluation", "IndexReport", "Pipeline", "evaluate_index"]
 _HOMES = {
     "ClassGroup": "carsearch.pipeline.evaluation",
     "Evaluation": "carsearch.pipeline.evaluation",
-    "IndexReport": "carsearch.pipeline.batch",
+    "IndexReport": "carsearch.pipeline.index_job",
     "Pipeline": "carsearch.pipeline.pipeline",
     "evaluate_index": "carsearch.pipeline.evaluation",
 }

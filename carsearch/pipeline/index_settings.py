@@ -21,7 +21,7 @@ from carsearch.data import storage
 from carsearch.detector.weights import BUNDLE_DIR, WeightsRecord, locate, sha256_file
 from carsearch.errors import IndexMismatchError
 from carsearch.index.manifest import MANIFEST, REBUILD, Manifest
-from carsearch.pipeline.batch import adopt_weights_name, first_difference
+from carsearch.pipeline.index_job import adopt_weights_name, first_difference
 from carsearch.pipeline.loaded_models import processing_of
 
 # Embedder input settings a flag may change: refused on a re-run when given explicitly and different.

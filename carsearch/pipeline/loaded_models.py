@@ -1,7 +1,7 @@
 """The models a pipeline runs, loaded on first use: what the index engines and their stages take.
 
 Like ultralytics' ``Model`` holding its predictor, :class:`~carsearch.pipeline.Pipeline` holds one
-:class:`Models`; the engines (``batch``, ``ray_engine``) and the Ray actors take a :class:`Models`, never
+:class:`Models`; the engines (``local_engine``, ``ray_engine``) and the Ray actors take a :class:`Models`, never
 the front door, so no module of this package imports the one above it.
 """
 

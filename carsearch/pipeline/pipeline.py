@@ -34,10 +34,11 @@ from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder
 from carsearch.errors import ConfigError, EmptyGalleryError
 from carsearch.index import GalleryIndex, Manifest
-from carsearch.pipeline.batch import IndexReport, run_index_job
 from carsearch.pipeline.evaluation import Evaluation, evaluate_index
+from carsearch.pipeline.index_job import IndexReport
 from carsearch.pipeline.index_settings import index_config, update_config
 from carsearch.pipeline.loaded_models import Models
+from carsearch.pipeline.local_engine import run_index_job
 from carsearch.pipeline.queries import at_min_score, gallery_hits
 from carsearch.pipeline.ray_engine import RayOptions, run_ray_index_job
 from carsearch.types import BBox, CropPlan, Engine, SearchResult

@@ -2,8 +2,8 @@
 source order to this process, which writes Parquet chunks and merges them exactly like the local engine.
 This module is the driver's side; what runs in Ray's workers is :mod:`carsearch.pipeline.ray_workers`.
 
-Same resume state, chunk rules, errors and atomic save as :func:`carsearch.pipeline.batch.run_index_job`
-(both go through :class:`~carsearch.pipeline.batch.IndexJob`), so an index cannot tell which engine
+Same resume state, chunk rules, errors and atomic save as :func:`carsearch.pipeline.local_engine.run_index_job`
+(both go through :class:`~carsearch.pipeline.index_job.IndexJob`), so an index cannot tell which engine
 built it. Without an address a local Ray cluster is started for the job and torn down after it, even
 when the job is killed (:class:`~carsearch.data.processes.ProcessSweeper`). Needs ``pip install
 'carsearch[ray]'``.
@@ -29,7 +29,7 @@ from carsearch.data.sources import SourceItem
 from carsearch.embedder import zoo
 from carsearch.errors import ConfigError
 from carsearch.index.records import ItemRecord
-from carsearch.pipeline.batch import IndexJob, IndexReport
+from carsearch.pipeline.index_job import IndexJob, IndexReport
 from carsearch.pipeline.loaded_models import Models
 from carsearch.pipeline.outcomes import Outcome
 from carsearch.pipeline.ray_workers import DECODE_CPUS, CropActor, EmbedActor, decode_batch
@@ -97,7 +97,7 @@ def run_ray_index_job(
     progress: bool = False,
     prune: bool = False,
 ) -> IndexReport:
-    """:func:`~carsearch.pipeline.batch.run_index_job` with the stages on Ray Data actors."""
+    """:func:`~carsearch.pipeline.local_engine.run_index_job` with the stages on Ray Data actors."""
     options = options or RayOptions()
     job = IndexJob(models, items, out, progress, chunk_format="parquet")
     try:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from carsearch.index.records import ItemRecord, RecordTable
-from carsearch.pipeline.batch import gather_rows, merge_order, merged_vectors
 from carsearch.pipeline.chunks import Chunk, ChunkStore
+from carsearch.pipeline.index_job import gather_rows, merge_order, merged_vectors
 
 
 def table(*keys: str) -> RecordTable:

@@ -1,7 +1,7 @@
-"""The batch crop-and-index job: decode in worker processes, detect and embed in batches, resume safely.
+"""The batch crop-and-index job, whatever engine runs it: resume safely, count, write chunks, merge, save.
 
 :class:`IndexJob` holds what every engine shares (resume state, counting, chunks, merge, atomic save);
-:func:`run_index_job` is the local engine, ``ray_engine`` the Ray Data one."""
+``local_engine`` runs it in this process, ``ray_engine`` on Ray Data."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import numpy as np
 
 from carsearch.data import storage
 from carsearch.data.atomic import atomic_write_jsonl, read_jsonl
-from carsearch.data.decode import DecodeDataset, decode_loader
 from carsearch.data.lock import WriterLock
 from carsearch.data.sources import SourceItem
 from carsearch.detector.weights import BUNDLE_DIR, WeightsRecord, bundle, describe, local_target, sha256_file
@@ -29,7 +28,7 @@ from carsearch.index.manifest import MANIFEST, Manifest, check_identity
 from carsearch.index.records import RecordTable
 from carsearch.pipeline.chunks import Chunk, ChunkMeta, ChunkStore
 from carsearch.pipeline.loaded_models import Models
-from carsearch.pipeline.outcomes import Outcome, attach_vectors, crop_decoded
+from carsearch.pipeline.outcomes import Outcome
 from carsearch.runtime import progress_bar
 from carsearch.types import FLAG_NO_DETECTION
 
@@ -379,29 +378,3 @@ class IndexJob:
             detect_seconds=round(self.timings["detect"], 3),
             embed_seconds=round(self.timings["embed"], 3),
         )
-
-
-def run_index_job(
-    models: Models,
-    items: list[SourceItem],
-    out: str | Path,
-    options: None = None,
-    progress: bool = False,
-    prune: bool = False,
-) -> IndexReport:
-    """Index ``items`` into the directory ``out`` in this process; re-running continues where a killed run
-    stopped. ``prune``: also drop indexed images that ``items`` no longer lists (deleted or moved files).
-    The local engine takes no ``options`` (the Ray engine's are :class:`~carsearch.pipeline.ray_engine.RayOptions`)."""
-    job = IndexJob(models, items, out, progress)
-    try:
-        runtime = models.config.runtime
-        dataset = DecodeDataset(job.items, job.done, runtime.max_image_side)
-        for batch in decode_loader(dataset, runtime.batch_size, runtime.workers):
-            outcomes, crops = crop_decoded(models, batch, job.timings)
-            tic = time.perf_counter()
-            vectors = models.embedder.embed(crops) if crops else np.zeros((0, models.embedder.dim), np.float32)
-            job.timings["embed"] += time.perf_counter() - tic
-            job.record(attach_vectors(outcomes, vectors))
-        return job.finish(prune)
-    finally:
-        job.release()
