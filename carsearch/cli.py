@@ -15,15 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from carsearch.config import (
-    DEFAULT_MODEL,
-    DEVICE_NAMES,
-    DEVICE_PATTERN,
-    CropSource,
-    PipelineConfig,
-    load_dataclass,
-    to_dict,
-)
+from carsearch.config import DEFAULT_MODEL, DEVICE_NAMES, DEVICE_PATTERN, CropSource, PipelineConfig
+from carsearch.config_files import load_dataclass, to_dict
 from carsearch.data.sources import Split
 from carsearch.embedder.zoo import MODELS
 from carsearch.errors import CarSearchError, ConfigError
@@ -705,7 +698,7 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from carsearch.config import config_names, resolve_config
+    from carsearch.config_files import config_names, resolve_config
 
     if args.list:
         for name, path in config_names().items():

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from carsearch.config import DEFAULT_BACKBONE, DetectorConfig, load_dataclass
+from carsearch.config import DEFAULT_BACKBONE, DetectorConfig
+from carsearch.config_files import load_dataclass
 from carsearch.errors import ConfigError
 
 

@@ -20,7 +20,8 @@ from PIL import Image
 
 from carsearch.compare.config import CompareConfig
 from carsearch.compare.stage_cache import StageCache, digest
-from carsearch.config import EmbedderConfig, PipelineConfig, RuntimeConfig, from_dict, to_dict
+from carsearch.config import EmbedderConfig, PipelineConfig, RuntimeConfig
+from carsearch.config_files import from_dict, to_dict
 from carsearch.data import storage
 from carsearch.data.cropping import apply_plan, plan_image
 from carsearch.data.images import load_image

@@ -13,7 +13,7 @@ import numpy as np
 
 from carsearch.compare.config import CompareConfig
 from carsearch.compare.experiment import EMBEDDERS, INPUTS, CompareResults, crop_for
-from carsearch.config import to_dict
+from carsearch.config_files import to_dict
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
 from carsearch.data.images import load_image
 from carsearch.embedder.training.config import load_train_config

@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from carsearch.config import PipelineConfig, apply_overrides, from_dict, read_config_file
+from carsearch.config import PipelineConfig
+from carsearch.config_files import apply_overrides, from_dict, read_config_file
 from carsearch.data import storage
 from carsearch.detector.weights import BUNDLE_DIR, WeightsRecord, locate, sha256_file
 from carsearch.errors import IndexMismatchError

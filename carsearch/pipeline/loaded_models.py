@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from carsearch.config import PipelineConfig, to_dict
+from carsearch.config import PipelineConfig
+from carsearch.config_files import to_dict
 from carsearch.data import storage
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder, zoo

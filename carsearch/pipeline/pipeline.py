@@ -20,13 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carsearch.config import (
-    PipelineConfig,
-    apply_overrides,
-    from_dict,
-    load_config,
-    to_dict,
-)
+from carsearch.config import PipelineConfig, load_config
+from carsearch.config_files import apply_overrides, from_dict, to_dict
 from carsearch.data.cropping import apply_plan, needs_detector, plan_image, plan_in_original
 from carsearch.data.images import ImageInput, as_image, content_hash, limit_size
 from carsearch.data.sources import Split, read_source

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from carsearch.config import PipelineConfig, to_dict
+from carsearch.config import PipelineConfig
+from carsearch.config_files import to_dict
 from carsearch.data.processes import ProcessSweeper
 from carsearch.data.sources import SourceItem
 from carsearch.embedder import zoo

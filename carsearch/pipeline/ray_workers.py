@@ -53,7 +53,8 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.nd
 
 
 def _models_in_actor(settings: dict[str, Any]) -> Models:
-    from carsearch.config import PipelineConfig, apply_overrides, from_dict
+    from carsearch.config import PipelineConfig
+    from carsearch.config_files import apply_overrides, from_dict
     from carsearch.pipeline.loaded_models import Models
 
     # One thread per actor: the cluster's CPUs are shared out by actors, not by intra-op threads. More threads

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from carsearch.cli import build_parser, command_parsers, main
-from carsearch.config import CONFIGS_DIR, load_config, resolve_config
+from carsearch.config import load_config
+from carsearch.config_files import CONFIGS_DIR, resolve_config
 from carsearch.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,11 +119,11 @@ def test_a_non_editable_install_carries_configs_and_the_shipped_model(tmp_path: 
         check=True, capture_output=True, env={**os.environ, "PIP_NO_INDEX": "1"}, timeout=300,
     )  # fmt: skip
     probe = (
-        "import carsearch, carsearch.config as c, carsearch.embedder.zoo as z\n"
+        "import carsearch, carsearch.config as c, carsearch.config_files as f, carsearch.embedder.zoo as z\n"
         "from carsearch.embedder.checkpoint import read_checkpoint, train_labels\n"
         f"assert carsearch.__file__.startswith({str(target)!r}), carsearch.__file__\n"
         "assert c.load_config('offline').detector.weights.endswith('.tflite')\n"
-        "assert c.resolve_config('cpu_full').is_file()\n"
+        "assert f.resolve_config('cpu_full').is_file()\n"
         "path, sha = z.shipped_checkpoint(z.DEFAULT_MODEL)\n"
         "print(len(train_labels(read_checkpoint(path, sha))))\n"
     )
@@ -158,7 +159,8 @@ def test_the_cli_choices_are_the_tables_that_define_them() -> None:
 def test_names_in_help_texts_are_the_tables_names() -> None:
     """Help that lists names by hand lists real ones: re-ranking presets, devices, shipped configs."""
     from carsearch.cli import DEVICE_HELP, RERANK_HELP
-    from carsearch.config import DEVICE_NAMES, RERANK_PRESETS, config_names
+    from carsearch.config import DEVICE_NAMES, RERANK_PRESETS
+    from carsearch.config_files import config_names
 
     assert all(f"{name} " in RERANK_HELP or f"{name}," in RERANK_HELP for name in RERANK_PRESETS)
     assert all(name in DEVICE_HELP for name in DEVICE_NAMES.split(", "))

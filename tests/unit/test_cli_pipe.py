@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from carsearch.config import IndexConfig, load_config, to_dict
+from carsearch.config import IndexConfig, load_config
+from carsearch.config_files import to_dict
 from carsearch.index import GalleryIndex
 from tests.conftest import TEST_OVERRIDES
 from tests.unit.index.test_gallery import IDENTITY, records, unit_vectors

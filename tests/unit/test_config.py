@@ -1,4 +1,5 @@
-"""carsearch.config: frozen, validated configuration loaded from YAML plus ``key=value`` overrides."""
+"""carsearch.config and carsearch.config_files: frozen, validated configuration loaded from YAML plus ``key=value``
+overrides."""
 
 from __future__ import annotations
 
@@ -9,19 +10,15 @@ import pytest
 import yaml
 
 from carsearch.config import (
-    CONFIGS_DIR,
     DEFAULT_VEHICLE_CLASSES,
     DetectorConfig,
     EmbedderConfig,
     IndexConfig,
     PipelineConfig,
     RuntimeConfig,
-    apply_overrides,
-    from_dict,
     load_config,
-    resolve_paths,
-    to_dict,
 )
+from carsearch.config_files import CONFIGS_DIR, apply_overrides, from_dict, resolve_paths, to_dict
 from carsearch.errors import ConfigError
 
 CONFIG_DIR = CONFIGS_DIR

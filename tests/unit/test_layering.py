@@ -18,6 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "carsearch",  # the package's own __init__ only
         "carsearch.config",
+        "carsearch.config_files",
         "carsearch.data",
         "carsearch.errors",
         "carsearch.lazy",

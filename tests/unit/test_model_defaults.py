@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from carsearch.cli import _overrides, build_parser, command_parsers, main
-from carsearch.config import DetectorConfig, PipelineConfig, from_dict, load_config, to_dict, upgrade_config
+from carsearch.config import DetectorConfig, PipelineConfig, load_config, upgrade_config
+from carsearch.config_files import from_dict, to_dict
 from carsearch.embedder.zoo import DEFAULT_MODEL
 from carsearch.pipeline import Pipeline
 from tests.conftest import build_gallery

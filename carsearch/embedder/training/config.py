@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from carsearch.config import DEFAULT_BACKBONE, DetectorConfig, InputGeometry, load_dataclass, require
+from carsearch.config import DEFAULT_BACKBONE, DetectorConfig, InputGeometry
+from carsearch.config_files import load_dataclass, require
 from carsearch.embedder.training.registry import LOSSES, MINERS
 
 InputMode = Literal["raw", "gt", "detector"]

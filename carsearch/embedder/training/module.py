@@ -15,7 +15,7 @@ from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, Di
 from timm.models import group_modules
 from torch import nn
 
-from carsearch.config import to_dict
+from carsearch.config_files import to_dict
 from carsearch.embedder.model import EmbeddingModel, ModelSpec
 from carsearch.embedder.training.config import LossConfig, ModelConfig, OptimConfig
 from carsearch.embedder.training.losses import build_criterion, mined_count

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 import yaml
 
-from carsearch.config import to_dict
+from carsearch.config_files import to_dict
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
 from carsearch.embedder.model import ModelSpec, default_spec
 from carsearch.embedder.training.averaging import StepAveraging

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from carsearch.cli import main
 from carsearch.compare import load_compare_config
-from carsearch.config import CONFIGS_DIR
+from carsearch.config_files import CONFIGS_DIR
 from carsearch.errors import ConfigError
 
 CONFIG = CONFIGS_DIR / "compare.yaml"

@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 from pytorch_metric_learning.losses import ProxyAnchorLoss
 
 from carsearch.cli import main
-from carsearch.config import CONFIGS_DIR, DetectorConfig, EmbedderConfig, resolve_paths, to_dict
+from carsearch.config import DetectorConfig, EmbedderConfig
+from carsearch.config_files import CONFIGS_DIR, resolve_paths, to_dict
 from carsearch.data.sources import SourceItem
 from carsearch.embedder import Embedder, load_checkpoint
 from carsearch.embedder.preprocessing import Preprocessing, eval_transform

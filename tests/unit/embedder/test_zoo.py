@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from carsearch.cli import main
-from carsearch.config import CONFIGS_DIR, EmbedderConfig
+from carsearch.config import EmbedderConfig
+from carsearch.config_files import CONFIGS_DIR
 from carsearch.embedder import Embedder, EmbeddingModel, default_spec, save_checkpoint, zoo
 from carsearch.embedder.checkpoint import load_checkpoint, read_checkpoint
 from carsearch.embedder.training.exporter import half_precision_error
@@ -202,7 +203,7 @@ def test_a_checkpoint_records_the_classes_it_was_trained_on(tmp_path: Path) -> N
 def test_the_shipped_recipe_on_the_half_split_is_cpu_quick() -> None:
     """docs/models.md quotes cpu_quick's half-split numbers as cpu_full's: the two recipes differ only in
     which classes train (and where runs go; neither validates, so trainer.select picks nothing)."""
-    from carsearch.config import to_dict
+    from carsearch.config_files import to_dict
     from carsearch.embedder.training.config import load_train_config
 
     configs = CONFIGS_DIR / "train"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from carsearch.cli import main
-from carsearch.config import IndexConfig, PipelineConfig, RetrievalConfig, to_dict
+from carsearch.config import IndexConfig, PipelineConfig, RetrievalConfig
+from carsearch.config_files import to_dict
 from carsearch.index import GalleryIndex, ItemRecord
 from carsearch.metrics import leave_one_out_metrics
 from carsearch.pipeline import evaluate_index

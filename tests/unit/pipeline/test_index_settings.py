@@ -150,7 +150,7 @@ def test_a_rerun_with_the_config_file_it_was_built_with_is_accepted(
     """A full config file (as `carsearch config` prints it) names every key: only real changes are refused."""
     import yaml
 
-    from carsearch.config import to_dict
+    from carsearch.config_files import to_dict
 
     monkeypatch.chdir(tmp_path)
     build_gallery(tmp_path / "gallery")
