@@ -44,7 +44,7 @@ SHARED = ROOT.parent / "shared" / "data" / "stanford_cars"
 from carsearch.config import RetrievalConfig  # noqa: E402
 from carsearch.index import GalleryIndex  # noqa: E402
 from carsearch.pipeline import Pipeline, evaluate_index  # noqa: E402
-from carsearch.runtime import configure_threads  # noqa: E402
+from carsearch.runtime.threads import configure_threads  # noqa: E402
 
 
 def subset(gallery: GalleryIndex, labels: set[str]) -> GalleryIndex:

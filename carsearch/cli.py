@@ -639,7 +639,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     logging.getLogger("carsearch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.device not in (None, "auto"):
-        from carsearch.runtime import resolve_device
+        from carsearch.runtime.device import resolve_device
 
         resolve_device(args.device)  # a device this machine lacks: one line, before any data is read
     run_dir = train(load_train_config(args.config, [*args.overrides, *device_overrides(args.device)]))

@@ -36,7 +36,9 @@ from carsearch.embedder.training.run import train
 from carsearch.errors import DataSourceError
 from carsearch.metrics import leave_one_out_metrics
 from carsearch.pipeline.cam_jobs import attention_dataset
-from carsearch.runtime import configure_threads, resolve_device, versions
+from carsearch.runtime.device import resolve_device
+from carsearch.runtime.threads import configure_threads
+from carsearch.runtime.versions import versions
 from carsearch.types import FLAG_NO_DETECTION, Detection
 
 if TYPE_CHECKING:

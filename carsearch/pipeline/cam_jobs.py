@@ -24,7 +24,7 @@ from carsearch.explain import AttentionSummary, Explainer, photo_attention
 from carsearch.explain.cam import Method
 from carsearch.explain.render import PairView, draw_box, overlay, pair_panel, topk_grid
 from carsearch.index import GalleryIndex
-from carsearch.runtime import progress_bar
+from carsearch.runtime.progress import progress_bar
 from carsearch.types import FLAG_NO_DETECTION, BBox, CropPlan, Detection, SearchResult
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from carsearch.index.records import RecordTable
 from carsearch.pipeline.chunks import Chunk, ChunkMeta, ChunkStore
 from carsearch.pipeline.loaded_models import Models
 from carsearch.pipeline.outcomes import Outcome
-from carsearch.runtime import progress_bar
+from carsearch.runtime.progress import progress_bar
 from carsearch.types import FLAG_NO_DETECTION
 
 logger = logging.getLogger(__name__)

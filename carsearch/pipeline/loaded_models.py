@@ -18,7 +18,9 @@ from carsearch.data import storage
 from carsearch.detector import VehicleDetector
 from carsearch.embedder import Embedder, zoo
 from carsearch.index.manifest import Manifest
-from carsearch.runtime import configure_threads, resolve_device, versions
+from carsearch.runtime.device import resolve_device
+from carsearch.runtime.threads import configure_threads
+from carsearch.runtime.versions import versions
 
 
 class Models:

@@ -100,7 +100,7 @@ def test_the_unknown_model_message_lists_the_shipped_names_from_the_table(
 def test_device_names_are_checked_at_config_load_and_presence_at_run_time(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from carsearch.runtime import resolve_device
+    from carsearch.runtime.device import resolve_device
 
     for good in ("auto", "cpu", "cuda", "cuda:1", "mps"):
         assert RuntimeConfig(device=good).device == good

@@ -31,7 +31,7 @@ from carsearch.embedder.training.datamodule import EmbedderDataModule
 from carsearch.embedder.training.module import EmbedderModule, FeatureKind
 from carsearch.embedder.training.run_metrics import METRICS_FILE, RunMetrics
 from carsearch.errors import ConfigError
-from carsearch.runtime import configure_threads
+from carsearch.runtime.threads import configure_threads
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import ModelCheckpoint

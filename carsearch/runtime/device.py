@@ -1,18 +1,11 @@
-"""Device choice and CPU thread settings (called explicitly; nothing happens at import)."""
+"""The torch device a run uses: ``auto`` or a name, checked against the devices this machine has."""
 
 from __future__ import annotations
-
-import importlib.metadata as md
-import logging
-import os
-from typing import Any
 
 import torch
 
 from carsearch.config import DEVICE_NAMES, DEVICE_PATTERN
 from carsearch.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -47,41 +40,3 @@ def _available() -> str:
     if torch.backends.mps.is_available():
         names.append("mps")
     return ", ".join(names)
-
-
-def configure_threads(threads: int | None = None) -> int:
-    """Set torch (and faiss) CPU threads; ``None`` → all cores.
-
-    Importing ultralytics sets ``OMP_NUM_THREADS=1`` when unset, which would otherwise pin
-    everything to one core.
-    """
-    count = threads or os.cpu_count() or 1
-    torch.set_num_threads(count)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(count)
-    except (ImportError, AttributeError):  # pragma: no cover - faiss is a dependency
-        pass
-    logger.debug("using %d CPU threads", count)
-    return count
-
-
-def versions() -> dict[str, str]:
-    """Installed versions of carsearch and the libraries that decide its vectors (recorded with results)."""
-    found = {}
-    for package in ("carsearch", "torch", "timm", "onnxruntime", "faiss-cpu", "faiss-gpu", "ultralytics"):
-        try:
-            found[package] = md.version(package)
-        except md.PackageNotFoundError:
-            continue
-    return found
-
-
-def progress_bar(total: int, enabled: bool, desc: str) -> Any:
-    """A tqdm bar counting images (None when disabled): the one progress display of the batch commands."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)
