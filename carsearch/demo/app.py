@@ -67,7 +67,16 @@ class PageHandlers:
         The event runs with ``preprocess=False``: ``upload`` is Gradio's file payload, not a decoded image,
         so a file Gradio cannot decode still reaches :func:`search`, which explains what is wrong with it.
         """
-        out: SearchOutput = search(self.backend, upload_path(upload), int(k), float(confidence), car_number(car))
+        return self._answer(search(self.backend, upload_path(upload), int(k), float(confidence), car_number(car)))
+
+    def search_car(
+        self, upload: Any, k: float, confidence: float, car: Any, last: QueryState | None
+    ) -> tuple[Any, ...]:
+        """Another car of the searched photo (picked in the list or on the picture): the cars shown are reused."""
+        number = car_number(car)
+        return self._answer(search(self.backend, upload_path(upload), int(k), float(confidence), number, last))
+
+    def _answer(self, out: SearchOutput) -> tuple[Any, ...]:
         if out.error:
             gr.Warning(out.error)
         cars = gr.Radio(choices=[(str(n), n) for n in out.cars], value=out.car)
@@ -196,9 +205,10 @@ def _wire(
     private: dict[str, Any] = {"api_name": "false", "api_visibility": "private"}  # gradio's api_name=False
     explaining: dict[str, Any] = {"inputs": [state], "outputs": maps, "concurrency_id": "explain", **private}
     button.click(handlers.search, api_name="search", **searching).then(handlers.explain, **explaining)
-    car.input(handlers.search, **searching, **private).then(handlers.explain, **explaining)
+    picking = {**searching, "inputs": [*search_inputs, state]}
+    car.input(handlers.search_car, **picking, **private).then(handlers.explain, **explaining)
     annotated.select(handlers.pick, inputs=[state], outputs=[car], **private).success(
-        handlers.search, **searching, **private
+        handlers.search_car, **picking, **private
     ).then(handlers.explain, **explaining)
     upload.change(handlers.new_photo, outputs=[car], queue=False, **private)
     hits.select(handlers.select, inputs=[state], outputs=maps[:3], concurrency_id="explain", **private)

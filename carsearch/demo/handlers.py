@@ -48,6 +48,14 @@ class QueryState:
     missing: set[int] = field(default_factory=set)  # hits whose gallery file could not be read
     views: list[tuple[str, QueryCars, int]] = field(default_factory=list)
     scale: float = 1.0
+    source: str | None = None  # the upload searched, and at which confidence: another car of it needs no detection
+    confidence: float | None = None
+
+    def known_cars(self, upload: str | Path | None, confidence: float) -> QueryCars | None:
+        """The main index's cars of ``upload`` when this state searched that upload at ``confidence``, else None."""
+        if not self.views or upload is None or self.source != str(upload) or self.confidence != confidence:
+            return None
+        return self.views[0][1]
 
 
 @dataclass
@@ -146,12 +154,16 @@ def search(
     k: int = 5,
     confidence: float | None = None,
     car: int | None = None,
+    last: QueryState | None = None,
 ) -> SearchOutput:
-    """Detect every car, search with car ``car`` (None: the largest) and show box, crop and hits — no maps."""
+    """Detect every car, search with car ``car`` (None: the largest) and show box, crop and hits — no maps.
+    ``last``: the page's previous search; when it searched this upload at this confidence, its cars are reused
+    (car ``car`` is the one shown under that number, not detected again)."""
     confidence = backend.default_confidence if confidence is None else float(confidence)
+    known = last.known_cars(upload, confidence) if last is not None else None
     try:
         image = backend.prepare(read_upload(upload))
-        answer: CarSearch = ask(backend, SearchRequest(image, int(k), confidence, car))
+        answer: CarSearch = ask(backend, SearchRequest(image, int(k), confidence, car, known))
     except CarSearchError as exc:
         return SearchOutput(message=f"⚠️ Could not use that upload: {exc}", error=f"Could not use that upload: {exc}")
     main = answer.main
@@ -175,7 +187,7 @@ def search(
         raw_hits=hit_pictures(answer.raw.hits) if answer.raw is not None else [],
         cars=list(range(1, count + 1)),
         car=main.car if count else None,
-        state=QueryState(crop, hits, missing, views, scale),
+        state=QueryState(crop, hits, missing, views, scale, None if upload is None else str(upload), confidence),
     )
 
 

@@ -25,12 +25,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """One search. ``car``: the car's number in the photo (1 = the largest); None: the largest."""
+    """One search. ``car``: the car's number in the photo (1 = the largest); None: the largest. ``cars``: the main
+    index's cars of this photo at this confidence from an earlier search, used as they are (not detected again),
+    so a car picked by its number is the car that was shown under that number."""
 
     image: Image.Image
     k: int = 5
     confidence: float | None = None
     car: int | None = None
+    cars: QueryCars | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_K:
@@ -63,6 +66,16 @@ def _car_count_error(cars: QueryCars, car: int) -> CarSearchError:
     return CarSearchError(f"there is no car {car} in this photo: it has {found} (numbered 1–{max(found, 1)})")
 
 
+def _plan(side: Side, requests: Sequence[SearchRequest], main: bool) -> list[QueryCars]:
+    """Every request's cars for ``side``: the main index reuses a request's known cars, detects the others (one
+    detector call); the raw index has no confidence of its own."""
+    known = [r.cars if main else None for r in requests]
+    todo = [i for i, cars in enumerate(known) if cars is None]
+    confidences = [requests[i].confidence if main else None for i in todo]
+    detected = iter(plan_cars(side.pipeline.models, [requests[i].image for i in todo], confidences))
+    return [cars if cars is not None else next(detected) for cars in known]
+
+
 def search_batch(backend: DemoBackend, requests: Sequence[SearchRequest]) -> list[CarSearch | CarSearchError]:
     """Answer ``requests`` together: per index one detector call and one embedder call for the whole batch.
 
@@ -72,8 +85,7 @@ def search_batch(backend: DemoBackend, requests: Sequence[SearchRequest]) -> lis
     timings = {"detect": 0.0, "embed": 0.0, "search": 0.0}
     for side in backend.sides:
         tic = time.perf_counter()
-        confidences = [r.confidence if side is backend.main else None for r in requests]
-        cars = plan_cars(side.pipeline.models, [r.image for r in requests], confidences)
+        cars = _plan(side, requests, side is backend.main)
         timings["detect"] += (time.perf_counter() - tic) * 1000
         picks = [(r.car or 1) if side is backend.main else 1 for r in requests]
         ok = [i for i, (c, n) in enumerate(zip(cars, picks, strict=True)) if n <= len(c.plans)]

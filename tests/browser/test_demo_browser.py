@@ -274,3 +274,54 @@ def test_the_json_api_on_the_same_server(demo_server: tuple[str, Path]) -> None:
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
     bad = httpx.post(f"{url}api/v1/search", files={"image": ("x.txt", b"not a photo")}, timeout=30)
     assert bad.status_code == 415 and "not an image" in bad.json()["error"]
+
+
+def _click_photo_at(page, fx: float, fy: float) -> None:  # noqa: ANN001 - playwright Page
+    """Click the drawn picture at the fraction (fx, fy) of its own width and height (object-fit: contain)."""
+    img = page.locator("#annotated img").first
+    drawn = img.evaluate(
+        """(img) => { const r = img.getBoundingClientRect();
+                      const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+                      const w = s * img.naturalWidth, h = s * img.naturalHeight;
+                      return {w, h, dx: (r.width - w) / 2, dy: (r.height - h) / 2}; }"""
+    )
+    img.click(position={"x": drawn["dx"] + fx * drawn["w"], "y": drawn["dy"] + fy * drawn["h"]})
+
+
+ANSWERED = """() => {
+  const status = document.querySelector('#status').innerText;
+  const car = status.match(/Car (\\d+) of/);
+  const radios = [...document.querySelectorAll('#car input[type=radio]')];
+  const toast = [...document.querySelectorAll('body *')].some(e => e.childElementCount === 0
+      && e.textContent.includes('Click inside a numbered box'));
+  if (toast) return 'toast';
+  if (car && status !== window.__before && radios[Number(car[1]) - 1]?.checked) return 'car ' + car[1];
+  return false;
+}"""
+
+
+def test_a_click_on_the_picture_searches_the_car_under_it(demo_server: tuple[str, Path]) -> None:
+    """Clicks on the drawn picture reach the car picker: each is answered by a search of a numbered car (its
+    number checked in the list) or by the 'click inside a box' notice. (Which car is under a point is unit-tested
+    in tests/unit/demo/test_handlers.py: the tiny test detector's boxes tie in score, so they are not pinned.)"""
+    from playwright.sync_api import sync_playwright
+
+    url, gallery = demo_server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url, wait_until="load")
+            page.locator("#search").wait_for(timeout=60_000)
+            _search(page, gallery / "class_1" / "img_0.jpg")
+            page.wait_for_function("document.querySelector('#status').innerText.includes('Car 1 of')", timeout=120_000)
+            page.wait_for_function(MAPS_READY, timeout=120_000)  # idle again: a click is answered at once
+            answers = []
+            for fx, fy in [(0.1, 0.1), (0.5, 0.5), (0.9, 0.9)]:
+                page.evaluate("window.__before = document.querySelector('#status').innerText")
+                _click_photo_at(page, fx, fy)
+                answers.append(page.wait_for_function(ANSWERED, timeout=120_000).json_value())
+                page.wait_for_function(MAPS_READY, timeout=120_000)
+            assert any(a.startswith("car") for a in answers), answers
+        finally:
+            browser.close()

@@ -120,3 +120,24 @@ def test_a_real_street_photo_with_several_cars_searches_each(tmp_path: Path) -> 
     assert len(first.cars) >= 2, first.message
     second = search(backend, STREET, k=2, car=2)
     assert second.car == 2 and not np.array_equal(np.asarray(first.crop), np.asarray(second.crop))
+
+
+def test_another_car_of_the_searched_photo_is_the_one_shown_under_its_number(
+    cropped_backend: DemoBackend, demo_indexes: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Picking car 2 after a search reuses the cars shown (no new detection, whose boxes could differ); a new
+    confidence or another photo detects again."""
+    query = demo_indexes[0] / "class_1" / "img_0.jpg"
+    first = search(cropped_backend, query, k=3, confidence=0.25)
+    assert len(first.cars) >= 2
+    detector = cropped_backend.main.pipeline.models.detector
+    calls: list[int] = []
+    detect = detector.detect
+    monkeypatch.setattr(detector, "detect", lambda images: calls.append(len(images)) or detect(images))
+    second = search(cropped_backend, query, k=3, confidence=0.25, car=2, last=first.state)
+    assert calls == [] and second.car == 2
+    assert second.state.views[0][1] is first.state.views[0][1]  # the very cars that were numbered on the page
+    other = demo_indexes[0] / "class_2" / "img_1.jpg"
+    for photo, confidence in [(query, 0.3), (other, 0.25)]:
+        search(cropped_backend, photo, k=3, confidence=confidence, car=1, last=first.state)
+    assert calls == [1, 1]
