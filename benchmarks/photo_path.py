@@ -10,7 +10,7 @@ compared with the truth (IoU; a whole image counts with its own IoU): the photo'
 crop. Images of the **first 49 classes** (the half split's training classes) only; the policy with the
 highest mean IoU, photos and crops averaged, is chosen. Then every model (``--run``: a training run,
 exported on first use; ``--model``: a checkpoint or a shipped name; ``--size``: at that input size instead
-of its own) is evaluated on the photos of the **last 49 classes** (its test classes when it was trained on
+of its own; ``--flip``: also with flip test-time augmentation) is evaluated on the photos of the **last 49 classes** (its test classes when it was trained on
 the half split), leave-one-out: raw photos, ground-truth crops, and the detector crops of every policy.
 The test classes choose nothing. Writes ``benchmarks/results/photo_path.json`` and prints Markdown tables.
 """
@@ -18,6 +18,7 @@ The test classes choose nothing. Writes ``benchmarks/results/photo_path.json`` a
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -129,11 +130,19 @@ def embedder_for(run: str | None, model: str | None, size: int | None = None) ->
     return f"{name} at {size} px", Embedder(resized, runtime=embedder.runtime, train_labels=embedder.train_labels)
 
 
+def flipped(embedder: Embedder) -> Embedder:
+    """The same model embedding the mean of each image's and its mirror image's vectors (``embedder.flip``)."""
+    twin = copy.copy(embedder)
+    twin.flip = True
+    return twin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", default=[], help="a training run folder (repeatable)")
     parser.add_argument("--model", action="append", default=[], help="a checkpoint path or shipped name")
     parser.add_argument("--size", type=int, help="embed at this square size, same weights (default: each one's own)")
+    parser.add_argument("--flip", action="store_true", help="also evaluate each model with flip test-time augmentation")
     parser.add_argument(
         "--on",
         choices=["test", "validation"],
@@ -178,6 +187,8 @@ def main() -> None:
     model_rows = []
     models = [embedder_for(r, None, args.size) for r in args.run]
     models += [embedder_for(None, m, args.size) for m in args.model]
+    if args.flip:
+        models = [row for name, e in models for row in ((name, e), (f"{name} + flip", flipped(e)))]
     for name, embedder in models:
         cache: dict[tuple[int, tuple[float, ...] | None], np.ndarray] = {}
         row: dict[str, object] = {"model": name}
