@@ -10,9 +10,10 @@ compared with the truth (IoU; a whole image counts with its own IoU): the photo'
 crop. Images of the **first 49 classes** (the half split's training classes) only; the policy with the
 highest mean IoU, photos and crops averaged, is chosen. Then every model (``--run``: a training run,
 exported on first use; ``--model``: a checkpoint or a shipped name; ``--size``: at that input size instead
-of its own; ``--flip``: also with flip test-time augmentation) is evaluated on the photos of the **last 49 classes** (its test classes when it was trained on
-the half split), leave-one-out: raw photos, ground-truth crops, and the detector crops of every policy.
-The test classes choose nothing. Writes ``benchmarks/results/photo_path.json`` and prints Markdown tables.
+of its own; ``--flip``: also with flip test-time augmentation) is evaluated on the photos of the **last 49
+classes** (its test classes when it was trained on the half split; ``--on validation``: the runs' own
+validation classes), leave-one-out: raw photos, ground-truth crops, the detector crops of every policy, and
+the same classes' crops whole. The test classes choose nothing. Writes ``benchmarks/results/photo_path.json`` and prints Markdown tables.
 """
 
 from __future__ import annotations
