@@ -13,7 +13,8 @@ exported on first use; ``--model``: a checkpoint or a shipped name; ``--size``: 
 of its own; ``--flip``: also with flip test-time augmentation) is evaluated on the photos of the **last 49
 classes** (its test classes when it was trained on the half split; ``--on validation``: the runs' own
 validation classes), leave-one-out: raw photos, ground-truth crops, the detector crops of every policy, and
-the same classes' crops whole. The test classes choose nothing. Writes ``benchmarks/results/photo_path.json`` and prints Markdown tables.
+the same classes' crops whole. The test classes choose nothing. Writes ``benchmarks/results/photo_path.json``
+(``--out``) and prints Markdown tables.
 """
 
 from __future__ import annotations
