@@ -266,7 +266,7 @@ def _refuse_ignored_index_flags(args: argparse.Namespace) -> None:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from carsearch.index.gallery import MANIFEST
+    from carsearch.index.manifest import MANIFEST
     from carsearch.pipeline import Pipeline
 
     _refuse_ignored_index_flags(args)

@@ -19,11 +19,12 @@ import numpy as np
 from PIL import Image
 
 from carsearch.compare.config import CompareConfig
-from carsearch.compare.stage_cache import StageCache, digest
+from carsearch.compare.stage_cache import StageCache
 from carsearch.config import EmbedderConfig, PipelineConfig, RuntimeConfig
 from carsearch.config_files import from_dict, to_dict
 from carsearch.data import storage
 from carsearch.data.cropping import apply_plan, plan_image
+from carsearch.data.digest import json_digest
 from carsearch.data.images import load_image
 from carsearch.data.sources import SourceItem, read_source
 from carsearch.embedder import Embedder
@@ -204,7 +205,7 @@ def train_config(config: CompareConfig, split: PhotoSplit, mode: str, out: Path)
 def _finetune(cache: StageCache, config: CompareConfig, split: PhotoSplit, mode: str, out: Path) -> Path:
     tconfig = train_config(config, split, mode, out)
     key = [to_dict(dataclasses.replace(tconfig, out=dataclasses.replace(tconfig.out, name=""))), split.key]
-    model_path = out / "train" / f"{mode}-{digest(key)}.pt"
+    model_path = out / "train" / f"{mode}-{json_digest(key)}.pt"
 
     def compute() -> Path:
         run_dir = train(tconfig)

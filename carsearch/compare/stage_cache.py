@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from carsearch.data.atomic import atomic_write_bytes, atomic_write_json
-from carsearch.data.digest import json_digest as digest  # a stage's key; experiment.py names models with it
+from carsearch.data.digest import json_digest
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class StageCache:
         logger.info("stage %-28s %s (%s s)", name, status, took)
 
     def path(self, name: str, key: Any, suffix: str) -> Path:
-        return self.root / f"{name}-{digest(key)}{suffix}"
+        return self.root / f"{name}-{json_digest(key)}{suffix}"
 
     def json(self, name: str, key: Any, compute: Callable[[], Any]) -> Any:
         path = self.path(name, key, ".json")
