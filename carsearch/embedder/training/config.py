@@ -172,6 +172,11 @@ class LossConfig:
     ``plus``: a second loss added to this one with weight ``plus_weight`` (e.g. a proxy loss beside mined
     triplets); it runs without a miner, so it must be one that needs none (a proxy / class-weight loss or
     ``contrastive``); ``plus_params`` are its keyword arguments, its margin included.
+
+    ``memory``: a cross-batch memory (PML's ``CrossBatchMemory``, XBM) of the last ``memory`` training
+    embeddings (0: off; at least one batch): from the first epoch that trains the backbone, the same loss
+    and miner also pair each batch's embeddings with the memory's, added with weight ``memory_weight``.
+    Tuple losses only (proxy losses already see every class).
     """
 
     name: str = "triplet"
@@ -182,6 +187,8 @@ class LossConfig:
     plus: str | None = None
     plus_weight: float = 1.0
     plus_params: dict[str, Any] = field(default_factory=dict)
+    memory: int = 0
+    memory_weight: float = 1.0
 
     def __post_init__(self) -> None:
         require(isinstance(self.params, dict), "loss.params must be a mapping of keyword arguments")
@@ -212,6 +219,12 @@ class LossConfig:
         require(
             not entry.proxies or self.miner_name == "none",
             f"loss {self.name} learns from proxies, not mined tuples; set loss.miner=none",
+        )
+        require(self.memory >= 0, f"loss.memory must be >= 0 embeddings (0: off), got {self.memory}")
+        require(self.memory_weight > 0, f"loss.memory_weight must be > 0, got {self.memory_weight}")
+        require(
+            not (self.memory and entry.proxies),
+            f"loss.memory applies to tuple losses; {self.name} learns from proxies (set loss.memory=0)",
         )
 
     @property
@@ -330,6 +343,12 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     out: OutConfig = field(default_factory=OutConfig)
+
+    def __post_init__(self) -> None:
+        require(
+            self.loss.memory == 0 or self.loss.memory >= self.data.batch_size,
+            f"loss.memory ({self.loss.memory}) must hold at least one batch ({self.data.batch_size} images)",
+        )
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -24,6 +24,8 @@ class Criterion:
     miner_name: str
     plus: losses.BaseMetricLossFunction | None = None
     plus_weight: float = 1.0
+    memory: losses.CrossBatchMemory | None = None  # loss.memory: its own loss and miner over the memory
+    memory_weight: float = 1.0
 
 
 def _construct(cls: type[nn.Module], what: str, kwargs: dict[str, Any]) -> Any:
@@ -76,7 +78,25 @@ def build_criterion(config: LossConfig, num_classes: int, embedding_size: int) -
     miner = build_miner(config.miner_name, miner_margin, config.miner_params)
     plus = None if config.plus is None else build_loss(config.plus, config.plus_params, num_classes, embedding_size)
     name = config.name if config.plus is None else f"{config.name}+{config.plus}"
-    return Criterion(loss, miner, name, config.miner_name, plus=plus, plus_weight=config.plus_weight)
+    memory = None
+    if config.memory:
+        memory = losses.CrossBatchMemory(
+            build_loss(config.name, params, num_classes, embedding_size),
+            embedding_size,
+            memory_size=config.memory,
+            miner=build_miner(config.miner_name, miner_margin, config.miner_params),
+        )
+        name += f"+xbm{config.memory}"
+    return Criterion(
+        loss,
+        miner,
+        name,
+        config.miner_name,
+        plus=plus,
+        plus_weight=config.plus_weight,
+        memory=memory,
+        memory_weight=config.memory_weight,
+    )
 
 
 def mined_count(miner: miners.BaseMiner | None) -> int | None:

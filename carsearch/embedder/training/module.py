@@ -123,6 +123,8 @@ class EmbedderModule(L.LightningModule):
         self.miner = criterion.miner
         self.plus_criterion = criterion.plus  # loss.plus, added with loss.plus_weight (None: no second loss)
         self.plus_weight = criterion.plus_weight
+        self.memory = criterion.memory  # loss.memory (None: off); in use from the first backbone epoch
+        self.memory_weight = criterion.memory_weight
         # called in compute_loss; a tuple, so not registered twice (distribute swaps in PML's wrappers)
         self._fns: tuple[nn.Module, nn.Module | None, nn.Module | None] = (
             self.criterion,
@@ -157,9 +159,12 @@ class EmbedderModule(L.LightningModule):
             module.eval()  # frozen blocks (and, with freeze_bn, every BatchNorm) keep their statistics
         return self
 
+    def _backbone_learns(self) -> bool:
+        return self.current_epoch >= self.optim_config.frozen_warmup_epochs
+
     def on_train_epoch_start(self) -> None:
         """Frozen warm-up: the backbone learns only from epoch ``optim.frozen_warmup_epochs`` on."""
-        learn = self.current_epoch >= self.optim_config.frozen_warmup_epochs
+        learn = self._backbone_learns()
         for parameter in self._backbone_trainable:
             parameter.requires_grad_(learn)
 
@@ -173,6 +178,8 @@ class EmbedderModule(L.LightningModule):
         """
         if world_size <= 1 or self._world_size == world_size:
             return
+        if self.memory is not None:
+            raise ConfigError("loss.memory (a cross-batch memory) trains in one process; set loss.memory=0")
         if self._world_size != 1:
             raise RuntimeError(f"module already distributed over {self._world_size} processes")
         loss = DistributedLossWrapper(self.criterion)
@@ -185,7 +192,8 @@ class EmbedderModule(L.LightningModule):
 
     def compute_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         """Loss of (B, D) embeddings with (B,) class indices (float32, outside autocast), and the mined count:
-        the loss on the miner's tuples, + ``plus_weight`` × the plus loss on the whole batch."""
+        the loss on the miner's tuples, + ``plus_weight`` × the plus loss on the whole batch, + in training from
+        the first backbone epoch ``memory_weight`` × the loss of the batch against the cross-batch memory."""
         loss_fn, miner_fn, plus_fn = self._fns
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             embeddings = embeddings.float()
@@ -193,6 +201,8 @@ class EmbedderModule(L.LightningModule):
             loss = loss_fn(embeddings, labels, indices)
             if plus_fn is not None:
                 loss = loss + self.plus_weight * plus_fn(embeddings, labels)
+            if self.memory is not None and self.training and self._backbone_learns():
+                loss = loss + self.memory_weight * self.memory(embeddings, labels)
         return loss, mined_count(self.miner)
 
     def loss_parameters(self) -> list[nn.Parameter]:

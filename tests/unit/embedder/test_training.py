@@ -186,6 +186,54 @@ def test_a_plus_loss_adds_its_weighted_value_to_the_mined_loss():
     assert module.plus_criterion.proxies.grad.abs().sum() > 0
 
 
+def memory_module(warmup_epochs: int) -> EmbedderModule:
+    torch.manual_seed(0)
+    config = load_train_config(None, TINY)
+    loss = LossConfig(name="triplet", miner="semihard", margin=0.2, memory=24)
+    optim = OptimConfig(lr=1e-3, frozen_warmup_epochs=warmup_epochs)
+    return EmbedderModule(model_spec(config), 4, ModelConfig(**to_dict(config.model)), loss, optim).train()
+
+
+def test_a_cross_batch_memory_adds_the_batch_against_recent_embeddings_once_the_backbone_learns():
+    """``loss.memory``: in training, from the first backbone epoch, + the loss of the batch against the last
+    ``memory`` embeddings (the batch's own included, detached); not during the frozen warm-up or in eval."""
+    module = memory_module(warmup_epochs=0)
+    assert module.memory is not None and module.memory.memory_size == 24
+    images, labels = pk_batch()
+    embeddings = module(images)
+    in_batch = module.criterion(embeddings, labels, module.miner(embeddings, labels))
+    value, _ = module.compute_loss(embeddings, labels)
+    assert module.memory.queue_idx == 16  # the batch went into the memory
+    assert value.item() > in_batch.item()
+    value.backward()
+    assert module.model.head[0].weight.grad.abs().sum() > 0
+    second, _ = module.compute_loss(module(pk_batch(seed=1)[0]), labels)
+    assert module.memory.has_been_filled and torch.isfinite(second)  # 32 embeddings through a memory of 24
+
+    warming = memory_module(warmup_epochs=1)  # epoch 0 trains the head alone: no memory yet
+    embeddings = warming(images)
+    value, _ = warming.compute_loss(embeddings, labels)
+    assert warming.memory.queue_idx == 0
+    assert value.item() == pytest.approx(warming.criterion(embeddings, labels, warming.miner(embeddings, labels)).item())
+    module.eval()
+    module.compute_loss(module(images), labels)
+    assert module.memory.queue_idx == 32 % 24  # unchanged by evaluation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss.memory=-1"], "must be >= 0"),
+        (["loss.memory=8"], "at least one batch"),
+        (["loss.memory=512", "loss.memory_weight=0"], "must be > 0"),
+        (["loss.memory=512", "loss.name=proxy_anchor", "loss.miner=none"], "applies to tuple losses"),
+    ],
+)
+def test_memory_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, overrides)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
