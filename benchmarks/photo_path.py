@@ -3,9 +3,12 @@
     python benchmarks/photo_path.py --run runs/levers/lite1 --run runs/twin/triplet_semihard-25
 
 The shared Stanford Cars photos (128×96 thumbnails with the car's box fully visible) and crops go through
-the offline detector once at a floor confidence (0.05, boxes cached). For each confidence threshold and
-each fallback when no box passes it (``whole``: embed the whole image; ``best``: the most confident box
-below the threshold, down to the floor: ``detector.fallback_confidence``), the region actually embedded is
+the offline detector once at a floor confidence (0.05, boxes cached), each image smaller than the detector's
+input pasted at its own size (``--detector-input pad``) or enlarged to fill it (``enlarge``; the default:
+the product's ``detector.enlarge_small``), or both side by side (``both``: the inputs are then named
+``det[pad]@…`` and ``det[enlarge]@…``). For each confidence threshold and each fallback when no box passes
+it (``whole``: embed the whole image; ``best``: the most confident box below the threshold, down to the
+floor: ``detector.fallback_confidence``), the region actually embedded is
 compared with the truth (IoU; a whole image counts with its own IoU): the photo's fitted box, or the whole
 crop. Images of the **first 49 classes** (the half split's training classes) only; the policy with the
 highest mean IoU, photos and crops averaged, is chosen. Then every model (``--run``: a training run,
@@ -151,30 +154,54 @@ def main() -> None:
         default="test",
         help="evaluate the last 49 classes (test) or the runs' own validation classes (their classes.json)",
     )
+    parser.add_argument(
+        "--detector-input",
+        choices=["pad", "enlarge", "both"],
+        default="enlarge" if DetectorConfig().enlarge_small else "pad",
+        help="images smaller than the detector's input: pasted at their size (pad) or enlarged (enlarge); the "
+        "default: the product's (detector.enlarge_small); both: each, side by side",
+    )
+    parser.add_argument("--crops-every", type=int, default=1, help="policy table: every Nth crop only (time)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "photo_path")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "photo_path.json")
     args = parser.parse_args()
 
     items = read_source(PHOTOS, where={"box_fully_visible": "1"})
-    detector = DetectorConfig(weights=str(DETECTOR), confidence=FLOOR)
-    dets = detect_cached(items, detector, cache_path(args.cache, detector))
-    sizes = [load_image(it.path).size for it in items]
     train_ids, test_ids = split(items)
-    regions = policy_regions(dets, sizes)
-    boxes = [it.box.clip(*size) for it, size in zip(items, sizes, strict=True)]  # type: ignore[union-attr]
-    photo_stats = policy_stats(regions, sizes, boxes, train_ids)
-    crops = read_source(CROPS)
-    crop_sizes = [load_image(it.path).size for it in crops]
-    crop_regions = policy_regions(detect_cached(crops, detector, cache_path(args.cache, detector)), crop_sizes)
-    crop_stats = policy_stats(crop_regions, crop_sizes, [BBox(0, 0, w, h) for w, h in crop_sizes], split(crops)[0])
-    policy_rows = [
-        {"confidence": c, "fallback": f, "photos": photo_stats[(c, f)], "crops": crop_stats[(c, f)]} for c, f in regions
-    ]
-    best = max(policy_rows, key=lambda r: (r["photos"]["mean_iou"] + r["crops"]["mean_iou"]) / 2)
-
     if args.on == "validation":
         wanted = validation_classes(args.run)
         test_ids = [i for i, it in enumerate(items) if it.label in wanted]
+    crops = read_source(CROPS)
+    crop_ids = split(crops)[0][:: args.crops_every]
+    photo_ids = sorted(set(train_ids) | set(test_ids))  # detect only the photos used
+    sizes = [load_image(it.path).size for it in items]
+    crop_sizes = [load_image(crops[i].path).size for i in crop_ids]
+    boxes = [it.box.clip(*size) for it, size in zip(items, sizes, strict=True)]  # type: ignore[union-attr]
+    regions_by_input, policy_rows = {}, []
+    for small in [args.detector_input] if args.detector_input != "both" else ["pad", "enlarge"]:
+        detector = DetectorConfig(weights=str(DETECTOR), confidence=FLOOR, enlarge_small=small == "enlarge")
+        found = detect_cached([items[i] for i in photo_ids], detector, cache_path(args.cache, detector))
+        dets: list[list[Detection]] = [[] for _ in items]
+        for i, d in zip(photo_ids, found, strict=True):
+            dets[i] = d
+        regions_by_input[small] = regions = policy_regions(dets, sizes)
+        photo_stats = policy_stats(regions, sizes, boxes, train_ids)
+        crop_dets = detect_cached([crops[i] for i in crop_ids], detector, cache_path(args.cache, detector))
+        crop_regions = policy_regions(crop_dets, crop_sizes)
+        whole = [BBox(0, 0, w, h) for w, h in crop_sizes]
+        crop_stats = policy_stats(crop_regions, crop_sizes, whole, list(range(len(crop_ids))))
+        policy_rows += [
+            {
+                "small_images": small,
+                "confidence": c,
+                "fallback": f,
+                "photos": photo_stats[(c, f)],
+                "crops": crop_stats[(c, f)],
+            }
+            for c, f in regions
+        ]
+    best = max(policy_rows, key=lambda r: (r["photos"]["mean_iou"] + r["crops"]["mean_iou"]) / 2)
+
     test_items = [items[i] for i in test_ids]
     evaluated = {str(it.label) for it in test_items}
     class_crops = [load_image(it.path) for it in read_source(CROPS) if it.label in evaluated]
@@ -184,7 +211,11 @@ def main() -> None:
     inputs: dict[str, list[BBox | None]] = {
         "raw": [None] * len(test_ids),
         "gt": [it.box.clip(*p.size) for it, p in zip(test_items, photos, strict=True)],  # type: ignore[union-attr]
-        **{f"det@{c:g}/{f}": [regions[(c, f)][i] for i in test_ids] for c, f in regions},
+        **{
+            f"det{'' if len(regions_by_input) == 1 else f'[{small}]'}@{c:g}/{f}": [regions[(c, f)][i] for i in test_ids]
+            for small, regions in regions_by_input.items()
+            for c, f in regions
+        },
     }
     model_rows = []
     models = [embedder_for(r, None, args.size) for r in args.run]
@@ -213,6 +244,7 @@ def main() -> None:
         "floor": FLOOR,
         "policies": policy_rows,
         "chosen": {
+            "small_images": best["small_images"],
             "confidence": best["confidence"],
             "fallback": best["fallback"],
             "by": "mean IoU of the embedded region, photos and crops averaged, first 49 classes",
@@ -223,14 +255,15 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     p, c = policy_rows[0]["photos"]["images"], policy_rows[0]["crops"]["images"]
     print(f"Policies on the first 49 classes: {p} photos (vs their box) and {c} crops (vs the whole crop):\n")
-    print("| confidence | fallback | photos: no box / mean IoU / IoU ≥ 0.5 | crops: no box / mean IoU / IoU ≥ 0.5 |")
-    print("|---|---|---|---|")
+    stats = "no box / mean IoU / IoU ≥ 0.5"
+    print(f"| small images | confidence | fallback | photos: {stats} | crops: {stats} |")
+    print("|---|---|---|---|---|")
     for r in policy_rows:
         mark = " **(chosen)**" if r is best else ""
         cells = [
             f"{r[k]['no_box']:.1%} / {r[k]['mean_iou']:.3f} / {r[k]['hit_iou_0.5']:.1%}" for k in ("photos", "crops")
         ]
-        print(f"| {r['confidence']:g} | {r['fallback']}{mark} | {cells[0]} | {cells[1]} |")
+        print(f"| {r['small_images']} | {r['confidence']:g} | {r['fallback']}{mark} | {cells[0]} | {cells[1]} |")
     print(f"\nR@1 / MAP@R (%) on the {len(test_ids)} photos ({args.on} classes; crops: {len(class_crops)}):\n")
     keys = [*inputs, "crops"]
     print("| model | " + " | ".join(keys) + " |")

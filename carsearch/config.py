@@ -30,7 +30,9 @@ class DetectorConfig:
     ``confidence``: the boxes the selection policy chooses from. ``fallback_confidence``: when no usable box
     reaches ``confidence``, crop the most confident one at or above this instead (flagged
     ``low_confidence``); null embeds the whole image (flagged ``no_detection``). The detector runs at the
-    lower of the two (:attr:`detection_floor`).
+    lower of the two (:attr:`detection_floor`). ``enlarge_small``: an image smaller than ``image_size`` on both
+    sides is enlarged to fill the detector's input (ultralytics' letterbox); false, the default, pastes it at
+    its own size on a grey canvas, where the detector finds small blurry cars more often (docs/results.md).
     """
 
     weights: str = "yolo11n.pt"
@@ -43,6 +45,7 @@ class DetectorConfig:
     min_box_size: int = 16
     max_detections: int = 20
     fallback_confidence: float | None = 0.05
+    enlarge_small: bool = False  # measured on the shared photos (docs/results.md)
 
     def __post_init__(self) -> None:
         require(0.0 <= self.confidence <= 1.0, "detector.confidence must be in [0, 1]")
@@ -251,15 +254,17 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
     """A config dict saved by an older carsearch (an index manifest), in today's keys and meaning:
     ``embedder.checkpoint`` became ``embedder.model`` (a null checkpoint meant the pretrained backbone:
     ``imagenet``); a detector without ``fallback_confidence`` embedded the whole image when nothing passed
-    its confidence (null), whatever today's default."""
+    its confidence (null), and one without ``enlarge_small`` enlarged small images (true), whatever today's
+    defaults."""
     embedder, detector = data.get("embedder"), data.get("detector")
     if isinstance(embedder, dict) and "checkpoint" in embedder:
         model = embedder["checkpoint"] or "imagenet"
         embedder = {k: v for k, v in embedder.items() if k != "checkpoint"}
         embedder.setdefault("model", model)
         data = {**data, "embedder": embedder}
-    if isinstance(detector, dict) and "fallback_confidence" not in detector:
-        data = {**data, "detector": {**detector, "fallback_confidence": None}}
+    if isinstance(detector, dict):
+        old = {"fallback_confidence": None, "enlarge_small": True}
+        data = {**data, "detector": {**{k: v for k, v in old.items() if k not in detector}, **detector}}
     return data
 
 

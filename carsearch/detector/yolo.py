@@ -74,7 +74,7 @@ class VehicleDetector:
         threads = torch.get_num_threads()
         with _quiet_ultralytics():
             results = self._model.predict(
-                list(images),
+                [detector_input(image, self.config.image_size, self.config.enlarge_small) for image in images],
                 conf=self.config.detection_floor,
                 iou=self.config.iou,
                 imgsz=self.config.image_size,
@@ -85,10 +85,10 @@ class VehicleDetector:
             )
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)  # ultralytics' select_device resets it to cpu_count - 1
-        return [self._to_detections(result) for result in results]
+        return [self._to_detections(r, image.size) for r, image in zip(results, images, strict=True)]
 
-    def _to_detections(self, result: Any) -> list[Detection]:
-        height, width = result.orig_shape
+    def _to_detections(self, result: Any, image_size: tuple[int, int]) -> list[Detection]:
+        width, height = image_size
         boxes = result.boxes
         xyxy = boxes.xyxy.cpu().numpy().tolist()
         scores = boxes.conf.cpu().numpy().tolist()
@@ -104,6 +104,17 @@ class VehicleDetector:
                 Detection(box=box, score=float(min(max(score, 0.0), 1.0)), class_name=self.class_names[cls])
             )
         return sorted(detections, key=lambda d: d.score, reverse=True)
+
+
+def detector_input(image: Image.Image, size: int, enlarge_small: bool) -> Image.Image:
+    """What the detector is given: the image itself (ultralytics' letterbox then fits it to ``size``), or, for
+    an image smaller than ``size`` on both sides when ``enlarge_small`` is false, the image at its own size in
+    the top-left corner of a grey ``size``×``size`` canvas, so that its pixel coordinates are the image's."""
+    if enlarge_small or image.width > size or image.height > size:
+        return image
+    canvas = Image.new("RGB", (size, size), (114, 114, 114))  # YOLO's letterbox grey
+    canvas.paste(image.convert("RGB"), (0, 0))
+    return canvas
 
 
 @contextlib.contextmanager

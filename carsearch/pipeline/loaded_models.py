@@ -89,6 +89,8 @@ def processing_of(config: PipelineConfig) -> dict[str, Any]:
         }
         if det.fallback_confidence is not None:  # absent otherwise: indexes from before it still resume
             detector["fallback_confidence"] = det.fallback_confidence
+        if not det.enlarge_small:  # likewise: indexes from before it enlarged small images
+            detector["enlarge_small"] = False
     return {
         "crop": config.crop,
         "crop_source": config.crop_source,

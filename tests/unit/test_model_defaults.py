@@ -91,3 +91,13 @@ def test_an_index_built_before_the_detector_fallback_queries_without_it() -> Non
     assert from_dict(PipelineConfig, upgrade_config(old)).detector.fallback_confidence is None
     kept = to_dict(PipelineConfig())
     assert from_dict(PipelineConfig, upgrade_config(kept)).detector.fallback_confidence == 0.05
+
+
+def test_an_index_built_before_padded_small_photos_queries_with_them_enlarged() -> None:
+    """Its small photos were enlarged to the detector's input: its queries must be too."""
+    assert DetectorConfig().enlarge_small is False  # today's default pads
+    old = to_dict(PipelineConfig(detector=DetectorConfig(enlarge_small=False)))
+    del old["detector"]["enlarge_small"]
+    assert from_dict(PipelineConfig, upgrade_config(old)).detector.enlarge_small is True
+    padded = to_dict(PipelineConfig(detector=DetectorConfig(enlarge_small=False)))
+    assert from_dict(PipelineConfig, upgrade_config(padded)).detector.enlarge_small is False

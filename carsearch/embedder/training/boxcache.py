@@ -35,6 +35,7 @@ def cache_path(cache_dir: str | Path, config: DetectorConfig) -> Path:
             config.iou,
             config.image_size,
             config.max_detections,
+            config.enlarge_small,
         ]
     )
     stem = Path(storage.name(weights)).stem

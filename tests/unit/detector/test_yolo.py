@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from PIL import Image
 
 from carsearch.config import DetectorConfig
 from carsearch.detector import VehicleDetector, resolve_vehicle_classes
+from carsearch.detector.yolo import detector_input
 from carsearch.errors import ModelLoadError
 from tests.conftest import make_car_image
 
@@ -87,3 +91,40 @@ def test_detection_keeps_the_callers_torch_thread_count(tiny_yolo: Path) -> None
         assert torch.get_num_threads() == 2  # ultralytics alone would leave cpu_count - 1 (1 on 2 cores)
     finally:
         torch.set_num_threads(before)
+
+
+class _RecordingModel:
+    """Stands in for ultralytics' YOLO: keeps what it was given, finds one car at fixed input coordinates."""
+
+    def __init__(self) -> None:
+        self.inputs: list[Image.Image] = []
+
+    def predict(self, images: list[Image.Image], **_: object) -> list[SimpleNamespace]:
+        self.inputs += images
+        boxes = SimpleNamespace(xyxy=torch.tensor([[10.0, 20.0, 600.0, 600.0]]), conf=torch.tensor([0.9]))
+        boxes.cls = torch.tensor([2.0])
+        return [SimpleNamespace(boxes=boxes) for _ in images]
+
+
+def _recording_detector(**config: object) -> tuple[VehicleDetector, _RecordingModel]:
+    detector = VehicleDetector.__new__(VehicleDetector)
+    detector.config, detector.device = DetectorConfig(**config), "cpu"  # type: ignore[arg-type]
+    detector._model, detector.class_names = _RecordingModel(), {2: "car"}
+    return detector, detector._model
+
+
+def test_a_small_photo_is_padded_at_its_own_size_and_its_boxes_stay_in_its_pixels() -> None:
+    """``enlarge_small`` false: a photo smaller than the input on both sides goes in at its own size in the
+    top-left corner of a grey canvas; boxes come back in its pixels, clipped to it."""
+    photo = make_car_image(1, (200, 0, 0), size=(128, 96))
+    detector, model = _recording_detector(enlarge_small=False)
+    (found,) = detector.detect([photo])
+    (given,) = model.inputs
+    assert given.size == (640, 640) and given.crop((0, 0, 128, 96)).tobytes() == photo.tobytes()
+    assert given.getpixel((300, 300)) == (114, 114, 114)
+    assert [tuple(d.box.as_list()) for d in found] == [(10.0, 20.0, 128.0, 96.0)]
+    large = make_car_image(2, (0, 0, 200), size=(800, 600))
+    assert detector_input(large, 640, enlarge_small=False) is large  # larger photos: ultralytics fits them
+    assert detector_input(photo, 640, enlarge_small=True) is photo  # the old rule: enlarged by ultralytics
+    grey = Image.new("L", (64, 48), 30)
+    assert detector_input(grey, 640, enlarge_small=False).getpixel((5, 5)) == (30, 30, 30)

@@ -214,7 +214,8 @@ def test_a_cross_batch_memory_adds_the_batch_against_recent_embeddings_once_the_
     embeddings = warming(images)
     value, _ = warming.compute_loss(embeddings, labels)
     assert warming.memory.queue_idx == 0
-    assert value.item() == pytest.approx(warming.criterion(embeddings, labels, warming.miner(embeddings, labels)).item())
+    plain = warming.criterion(embeddings, labels, warming.miner(embeddings, labels))
+    assert value.item() == pytest.approx(plain.item())
     module.eval()
     module.compute_loss(module(images), labels)
     assert module.memory.queue_idx == 32 % 24  # unchanged by evaluation

@@ -172,6 +172,13 @@ def test_the_manifest_names_a_fallback_only_when_there_is_one() -> None:
         assert (models.manifest().crop_detector or {}).get("fallback_confidence") == expected
 
 
+def test_the_manifest_names_padded_small_photos_only_when_they_are() -> None:
+    """Indexes built before detector.enlarge_small existed enlarged small photos: their processing stays."""
+    for overrides, expected in ((["detector.enlarge_small=true"], None), (["detector.enlarge_small=false"], False)):
+        models = Models(load_config(None, [*TEST_OVERRIDES, *overrides]), embedder=NamedEmbedder())  # type: ignore[arg-type]
+        assert (models.manifest().crop_detector or {}).get("enlarge_small", None) == expected
+
+
 def _in_mode(image: Image.Image, mode: str) -> Image.Image:
     """``image`` as a user might hold it in ``mode`` (RGBA with a real alpha gradient, P quantised)."""
     if mode == "RGBA":
