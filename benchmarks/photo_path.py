@@ -204,8 +204,8 @@ def main() -> None:
 
     test_items = [items[i] for i in test_ids]
     evaluated = {str(it.label) for it in test_items}
-    class_crops = [load_image(it.path) for it in read_source(CROPS) if it.label in evaluated]
-    crop_labels = [str(it.label) for it in read_source(CROPS) if it.label in evaluated]
+    class_crops = [load_image(it.path) for it in crops if it.label in evaluated]
+    crop_labels = [str(it.label) for it in crops if it.label in evaluated]
     photos = [load_image(it.path) for it in test_items]
     labels = [str(it.label) for it in test_items]
     inputs: dict[str, list[BBox | None]] = {

@@ -109,7 +109,8 @@ class VehicleDetector:
 def detector_input(image: Image.Image, size: int, enlarge_small: bool) -> Image.Image:
     """What the detector is given: the image itself (ultralytics' letterbox then fits it to ``size``), or, for
     an image smaller than ``size`` on both sides when ``enlarge_small`` is false, the image at its own size in
-    the top-left corner of a grey ``size``×``size`` canvas, so that its pixel coordinates are the image's."""
+    the top-left corner of a grey ``size``×``size`` canvas, so that its pixel coordinates are the image's
+    (ultralytics' predictor builds its ``LetterBox`` with scale-up on and offers no switch for it)."""
     if enlarge_small or image.width > size or image.height > size:
         return image
     canvas = Image.new("RGB", (size, size), (114, 114, 114))  # YOLO's letterbox grey
